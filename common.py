@@ -1,0 +1,1030 @@
+"""Shared utilities for the object-centric learning reference implementations.
+
+Plain, dependency-light helpers used by every model script (torch, numpy, scipy,
+scikit-learn, Pillow and tqdm only). Metric conventions follow
+`/work/shared/REFERENCE.md`, section "Metrics (reference behaviour)".
+
+Contents
+--------
+1. Metrics (per image, computed on CPU with numpy / sklearn / scipy)
+   ari, miou, msc, mse, fg_iou_dice, segmentation_metrics, nanmean
+2. Config / CLI (nanoGPT style `--key=value` overrides of a dataclass)
+   parse_args, apply_overrides, config_to_dict, ConfigError
+3. Runtime
+   seed_everything, get_device, DDPInfo, ddp_setup, ddp_cleanup, all_reduce_mean
+4. Checkpoints (atomic writes, RNG state)
+   save_checkpoint, load_checkpoint, CheckpointError, get_rng_state, set_rng_state
+5. Logging / progress
+   MetricsLog, progress, fail, ResumableSampler
+6. Visualisation (Pillow)
+   PALETTE, labels_to_rgb, to_uint8_image, save_image_grid, save_slot_grid
+
+Label maps everywhere are integer tensors `[B, H, W]` where 0 is background and the
+other labels need not be contiguous (e.g. {0, 3, 7}).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import types
+import typing
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score
+from tqdm import tqdm
+
+__all__ = [
+    # metrics
+    "ari", "miou", "msc", "mse", "fg_iou_dice", "segmentation_metrics", "nanmean",
+    # config
+    "parse_args", "apply_overrides", "config_to_dict", "ConfigError",
+    # runtime
+    "seed_everything", "get_device", "DDPInfo", "ddp_setup", "ddp_cleanup", "all_reduce_mean",
+    # checkpoints
+    "save_checkpoint", "load_checkpoint", "CheckpointError", "get_rng_state", "set_rng_state",
+    # logging
+    "MetricsLog", "progress", "fail", "ResumableSampler",
+    # visualisation
+    "PALETTE", "labels_to_rgb", "to_uint8_image", "save_image_grid", "save_slot_grid",
+]
+
+
+# =============================================================================
+# 1. Metrics
+# =============================================================================
+
+def _label_maps(true, pred) -> tuple[np.ndarray, np.ndarray]:
+    """Validate two label maps and return them as int64 numpy arrays `[B, H*W]`.
+
+    Accepts `[B, H, W]` or GENESIS-style `[B, 1, H, W]` integer tensors / arrays.
+    Raises TypeError for floating-point inputs (usually soft masks passed by mistake)
+    and ValueError for mismatched or wrongly-ranked shapes.
+    """
+    arrays = []
+    for name, x in (("true", true), ("pred", pred)):
+        x = torch.as_tensor(x).detach().cpu()
+        if x.is_floating_point() or x.is_complex():
+            raise TypeError(f"{name} must be an integer label map, got dtype {x.dtype}")
+        if x.dim() == 4 and x.shape[1] == 1:
+            x = x[:, 0]
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape [B, H, W], got {tuple(x.shape)}")
+        arrays.append(x.reshape(x.shape[0], -1).numpy().astype(np.int64, copy=False))
+    if arrays[0].shape != arrays[1].shape:
+        raise ValueError(f"true and pred shapes differ: {tuple(torch.as_tensor(true).shape)} "
+                         f"vs {tuple(torch.as_tensor(pred).shape)}")
+    return arrays[0], arrays[1]
+
+
+def _iou_table(t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU between every true and every predicted segment of one flattened image.
+
+    Returns (true_labels [Kt], pred_labels [Kp], iou [Kt, Kp] float64). Only labels that
+    occur in the image are segments, so no segment here is empty.
+    """
+    t_labels, t_idx = np.unique(t, return_inverse=True)
+    p_labels, p_idx = np.unique(p, return_inverse=True)
+    kt, kp = len(t_labels), len(p_labels)
+    inter = np.bincount(t_idx * kp + p_idx, minlength=kt * kp).reshape(kt, kp).astype(np.float64)
+    union = inter.sum(1, keepdims=True) + inter.sum(0, keepdims=True) - inter
+    return t_labels, p_labels, inter / union  # union >= 1: every segment is non-empty
+
+
+def ari(true, pred, foreground_only: bool = False) -> torch.Tensor:
+    """Adjusted Rand Index per image (sklearn `adjusted_rand_score`).
+
+    Args:
+        true: int label map `[B, H, W]` (0 = background; `[B, 1, H, W]` also accepted).
+        pred: int label map of the same shape (e.g. argmax over slot masks).
+        foreground_only: ARI-FG, i.e. only the pixels whose true label is > 0.
+    Returns:
+        float64 tensor `[B]` on CPU, values in [-1, 1] (1 = identical partitions).
+    Edge cases:
+        * sklearn convention: when both partitions are constant (a single segment each,
+          e.g. an image that is all background and predicted as one slot) the score is
+          1.0. DeepMind's TF implementation returns NaN there (REFERENCE.md, Metrics).
+        * foreground_only and the image has no foreground pixel: NaN (the score is
+          undefined); `nanmean` skips such images.
+    Raises:
+        TypeError for floating-point inputs, ValueError for mismatched shapes.
+    """
+    t, p = _label_maps(true, pred)
+    out = torch.empty(t.shape[0], dtype=torch.float64)
+    for b in range(t.shape[0]):
+        tb, pb = t[b], p[b]
+        if foreground_only:
+            keep = tb > 0
+            if not keep.any():
+                out[b] = float("nan")
+                continue
+            tb, pb = tb[keep], pb[keep]
+        out[b] = adjusted_rand_score(tb, pb)
+    return out
+
+
+def miou(true, pred) -> torch.Tensor:
+    """Mean IoU of the Hungarian matching, ClevrTex benchmark convention.
+
+    True and predicted segments (the labels occurring in each map, background INCLUDED)
+    are matched one-to-one maximising the total IoU (`scipy.optimize.linear_sum_assignment`).
+    The IoU matrix is padded with empty segments to a square K x K, K = max(Kt, Kp), so
+    every segment is matched: a true segment matched to a padded (empty) predicted segment
+    counts with IoU 0, and so does a surplus predicted segment matched to a padded true one.
+    The score is the sum of matched IoUs divided by the number of matched pairs where the
+    true or the predicted segment is non-empty (REFERENCE.md, Metrics), which here is
+    max(Kt, Kp): extra slots that claim pixels and missed objects are both penalised.
+
+    Args:
+        true, pred: int label maps `[B, H, W]` (0 = background, labels need not be contiguous).
+    Returns:
+        float64 tensor `[B]` on CPU, values in [0, 1].
+    Raises:
+        TypeError for floating-point inputs, ValueError for mismatched shapes.
+    """
+    t, p = _label_maps(true, pred)
+    out = torch.empty(t.shape[0], dtype=torch.float64)
+    for b in range(t.shape[0]):
+        t_labels, p_labels, iou = _iou_table(t[b], p[b])
+        kt, kp = iou.shape
+        k = max(kt, kp)
+        padded = np.zeros((k, k))  # rows >= kt / columns >= kp are empty segments
+        padded[:kt, :kp] = iou
+        rows, cols = linear_sum_assignment(padded, maximize=True)
+        nonempty = (rows < kt) | (cols < kp)
+        out[b] = padded[rows, cols][nonempty].sum() / nonempty.sum() if nonempty.any() else float("nan")
+    return out
+
+
+def msc(true, pred, foreground_only: bool = True) -> torch.Tensor:
+    """Mean segmentation covering, GENESIS `average_segcover` (unweighted mean).
+
+    For each true segment (only labels > 0 when `foreground_only`, i.e. MSC-FG with
+    GENESIS ignore_background=True) take the max IoU with any predicted segment (predicted
+    background included, IoU over all pixels), then average over true segments without
+    weighting by size.
+
+    Args:
+        true, pred: int label maps `[B, H, W]` (0 = background, labels need not be contiguous).
+        foreground_only: skip the true background segment (label 0, and any negative label).
+    Returns:
+        float64 tensor `[B]` on CPU, values in [0, 1]. An image without (foreground)
+        segments contributes 0.0, as in GENESIS (`mean_scores / max(N, 1)`).
+    Raises:
+        TypeError for floating-point inputs, ValueError for mismatched shapes.
+    """
+    t, p = _label_maps(true, pred)
+    out = torch.empty(t.shape[0], dtype=torch.float64)
+    for b in range(t.shape[0]):
+        t_labels, _, iou = _iou_table(t[b], p[b])
+        best = iou.max(1)
+        if foreground_only:
+            best = best[t_labels > 0]
+        out[b] = best.mean() if best.size else 0.0
+    return out
+
+
+def mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Per-image sum of squared errors (ClevrTex convention).
+
+    Args:
+        target, recon: images `[B, C, H, W]` with values in [0, 1] (any float dtype/device).
+    Returns:
+        float64 tensor `[B]` on CPU: sum over C, H, W of (target - recon)^2.
+        Note BO-QSA reports F.mse_loss * H * W on [-1, 1] images, which is 4/3 of this
+        value for 3 channels (REFERENCE.md, Metrics): convert before comparing.
+    Raises:
+        ValueError when shapes differ or are not 4-D.
+    """
+    if target.shape != recon.shape or target.dim() != 4:
+        raise ValueError(f"mse expects two [B, C, H, W] tensors of equal shape, got "
+                         f"{tuple(target.shape)} and {tuple(recon.shape)}")
+    diff = target.detach().cpu().double() - recon.detach().cpu().double()
+    return diff.pow(2).sum(dim=(1, 2, 3))
+
+
+def _binary_slot_masks(slot_masks: torch.Tensor) -> torch.Tensor:
+    """Slot masks `[B, K, H, W]` -> bool. Floats (soft masks) become the one-hot argmax
+    over slots, so every pixel belongs to exactly one slot (the usual hard assignment);
+    bool/int masks are used as given (`!= 0`)."""
+    if slot_masks.is_floating_point():
+        hard = slot_masks.argmax(dim=1, keepdim=True)
+        return torch.zeros_like(slot_masks, dtype=torch.bool).scatter_(1, hard, True)
+    return slot_masks != 0
+
+
+def fg_iou_dice(true_fg, slot_masks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground IoU and Dice (Birds / Dogs / Cars / Flowers protocol).
+
+    Each slot mask is compared with the true foreground; for each image the best slot is
+    taken, separately for IoU and for Dice (REFERENCE.md, Metrics).
+
+    Args:
+        true_fg: bool or int tensor `[B, H, W]`; foreground = value > 0.
+        slot_masks: `[B, K, H, W]`, bool/int (non-zero = in the slot) or float soft masks
+            (probabilities), which are binarised as the one-hot argmax over slots.
+    Returns:
+        (iou, dice): two float64 tensors `[B]` on CPU, values in [0, 1]. A slot whose mask
+        and the foreground are both empty scores 0 (as `inter / (union + eps)` would).
+    Raises:
+        ValueError when the shapes do not match.
+    """
+    true_fg = torch.as_tensor(true_fg).detach().cpu()
+    slot_masks = torch.as_tensor(slot_masks).detach().cpu()
+    if slot_masks.dim() != 4 or true_fg.shape != (slot_masks.shape[0], *slot_masks.shape[2:]):
+        raise ValueError(f"expected true_fg [B, H, W] and slot_masks [B, K, H, W], got "
+                         f"{tuple(true_fg.shape)} and {tuple(slot_masks.shape)}")
+    fg = (true_fg > 0).flatten(1).unsqueeze(1).double()        # [B, 1, HW]
+    slots = _binary_slot_masks(slot_masks).flatten(2).double()  # [B, K, HW]
+    inter = (fg * slots).sum(-1)
+    fg_area, slot_area = fg.sum(-1), slots.sum(-1)
+    union = fg_area + slot_area - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+    denom = fg_area + slot_area
+    dice = torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.zeros_like(inter))
+    return iou.max(1).values, dice.max(1).values
+
+
+def segmentation_metrics(true, pred) -> dict[str, torch.Tensor]:
+    """All label-map metrics at once, for eval loops.
+
+    Args:
+        true, pred: int label maps `[B, H, W]` (0 = background).
+    Returns:
+        dict with float64 tensors `[B]`: "ari" (all pixels), "ari_fg" (true label > 0;
+        NaN for images without foreground), "miou" (ClevrTex), "msc_fg" (GENESIS, fg only).
+        Average over a dataset with `nanmean(torch.cat(per_batch_values))`.
+    """
+    return {
+        "ari": ari(true, pred),
+        "ari_fg": ari(true, pred, foreground_only=True),
+        "miou": miou(true, pred),
+        "msc_fg": msc(true, pred, foreground_only=True),
+    }
+
+
+def nanmean(x) -> float:
+    """Mean over all finite-or-inf values ignoring NaN, as a Python float.
+
+    Args:
+        x: a tensor of any shape, a number, or a sequence of tensors / numbers
+            (e.g. the per-batch `[B]` tensors collected in an eval loop).
+    Returns:
+        float; NaN when there is no non-NaN value (empty input included).
+    """
+    if isinstance(x, (list, tuple)):
+        parts = [torch.as_tensor(v, dtype=torch.float64).detach().cpu().flatten() for v in x]
+        x = torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
+    x = torch.as_tensor(x).detach().cpu().double().flatten()
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else float("nan")
+
+
+# =============================================================================
+# 2. Config / CLI
+# =============================================================================
+
+class ConfigError(ValueError):
+    """A config override names an unknown key or has a value of the wrong type."""
+
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def _field_types(config) -> dict[str, Any]:
+    """Field name -> resolved type annotation (works with `from __future__ import annotations`)."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config must be a dataclass instance, got {type(config).__name__}")
+    try:
+        hints = typing.get_type_hints(type(config))
+    except Exception:  # unresolved forward references: fall back to the raw annotations
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(config)}
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _parse_scalar(text: str, tp) -> Any:
+    """Cast one string to a scalar type; raises ValueError when it does not fit."""
+    if tp is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(text)
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            f = float(text)  # allow "1e4" for an int field when it is integral
+            if f.is_integer():
+                return int(f)
+            raise
+    if tp is float:
+        return float(text)
+    if tp is str or tp is Any:
+        return text
+    raise ValueError(text)
+
+
+def _parse_value(text: str, tp, default: Any = None) -> Any:
+    """Cast a command-line string to the annotated type `tp`.
+
+    Supports bool, int, float, str, Optional[...] / `X | None` ("none" -> None),
+    Literal[...], and tuple / list of scalars written as "1,2,3". Other types fall back
+    to `ast.literal_eval`. Raises ValueError on a bad value.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if type(None) in args and text.strip().lower() == "none":
+            return None
+        for a in inner:  # first member that accepts the text wins
+            try:
+                return _parse_value(text, a, default)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if origin is typing.Literal:
+        for choice in args:
+            try:
+                if _parse_value(text, type(choice)) == choice:
+                    return choice
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if tp in (tuple, list) or origin in (tuple, list):
+        container = origin or tp
+        items = [s.strip() for s in text.split(",")] if text.strip() else []
+        if not args:  # bare `tuple`: element type from the default's first element
+            elem = type(default[0]) if default else str
+            elem_types = [elem] * len(items)
+        elif container is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(items) != len(args):
+                raise ValueError(text)
+            elem_types = list(args)
+        else:
+            elem_types = [args[0]] * len(items)
+        return container(_parse_value(s, t) for s, t in zip(items, elem_types))
+    if tp in (bool, int, float, str) or tp is Any:
+        return _parse_scalar(text, tp)
+    import ast  # unsupported annotation: accept a Python literal (nanoGPT configurator style)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _unknown_key_message(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return f"unknown flag --{key}{hint}; known flags: " + ", ".join(f"--{k}" for k in known)
+
+
+def _set_field(config, key: str, value: Any, ftypes: dict[str, Any]) -> None:
+    """Set one field, casting strings by the field's type. Raises ConfigError."""
+    key = key.replace("-", "_")
+    if key not in ftypes:
+        raise ConfigError(_unknown_key_message(key, list(ftypes)))
+    tp = ftypes[key]
+    if isinstance(value, str) and tp is not str:
+        try:
+            value = _parse_value(value, tp, getattr(config, key))
+        except ValueError:
+            raise ConfigError(f"--{key} expects {_type_name(tp)}, got {value!r}") from None
+    setattr(config, key, value)
+
+
+def apply_overrides(config, overrides: dict[str, Any]):
+    """Programmatic overrides: `apply_overrides(cfg, {"lr": 1e-3, "steps": "100"})`.
+
+    String values are cast by the field's type exactly as on the command line; other
+    values are set as given. Keys may use '-' for '_'.
+    Returns the same config object (updated in place).
+    Raises:
+        ConfigError (a ValueError) for an unknown key (with a close-match suggestion)
+        or a string that does not parse as the field's type.
+    """
+    ftypes = _field_types(config)
+    for key, value in overrides.items():
+        _set_field(config, key, value, ftypes)
+    return config
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    """Dataclass config -> plain dict (field name -> value), e.g. to store in a checkpoint."""
+    return dataclasses.asdict(config)
+
+
+def _print_help(config, ftypes: dict[str, Any]) -> None:
+    doc = (type(config).__doc__ or "").strip()
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script"
+    lines = [f"usage: {prog} [--key=value ...]", ""]
+    if doc:
+        lines += [doc, ""]
+    lines.append("options (bool flags: bare --flag sets True, or --flag=true/false/1/0):")
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for name, tp in ftypes.items():
+        help_text = fields[name].metadata.get("help", "") if fields[name].metadata else ""
+        line = f"  --{name} ({_type_name(tp)}) default: {getattr(config, name)!r}"
+        lines.append(line + (f"  {help_text}" if help_text else ""))
+    print("\n".join(lines))
+
+
+def _is_bool_type(tp) -> bool:
+    if tp is bool:
+        return True
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) in (typing.Union, getattr(types, "UnionType", None)) and bool in args
+
+
+def parse_args(config, argv: Sequence[str] | None = None):
+    """Override the fields of a dataclass config from the command line (nanoGPT style).
+
+    Accepted forms: `--key=value`, `--key value`, and for bool fields a bare `--flag`
+    (= True) or `--flag=true/false/1/0/yes/no` (also `--flag false` when the next word is
+    one of those). Dashes in keys are read as underscores (`--batch-size`). Values are
+    cast by the field's annotation: int, float, str, bool, Optional[...] ("none" -> None),
+    Literal[...], tuple/list of ints/floats written as "1,2,3".
+    Optional per-field help: `field(default=..., metadata={"help": "..."})`.
+
+    Args:
+        config: a dataclass instance holding the defaults.
+        argv: list of strings; defaults to `sys.argv[1:]`.
+    Returns:
+        the same config object, updated in place.
+    Raises:
+        SystemExit(0) after printing help for `--help` / `-h`.
+        SystemExit(2) with one line on stderr for an unknown flag
+        (`error: unknown flag --foo (did you mean --lr?); known flags: ...`), a bad value
+        (`error: --lr expects float, got 'abc'`), a missing value or a stray argument.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ftypes = _field_types(config)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            _print_help(config, ftypes)
+            sys.exit(0)
+        if not arg.startswith("--") or arg == "--":
+            fail(f"unexpected argument {arg!r}; use --key=value", code=2)
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in ftypes:
+            fail(_unknown_key_message(key, list(ftypes)), code=2)
+        if not eq:
+            if _is_bool_type(ftypes[key]):
+                # bare --flag means True; consume a following bool word if there is one
+                if i < len(argv) and argv[i].strip().lower() in _TRUE | _FALSE:
+                    value, i = argv[i], i + 1
+                else:
+                    value = "true"
+            elif i < len(argv) and not argv[i].startswith("--"):
+                value, i = argv[i], i + 1
+            else:
+                fail(f"--{key} expects a value ({_type_name(ftypes[key])})", code=2)
+        try:
+            _set_field(config, key, value, ftypes)
+        except ConfigError as e:
+            fail(str(e), code=2)
+    return config
+
+
+# =============================================================================
+# 3. Runtime
+# =============================================================================
+
+def seed_everything(seed: int) -> None:
+    """Seed Python `random`, NumPy's global RNG and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy only accepts 32-bit seeds
+    torch.manual_seed(seed)  # also seeds every CUDA / MPS device
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def get_device(name: str = "auto") -> torch.device:
+    """Pick the compute device.
+
+    Args:
+        name: "auto" (cuda if available, then mps, then cpu) or an explicit device string
+            such as "cpu", "cuda", "cuda:1", "mps".
+    Returns:
+        torch.device.
+    Raises:
+        SystemExit(1) with a one-line message when the requested device is unavailable
+        or the name is not a device.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        fail(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"device {name!r} requested but CUDA is not available; use --device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps" and not _mps_available():
+        fail(f"device {name!r} requested but MPS is not available; use --device=cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        fail(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+@dataclass
+class DDPInfo:
+    """Distributed-run facts. Single process: enabled=False, rank 0, world_size 1."""
+    enabled: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    is_main: bool
+    device: torch.device
+
+
+def ddp_setup(backend: str | None = None, device: str = "auto") -> DDPInfo:
+    """Initialise torch.distributed when launched by torchrun, else describe a single process.
+
+    Under torchrun (env vars RANK, WORLD_SIZE, LOCAL_RANK set) this calls
+    `torch.distributed.init_process_group` (env:// rendezvous) with `backend`, default
+    nccl when CUDA is available else gloo, and on CUDA binds this process to
+    `cuda:LOCAL_RANK`. Without those env vars nothing is initialised and the device is
+    `get_device(device)`.
+
+    Returns:
+        DDPInfo(enabled, rank, local_rank, world_size, is_main, device).
+    Raises:
+        SystemExit via get_device for an unavailable explicit device (single process).
+    """
+    if int(os.environ.get("RANK", -1)) == -1 or "WORLD_SIZE" not in os.environ:
+        return DDPInfo(False, 0, 0, 1, True, get_device(device))
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)  # before init so NCCL uses the right GPU
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+    return DDPInfo(True, rank, local_rank, world_size, rank == 0, dev)
+
+
+def ddp_cleanup() -> None:
+    """Destroy the process group if one was initialised (safe to call always)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value, info: DDPInfo):
+    """Average a tensor or Python number over all ranks.
+
+    Args:
+        value: a float/int or a tensor (any shape) on any device.
+        info: the DDPInfo from `ddp_setup`.
+    Returns:
+        same kind as the input: a float for a number, a new tensor (floating dtype, on the
+        input's device) for a tensor. Without DDP the value comes back unchanged
+        (a number as float).
+    """
+    is_number = not isinstance(value, torch.Tensor)
+    if not info.enabled:
+        return float(value) if is_number else value
+    import torch.distributed as dist
+
+    t = torch.as_tensor(value, dtype=torch.float64) if is_number else value.detach()
+    src_device = t.device
+    if not t.is_floating_point():
+        t = t.double()
+    t = t.to(info.device, copy=True)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= info.world_size
+    return float(t) if is_number else t.to(src_device)
+
+
+# =============================================================================
+# 4. Checkpoints
+# =============================================================================
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, unreadable or corrupt (message: one line)."""
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write `state` atomically with torch.save.
+
+    The data goes to a temp file in the same directory, is flushed and fsync'ed, then
+    `os.replace`d over `path`, so a crash never leaves a half-written checkpoint (the old
+    one survives). Parent directories are created.
+
+    Args:
+        path: destination file (str or Path).
+        state: dict of tensors / state_dicts / plain Python values. Keep to types that
+            `torch.load(weights_only=True)` accepts (no numpy objects): use
+            `get_rng_state()` for RNG states and `float(x)` for numpy scalars.
+    Returns:
+        the Path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # persist the rename itself (POSIX); not possible on every OS/filesystem
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict:
+    """Load a checkpoint written by `save_checkpoint`.
+
+    Args:
+        path: checkpoint file.
+        map_location: passed to torch.load (default "cpu").
+        weights_only: torch's safe unpickler (default True); pass False only for a
+            trusted file holding arbitrary Python objects.
+    Returns:
+        the saved dict.
+    Raises:
+        CheckpointError (one line naming the path and what to do) when the file is
+        missing, truncated/corrupt, holds objects the safe loader refuses, or is not a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; check the path, or start "
+                              f"from scratch without resuming")
+    # torch.save writes a zip archive; a truncated or overwritten file fails this check
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a torch zip "
+                              f"archive); delete it and resume from another checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            raise CheckpointError(
+                f"checkpoint {path} holds a {refused.group(1)} object that the safe loader "
+                f"refuses; save plain types instead, or load a trusted file with "
+                f"weights_only=False") from e
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {first}); "
+                              f"delete it and resume from another checkpoint") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict; "
+                              f"it was not written by save_checkpoint")
+    return state
+
+
+def get_rng_state() -> dict:
+    """Snapshot of every RNG the training loop uses.
+
+    Returns:
+        dict with "python" (`random.getstate()`), "numpy" (legacy global RNG as a dict of
+        plain values and an int64 tensor, so `torch.load(weights_only=True)` accepts it),
+        "torch" (CPU ByteTensor), "cuda" (list of ByteTensors, one per device, or None
+        when CUDA is unavailable) and "mps" (ByteTensor or None).
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "mps": None,
+    }
+    if _mps_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore RNGs from `get_rng_state()` output (e.g. loaded from a checkpoint).
+
+    Missing keys are skipped. CUDA states are restored for as many devices as both the
+    snapshot and this machine have; a CPU-only machine ignores them.
+    """
+    if state.get("python") is not None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))  # tuples may come back as lists
+    if state.get("numpy") is not None:
+        s = state["numpy"]
+        keys = np.asarray(torch.as_tensor(s["keys"]).numpy(), dtype=np.uint32)
+        np.random.set_state((s["name"], keys, int(s["pos"]), int(s["has_gauss"]),
+                             float(s["cached_gaussian"])))
+    if state.get("torch") is not None:
+        torch.set_rng_state(torch.as_tensor(state["torch"]).cpu().to(torch.uint8))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])[: torch.cuda.device_count()]
+        for i, s in enumerate(cuda_states):
+            torch.cuda.set_rng_state(s.cpu(), i)
+    if state.get("mps") is not None and _mps_available():
+        torch.mps.set_rng_state(state["mps"].cpu())
+
+
+# =============================================================================
+# 5. Logging / progress
+# =============================================================================
+
+def _jsonable(v: Any) -> Any:
+    """Tensors / numpy values -> Python numbers or lists for json."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, np.ndarray):
+        return v.item() if v.size == 1 else v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class MetricsLog:
+    """Append-only JSON-lines log of training / eval metrics.
+
+    `log(step, **metrics)` appends `{"step": step, "time": unix_seconds, **metrics}` as
+    one line and flushes it; tensors and numpy values become Python numbers (or lists).
+    NaN / inf are written as JSON's NaN / Infinity extensions, which `read()` accepts.
+    Re-opening the same path (resuming) appends. A line cut off by a crash is repaired
+    on the next write (a newline is inserted first) and skipped, with a warning, by `read()`.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, **metrics) -> dict:
+        """Append one record; returns the dict that was written."""
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: _jsonable(v) for k, v in metrics.items()})
+        line = json.dumps(record)
+        with open(self.path, "a+b") as f:
+            # a previous crash may have left a partial line without its newline
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(line.encode() + b"\n")
+            f.flush()
+        return record
+
+    def read(self) -> list[dict]:
+        """All records in file order ([] when the file does not exist yet)."""
+        if not self.path.exists():
+            return []
+        records = []
+        with open(self.path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    warnings.warn(f"{self.path}:{n}: skipping unreadable line (interrupted write?)")
+        return records
+
+
+def progress(total: int, initial: int = 0, desc: str = "train", disable: bool = False) -> tqdm:
+    """A tqdm progress bar for step loops (resumable via `initial`).
+
+    Use as `bar.set_postfix(loss=..., img_s=...)` and `bar.update()`; close with
+    `bar.close()`. Pass `disable=not info.is_main` under DDP.
+    """
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable,
+                dynamic_ncols=True, smoothing=0.05)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Endless shuffled index stream that can restart at any training step (and shard for DDP).
+
+    The global stream is the concatenation of epochs, each a permutation of range(num_items)
+    drawn from a generator seeded with (seed, epoch). Global batch b is stream positions
+    [b*batch_size, (b+1)*batch_size); rank r of world_size takes the r-th contiguous slice of
+    batch_size // world_size. Starting at `start_step` skips the first start_step global batches
+    without touching the data, so a resumed run sees exactly the batches it would have seen.
+
+    Use with DataLoader(batch_size=batch_size // world_size, drop_last=True). Iteration never ends.
+    Raises ValueError if num_items < 1 or batch_size is not divisible by world_size.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if num_items < 1:
+            raise ValueError("ResumableSampler: the dataset is empty")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        self.n, self.batch, self.seed, self.start = num_items, batch_size, seed, start_step
+        self.rank, self.world = rank, world_size
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        local = self.batch // self.world
+        pos = self.start * self.batch                     # global stream position
+        epoch, perm = -1, None
+        while True:
+            for j in range(pos + self.rank * local, pos + (self.rank + 1) * local):
+                if j // self.n != epoch:
+                    epoch = j // self.n
+                    perm = self._epoch(epoch)
+                yield int(perm[j % self.n])
+            pos += self.batch
+
+    def __len__(self):  # DataLoader asks; the stream is endless
+        return 2 ** 62
+
+
+def fail(msg: str, code: int = 1) -> typing.NoReturn:
+    """Print `error: {msg}` as a single line to stderr and exit with `code` (SystemExit)."""
+    one_line = " ".join(str(msg).split())  # newlines would break the one-line contract
+    print(f"error: {one_line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+# =============================================================================
+# 6. Visualisation
+# =============================================================================
+
+def _make_palette() -> torch.Tensor:
+    """Index 0 black; 1..12 hand-picked saturated colours; the rest step the hue by the
+    golden ratio with a few saturation/value levels so neighbouring labels differ."""
+    base = [
+        (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+        (0, 128, 128), (170, 110, 40),
+    ]
+    colours = [(0, 0, 0)] + base
+    seen = set(colours)
+    i = 0
+    while len(colours) < 256:
+        h = (i * 0.618033988749895) % 1.0
+        s = (1.0, 0.75, 0.55)[i % 3]
+        v = (1.0, 0.8, 0.6)[(i // 3) % 3]
+        c = tuple(int(round(255 * x)) for x in colorsys.hsv_to_rgb(h, s, v))
+        if c not in seen:
+            seen.add(c)
+            colours.append(c)
+        i += 1
+    return torch.tensor(colours, dtype=torch.uint8)
+
+
+PALETTE: torch.Tensor = _make_palette()  # [256, 3] uint8; label 0 (background) is black
+
+
+def labels_to_rgb(labels: torch.Tensor) -> torch.Tensor:
+    """Colour a label map with PALETTE.
+
+    Args:
+        labels: int tensor `[B, H, W]` (labels are taken modulo 256).
+    Returns:
+        float32 tensor `[B, 3, H, W]` in [0, 1] on the labels' device.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point():
+        raise TypeError(f"labels must be integers, got {labels.dtype}")
+    rgb = PALETTE.to(labels.device)[labels.long() % 256]  # [B, H, W, 3]
+    return rgb.permute(0, 3, 1, 2).float() / 255.0
+
+
+def to_uint8_image(tensor: torch.Tensor) -> Image.Image:
+    """`[3, H, W]` (or `[1, H, W]`) float tensor in [0, 1] (clamped) -> RGB PIL.Image."""
+    t = tensor.detach().float().cpu().clamp(0, 1)
+    if t.dim() != 3 or t.shape[0] not in (1, 3):
+        raise ValueError(f"expected a [3, H, W] image tensor, got {tuple(t.shape)}")
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    arr = (t * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+_PAD = 2  # pixels between cells and around the grid
+
+
+def _label_font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def save_image_grid(path, rows: list[tuple[str, torch.Tensor]], max_images: int = 8) -> Path:
+    """Write one PNG with a row per (name, images) pair and a column per batch element.
+
+    Layout (pad = 2 px, white background, black labels in PIL's default font):
+    label column of width `label_w = ceil(max font.getlength(name))`, then the images.
+    Width  = label_w + n_cols * cell_w + (n_cols + 2) * pad, where cell_w is the largest
+             image width and n_cols = min(max_images, largest batch).
+    Height = sum over rows of max(image height, text height) + (n_rows + 1) * pad.
+
+    Args:
+        path: output .png path (parent directories are created).
+        rows: list of (name, tensor `[B, 3, H, W]` or `[B, 1, H, W]`, values in [0, 1],
+            clamped); rows may have different B and H.
+        max_images: at most this many batch elements per row.
+    Returns:
+        the Path written.
+    Raises:
+        ValueError for an empty row list or a tensor that is not `[B, 1|3, H, W]`.
+    """
+    if not rows:
+        raise ValueError("save_image_grid needs at least one row")
+    for name, t in rows:
+        if t.dim() != 4 or t.shape[1] not in (1, 3):
+            raise ValueError(f"row {name!r}: expected [B, 3, H, W], got {tuple(t.shape)}")
+    font = _label_font()
+    label_w = max(math.ceil(font.getlength(name)) for name, _ in rows)
+    text_h = font.getbbox("Ag")[3]
+    n_cols = min(max_images, max(t.shape[0] for _, t in rows))
+    cell_w = max(t.shape[3] for _, t in rows)
+    row_hs = [max(t.shape[2], text_h) for _, t in rows]
+    width = label_w + n_cols * cell_w + (n_cols + 2) * _PAD
+    height = sum(row_hs) + (len(rows) + 1) * _PAD
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = _PAD
+    for (name, t), row_h in zip(rows, row_hs):
+        draw.text((_PAD, y + (row_h - text_h) // 2), name, fill=(0, 0, 0), font=font)
+        for j in range(min(n_cols, t.shape[0])):
+            x = 2 * _PAD + label_w + j * (cell_w + _PAD)
+            canvas.paste(to_uint8_image(t[j]), (x, y))
+        y += row_h + _PAD
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path
+
+
+def save_slot_grid(path, image, recon, pred_seg, true_seg=None, slot_recons=None,
+                   max_images: int = 8) -> Path:
+    """Standard qualitative figure for slot models (one PNG via `save_image_grid`).
+
+    Rows: "input", "recon", "pred seg" (labels_to_rgb), "true seg" (if given), then one
+    row "slot k" per slot of `slot_recons`.
+
+    Args:
+        image, recon: `[B, 3, H, W]` in [0, 1] (convert [-1, 1] models first).
+        pred_seg, true_seg: int label maps `[B, H, W]`.
+        slot_recons: optional `[B, K, 3, H, W]` in [0, 1], e.g. mask * rgb per slot.
+        max_images: columns (batch elements) shown.
+    Returns:
+        the Path written.
+    """
+    rows = [("input", image), ("recon", recon), ("pred seg", labels_to_rgb(pred_seg))]
+    if true_seg is not None:
+        rows.append(("true seg", labels_to_rgb(true_seg)))
+    if slot_recons is not None:
+        if slot_recons.dim() != 5:
+            raise ValueError(f"slot_recons must be [B, K, 3, H, W], got {tuple(slot_recons.shape)}")
+        rows += [(f"slot {k}", slot_recons[:, k]) for k in range(slot_recons.shape[1])]
+    return save_image_grid(path, rows, max_images=max_images)
