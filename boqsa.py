@@ -50,35 +50,35 @@ class Config:
     # data
     dataset: str = "synthetic"      # synthetic | shapestacks | objectsroom | clevr | clevr6 | clevrtex | ...
     data_dir: str = ""              # root of the dataset on disk (not needed for synthetic)
-    image_size: int = 64            # input resolution (Tab. 13)
-    num_workers: int = 2            # DataLoader workers
+    image_size: int = 32            # input resolution (Tab. 13: 128 or 64; 32 here for a 2-core CPU)
+    num_workers: int = 1            # DataLoader workers
     # model
     num_slots: int = 7              # K (Tab. 13)
     slot_dim: int = 64              # Tab. 11 "Slot Dim"
     mlp_dim: int = 128              # Tab. 11 "MLP Hidden Dim"
-    hid_dim: int = 64               # encoder / decoder channels (Tab. 9, 10)
-    enc_strides: tuple = (2, 1, 1, 1)   # Tab. 9: first stride 2 at 128 px (ShapeStacks, ClevrTex), 1 at 64 px
-    dec_strides: tuple = (2, 2, 2, 1)   # Tab. 10: (2,2,2,2) at 128 px, (2,2,2,1) at 64 px
+    hid_dim: int = 32               # encoder / decoder channels (Tab. 9, 10: 64)
+    enc_strides: tuple = (1, 1, 1, 1)   # Tab. 9: first stride 2 at 128 px (ShapeStacks, ClevrTex), 1 at 64 px
+    dec_strides: tuple = (2, 2, 1, 1)   # Tab. 10: (2,2,2,2) at 128 px, (2,2,2,1) at 64 px; 8 * prod = image_size
     dec_init_size: int = 8          # spatial broadcast resolution (App. A.3.2, Locatello et al.)
     iters: int = 3                  # slot-attention iterations, the last one after the STE (Tab. 12)
     init: str = "query"             # query (QSA, Sec. 3.1) | gaussian (SA, learned mu/sigma)
     grad: str = "bo"                # bo (Alg. 1, detach + STE) | detach (I-SA) | full (plain backprop)
     attn_eps: float = 1.0           # eps in attn / (attn.sum + eps) (official choice, REFERENCE.md)
     drop_path: float = 0.2          # DropPath on the slot MLP residual (official code)
-    sigma_steps: int = 30000        # N_sigma: cosine annealing of the query noise 1 -> 0 (App. A.3.1)
+    sigma_steps: int = 2000         # N_sigma: cosine annealing of the query noise 1 -> 0 (App. A.3.1: 30k)
     # optimisation (Tab. 11)
-    batch_size: int = 32            # global batch (paper: 128)
+    batch_size: int = 16            # global batch (Tab. 11: 128)
     lr: float = 4e-4
-    warmup_steps: int = 5000
-    decay_steps: int = 50000        # lr factor 0.5 ** (step / decay_steps)
-    max_steps: int = 250000
+    warmup_steps: int = 300         # Tab. 11: 5k
+    decay_steps: int = 20000        # lr factor 0.5 ** (step / decay_steps) (Tab. 11: 50k)
+    max_steps: int = 3600           # about 30 min on 2 CPU cores (Tab. 11: 250k)
     grad_clip: float = 1.0
     # run
     out_dir: str = "out/boqsa"
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | mps
     log_interval: int = 10
-    eval_interval: int = 1000       # evaluate, save images and checkpoint every N steps
+    eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
     eval_items: int = 256           # test images used for the periodic evaluation (0 = whole split)
     resume: bool = True             # continue from out_dir/ckpt.pt when it exists
     init_from: str = ""             # official BO-QSA checkpoint (.ckpt/.pt) to start from
@@ -89,8 +89,8 @@ class Config:
 
 # Paper settings per dataset: slots and image size (Tab. 13), encoder strides (Tab. 9), decoder
 # strides (Tab. 10), batch 128 and the full schedule (Tab. 11). ClevrTex: 11 slots (App. A.3.4).
-_PAPER = dict(batch_size=128, warmup_steps=5000, decay_steps=50000, max_steps=250000, hid_dim=64,
-              num_workers=8, eval_interval=5000, eval_items=0)
+_PAPER = dict(batch_size=128, warmup_steps=5000, decay_steps=50000, max_steps=250000, sigma_steps=30000,
+              hid_dim=64, num_workers=8, eval_interval=5000, eval_items=0)
 PRESETS = {
     "synthetic": {},
     "shapestacks": dict(_PAPER, num_slots=8, image_size=128, enc_strides=(2, 1, 1, 1), dec_strides=(2, 2, 2, 2)),
@@ -398,8 +398,10 @@ def lr_factor(step, cfg):
 
 def load_dataset(cfg, split):
     """data.build_dataset(cfg.dataset, split) at cfg.image_size; exits with the loader's one-line message."""
+    # REFERENCE.md: the official BO-QSA code resizes the whole 320x240 ClevrTex frame, no centre crop
+    options = {"crop": None} if cfg.dataset.startswith("clevrtex") else {}
     try:
-        return data.build_dataset(cfg.dataset, split, root=cfg.data_dir or None, image_size=cfg.image_size)
+        return data.build_dataset(cfg.dataset, split, root=cfg.data_dir or None, image_size=cfg.image_size, **options)
     except data.DatasetError as e:
         fail(str(e))
 

@@ -4,7 +4,7 @@ Datasets for the object-centric models in this repo, read from their original on
     ds = build_dataset("clevrtex", "train", root="/data/CLEVRTEX", image_size=128)
     item = ds[0]   # {"image": float32 [3,H,W] in [0,1], "mask": int64 [H,W], 0 = background}
 
-Names (see DATASETS for download sources and layouts, and _datasets_table.md):
+Names (see DATASETS for download sources and layouts, and the table in README.md):
     synthetic        procedural 2-6 shapes on a plain background, exact masks, no files (default)
     synthetic_video  the same scenes with moving objects: "video" [T,3,H,W], "mask" [T,H,W]
     shapestacks      ShapeStacks recordings/ (+ .map instance maps), splits/default/*.txt

@@ -1426,7 +1426,7 @@ def test_boqsa_ddp_two_processes(tmp_path):
     """torchrun --nproc_per_node=2 on CPU (gloo) trains and writes one checkpoint."""
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(HERE, "boqsa.py"), *TINY, "--max_steps=3", "--eval_interval=3",
                         f"--out_dir={out}"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
