@@ -932,19 +932,18 @@ class SyntheticShapes(_Base):
     def __len__(self):
         return self.size
 
-    def _rng(self, index):
-        return np.random.default_rng([self.seed, _SPLIT_ID[self.split], index])
-
-    def __getitem__(self, index):
+    def _sample_scene(self, index):
+        """(rng, background, objects) of item `index`; the rng continues where the scene left it."""
         if not -self.size <= index < self.size:
             raise IndexError(index)
-        index %= self.size
-        rng = self._rng(index)
+        rng = np.random.default_rng([self.seed, _SPLIT_ID[self.split], index % self.size])
         h, w = self.image_size
         bg = _background(rng, h, w, self.textured_background)
-        objs = _scene(rng, h, w, self.num_objects)
-        image, label = _render(objs, bg)
-        return _item(image, label)
+        return rng, bg, _scene(rng, h, w, self.num_objects)
+
+    def __getitem__(self, index):
+        _, bg, objs = self._sample_scene(index)
+        return _item(*_render(objs, bg))
 
 
 def _bounce(p0, v, t, lo, hi):
@@ -974,13 +973,8 @@ class SyntheticVideo(SyntheticShapes):
         self.num_frames = int(num_frames)
 
     def __getitem__(self, index):
-        if not -self.size <= index < self.size:
-            raise IndexError(index)
-        index %= self.size
-        rng = self._rng(index)
+        rng, bg, objs = self._sample_scene(index)
         h, w = self.image_size
-        bg = _background(rng, h, w, self.textured_background)
-        objs = _scene(rng, h, w, self.num_objects)
         vel = []
         for _ in objs:
             speed, ang = rng.uniform(0.02, 0.05) * min(h, w), rng.uniform(0, 2 * np.pi)
