@@ -31,15 +31,40 @@ class BenchConfig:
     device: str = "auto"         # auto | cpu | cuda
     threads: int = 0             # torch CPU threads (0 = torch's default)
     only: str = ""               # run a single setting by name (used for the subprocesses)
+    group: str = ""              # only the settings of one script: boqsa | mincut | ast (empty = all)
 
 
 def boqsa_settings():
-    """(name, boqsa.Config) at the paper's settings (Tab. 9-13)."""
+    """BO-QSA at the paper's settings (Tab. 9-13): list of (name, make_step).
+
+    make_step(bc, device) builds model, optimiser and a random batch and returns (step, info): `step()` runs one
+    forward + backward + optimiser step; `info` gives the table's image size and slot count."""
     import boqsa
-    return [(f"boqsa {ds}", boqsa.build_config([f"--dataset={ds}"])) for ds in ("shapestacks", "objectsroom")]
+
+    def maker(cfg):
+        def make_step(bc, device):
+            model = boqsa.BOQSA(cfg).to(device)
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+
+            def step():
+                loss = model(x, sigma=0.5)["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+            return step, dict(image=cfg.image_size, slots=cfg.num_slots)
+        return make_step
+
+    return [(f"boqsa {ds}", maker(boqsa.build_config([f"--dataset={ds}"]))) for ds in ("shapestacks", "objectsroom")]
 
 
+# One entry per model script; each function returns [(setting name, make_step)]. Add new scripts here.
 SETTINGS = {"boqsa": boqsa_settings}
+
+
+def all_settings():
+    return [s for group in SETTINGS.values() for s in group()]
 
 
 def run_one(name, bc):
@@ -47,12 +72,9 @@ def run_one(name, bc):
     device = get_device(bc.device)
     if bc.threads:
         torch.set_num_threads(bc.threads)
-    cfg = dict((n, c) for group in SETTINGS.values() for n, c in group())[name]
-    import boqsa
+    make_step = dict(all_settings())[name]
     torch.manual_seed(0)
-    model = boqsa.BOQSA(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    step, info = make_step(bc, device)
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -60,11 +82,7 @@ def run_one(name, bc):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = model(x, sigma=0.5)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= bc.warmup:
@@ -73,9 +91,9 @@ def run_one(name, bc):
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # KiB -> MiB (Linux)
-    step = statistics.median(times)
-    return dict(name=name, device=str(device), batch=bc.batch_size, image=cfg.image_size,
-                slots=cfg.num_slots, step_s=step, img_per_s=bc.batch_size / step, peak_mib=peak)
+    t_step = statistics.median(times)
+    return dict(name=name, device=str(device), batch=bc.batch_size, image=info["image"], slots=info["slots"],
+                step_s=t_step, img_per_s=bc.batch_size / t_step, peak_mib=peak)
 
 
 def main():
@@ -83,7 +101,7 @@ def main():
     if bc.only:
         print(json.dumps(run_one(bc.only, bc)))
         return
-    names = [n for group in SETTINGS.values() for n, _ in group()]
+    names = [n for n, _ in all_settings() if not bc.group or n.split()[0] == bc.group]
     rows = []
     for name in names:
         args = [sys.executable, os.path.abspath(__file__), f"--only={name}", f"--batch_size={bc.batch_size}",
