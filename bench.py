@@ -9,6 +9,7 @@ peak of torch.cuda.max_memory_allocated, on CPU the peak resident set size of th
 optimiser step on random images, after `warmup` untimed steps; the table gives the median.
 """
 import json
+import math
 import os
 import resource
 import statistics
@@ -32,6 +33,12 @@ class BenchConfig:
     threads: int = 0             # torch CPU threads (0 = torch's default)
     only: str = ""               # run a single setting by name (used for the subprocesses)
     group: str = ""              # only the settings of one script: boqsa | mincut | ast (empty = all)
+    suite: str = "train"         # train: model steps (SETTINGS) | qp: mincut_ocl's STCutQP, dct vs sparse
+    qp_rhs: int = 768            # qp: right-hand sides of the main comparison (64 images x 12 cuts)
+    qp_side: int = 64            # qp: grid side of the main comparison (the paper's 64x64)
+    qp_sweep: str = "16,32,48,64,96,128"   # qp: grid sides of the scaling sweep
+    qp_sweep_rhs: int = 48       # qp: right-hand sides per sweep point
+    qp_sparse_max: int = 64      # qp: largest side run with the sparse solver (memory grows as P^2)
 
 
 def boqsa_settings():
@@ -59,8 +66,147 @@ def boqsa_settings():
     return [(f"boqsa {ds}", maker(boqsa.build_config([f"--dataset={ds}"]))) for ds in ("shapestacks", "objectsroom")]
 
 
+def mincut_settings():
+    """Min-cut OCL at the paper's ClevrTex setting (Sec. 6.1, App. D: 128 px, ResNet 100 maps, 64x64 QP grid,
+    12 slots), with the dct QP solver and with the paper's sparse solver (factor built in the warmup step)."""
+    import mincut_ocl
+
+    def maker(cfg):
+        def make_step(bc, device):
+            model = mincut_ocl.MinCutOCL(cfg).to(device)
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+
+            def step():
+                loss = model(x)["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return step, dict(image=cfg.image_size, slots=cfg.num_slots)
+        return make_step
+
+    return [(f"mincut clevrtex {solver}", maker(mincut_ocl.build_config(["--dataset=clevrtex", f"--qp_solver={solver}"])))
+            for solver in ("dct", "sparse")]
+
+
+def ast_settings():
+    """AST-Seg at the paper's ClevrTex setting (Sec. 5.1, Tab. 6: Segformer mit-b3, 128 px, K = 10, anisotropic):
+    a joint-phase step (phase 3 of the curriculum: foreground and AE-NE background trained together)."""
+    import ast_seg
+
+    def maker(cfg):
+        def make_step(bc, device):
+            model = ast_seg.ASTSeg(cfg).to(device)
+            opt = ast_seg.make_optimizer(ast_seg.set_trainable(model, "joint"), cfg, "joint")
+            x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+
+            def step():
+                loss = model(x)["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return step, dict(image=cfg.image_size, slots=cfg.num_slots)
+        return make_step
+
+    return [("ast clevrtex b3", maker(ast_seg.build_config(["--dataset=clevrtex"])))]
+
+
 # One entry per model script; each function returns [(setting name, make_step)]. Add new scripts here.
-SETTINGS = {"boqsa": boqsa_settings}
+SETTINGS = {"boqsa": boqsa_settings, "mincut": mincut_settings, "ast": ast_settings}
+
+
+# --- suite=qp: forward + backward of mincut_ocl.STCutQP, dct vs sparse ---------------------------------
+
+def run_qp(solver, side, rhs, bc):
+    """Time one forward + backward of STCutQP(side, side, solver) on `rhs` float32 right-hand sides (in this
+    process), with peak memory above the process baseline and the max abs error against float64 (dct)."""
+    import mincut_ocl
+    device = get_device(bc.device)
+    if bc.threads:
+        torch.set_num_threads(bc.threads)
+    torch.manual_seed(0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    w = (torch.rand(rhs, 6, side, side, device=device) * 2).requires_grad_(True)    # ReLU-like weights
+    coef = [torch.randn(rhs, *s, device=device) for s in [(side, side), (), (), (side, side), (side, side),
+                                                          (4, side, side)]]
+    fields = ("p", "p_s", "p_t", "d_s", "d_t", "d_grid")
+    qp = mincut_ocl.STCutQP(side, side, solver=solver)
+    setup = 0.0
+    if solver == "sparse":                       # factor AA^T once (cached), not part of the step
+        t = time.perf_counter()
+        mincut_ocl.sparse_factor(side, side)
+        setup = time.perf_counter() - t
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        out = qp(w)
+        sum((getattr(out, f) * c).sum() for f, c in zip(fields, coef)).backward()
+        return out
+
+    times = []
+    for i in range(bc.warmup + bc.steps if solver == "dct" else 1):   # sparse: one run, no warmup (slow)
+        w.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    times = times[bc.warmup:] if solver == "dct" else times
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    # accuracy: float64 dct (checked against a dense KKT solve in test_all.py) as the reference
+    w64 = w.detach().double().requires_grad_(True)
+    ref = mincut_ocl.STCutQP(side, side, solver="dct")(w64)
+    sum((getattr(ref, f) * c.double()).sum() for f, c in zip(fields, coef)).backward()
+    err = max((getattr(out, f).detach().double() - getattr(ref, f).detach()).abs().max().item() for f in fields)
+    gerr = (w.grad.double() - w64.grad).abs().max().item()
+    return dict(solver=solver, side=side, rhs=rhs, device=str(device), step_s=statistics.median(times),
+                setup_s=setup, peak_mib=peak, err=err, grad_err=gerr)
+
+
+def qp_main(bc):
+    """suite=qp: every (solver, side, rhs) in its own subprocess; prints two markdown tables."""
+    def measure(solver, side, rhs):
+        args = [sys.executable, os.path.abspath(__file__), f"--only=qp {solver} {side} {rhs}",
+                f"--steps={bc.steps}", f"--warmup={bc.warmup}", f"--device={bc.device}", f"--threads={bc.threads}"]
+        r = subprocess.run(args, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"qp {solver} {side} {rhs}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
+            return None
+        print(f"done: qp {solver} {side}x{side}, {rhs} rhs", file=sys.stderr)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def row(side, rhs, d, s):
+        P = side * side
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)     # noqa: E731
+        ratio = f"{s['step_s'] / d['step_s']:.0f}x" if d and s else "-"
+        return (f"| {side}x{side} | {P} | {rhs} | {f(d and d['step_s'], '.3f')} | {f(s and s['step_s'], '.2f')} | "
+                f"{ratio} | {f(d and 1e9 * d['step_s'] / (rhs * P * math.log2(P)), '.2f')} | "
+                f"{f(d and d['peak_mib'], '.0f')} | {f(s and s['peak_mib'], '.0f')} | {f(s and s['setup_s'], '.1f')} | "
+                f"{f(d and d['err'], '.1e')} | {f(s and s['err'], '.1e')} | {f(d and d['grad_err'], '.1e')} | "
+                f"{f(s and s['grad_err'], '.1e')} |")
+
+    header = ("| grid | P | RHS | dct fwd+bwd (s) | sparse fwd+bwd (s) | sparse / dct | dct ns per RHS*P*log2(P) | "
+              "dct peak (MiB) | sparse peak (MiB) | sparse factor (s) | dct f32 max err | sparse f32 max err | "
+              "dct f32 grad err | sparse f32 grad err |\n|" + "---|" * 14)
+    main_row = row(bc.qp_side, bc.qp_rhs, measure("dct", bc.qp_side, bc.qp_rhs), measure("sparse", bc.qp_side, bc.qp_rhs))
+    sweep = []
+    for side in [int(v) for v in bc.qp_sweep.split(",")]:
+        d = measure("dct", side, bc.qp_sweep_rhs)
+        s = measure("sparse", side, bc.qp_sweep_rhs) if side <= bc.qp_sparse_max else None
+        sweep.append(row(side, bc.qp_sweep_rhs, d, s))
+    print(f"\ntorch {torch.__version__}, {bc.threads or torch.get_num_threads()} threads, float32 input, median of {bc.steps} "
+          f"(sparse: 1 run each, no warmup); peak = resident memory above the process baseline (CPU)\n")
+    print(header)
+    print(main_row)
+    print(f"\nScaling sweep ({bc.qp_sweep_rhs} RHS; sparse up to {bc.qp_sparse_max}x{bc.qp_sparse_max}):\n")
+    print(header)
+    print("\n".join(sweep))
 
 
 def all_settings():
@@ -98,9 +244,15 @@ def run_one(name, bc):
 
 def main():
     bc = parse_args(BenchConfig())
+    if bc.only.startswith("qp "):
+        _, solver, side, rhs = bc.only.split()
+        print(json.dumps(run_qp(solver, int(side), int(rhs), bc)))
+        return
     if bc.only:
         print(json.dumps(run_one(bc.only, bc)))
         return
+    if bc.suite == "qp":
+        return qp_main(bc)
     names = [n for n, _ in all_settings() if not bc.group or n.split()[0] == bc.group]
     rows = []
     for name in names:

@@ -1,4 +1,4 @@
-"""BO-QSA: Bi-level Optimised Query Slot Attention (Jia et al., ICLR 2023), mixture decoder.
+"""BO-QSA: Bi-level Optimised Query Slot Attention (Jia et al., ICLR 2023), mixture and transformer decoders.
 
 Paper: ../shared/papers/boqsa_jia2023.md.  Facts from the official code (YuLiu-LY/BO-QSA):
 ../shared/REFERENCE.md, section BO-QSA.  One file, read top to bottom:
@@ -6,15 +6,22 @@ Paper: ../shared/papers/boqsa_jia2023.md.  Facts from the official code (YuLiu-L
     1. Config          defaults (CPU-sized, built-in data) and per-dataset presets (Tab. 9-13)
     2. Model           CNN encoder (Tab. 9) -> SlotAttention with learned queries (Sec. 3.1)
                        and the bi-level STE update (Alg. 1) -> mixture decoder (Tab. 10, App. A.1)
+                       or dVAE + autoregressive transformer decoder (SLATE; App. A.1, A.3.3, Tab. 12)
     3. Official ckpt   key conversion from the official Lightning checkpoints
     4. Training        Adam, warmup + exponential decay, grad clipping (Tab. 11), DDP, resume
-    5. Evaluation      ARI-FG, MSC-FG, mIoU, MSE on the test split; --predict on a folder
+    5. Evaluation      ARI-FG, MSC-FG, mIoU, MSE (synthetic); foreground IoU / Dice (Birds, Dogs, Cars,
+                       Flowers; Tab. 5); AP / PQ / precision / recall (YCB, ScanNet, COCO; Tab. 4);
+                       zero-shot transfer (Tab. 8, 15); query attention maps (Sec. 5.4); --predict
 
 Run:
     python boqsa.py                                   # built-in synthetic data, CPU-sized model
     python boqsa.py --dataset=shapestacks --data_dir=PATH
     python boqsa.py --eval_only --dataset=clevr --data_dir=PATH
     python boqsa.py --predict=FOLDER_OF_IMAGES
+    python boqsa.py --decoder=transformer             # SLATE decoder, CPU-sized
+    python boqsa.py --decoder=transformer --dataset=birds --data_dir=PATH
+    python boqsa.py --eval_only --dataset=cars --data_dir=PATH --init_from=out/dogs/ckpt.pt   # Dogs -> Cars
+    python boqsa.py --eval_only --iters=1 --concept_maps   # Fig. 2: other test-time iterations; Fig. 4 maps
     torchrun --nproc_per_node=2 boqsa.py --max_steps=20
 The ablations of Tab. 7 are flags:  --init=gaussian|query  x  --grad=full|detach|bo
     SA = gaussian/full   I-SA = gaussian/detach   BO-SA = gaussian/bo
@@ -22,6 +29,7 @@ The ablations of Tab. 7 are flags:  --init=gaussian|query  x  --grad=full|detach
 """
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, asdict
 
@@ -32,9 +40,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from common import (ResumableSampler, MetricsLog, ddp_cleanup, ddp_setup, fail, get_device, get_rng_state,
-                    labels_to_rgb, load_checkpoint, mse, nanmean, parse_args, progress, save_checkpoint,
-                    save_image_grid, save_slot_grid, seed_everything, segmentation_metrics, set_rng_state)
+from common import (ObjectSegMetrics, ResumableSampler, MetricsLog, ddp_cleanup, ddp_setup, fail, fg_iou_dice,
+                    get_device, get_rng_state, labels_to_rgb, load_checkpoint, mse, nanmean, parse_args, progress,
+                    save_checkpoint, save_image_grid, save_slot_grid, seed_everything, segmentation_metrics,
+                    set_rng_state)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -53,6 +62,7 @@ class Config:
     image_size: int = 32            # input resolution (Tab. 13: 128 or 64; 32 here for a 2-core CPU)
     num_workers: int = 1            # DataLoader workers
     # model
+    decoder: str = "mixture"        # mixture (Sec. 3.3, Tab. 10) | transformer (SLATE, App. A.1, A.3.3, Tab. 12)
     num_slots: int = 7              # K (Tab. 13)
     slot_dim: int = 64              # Tab. 11 "Slot Dim"
     mlp_dim: int = 128              # Tab. 11 "MLP Hidden Dim"
@@ -66,6 +76,19 @@ class Config:
     attn_eps: float = 1.0           # eps in attn / (attn.sum + eps) (official choice, REFERENCE.md)
     drop_path: float = 0.2          # DropPath on the slot MLP residual (official code)
     sigma_steps: int = 2000         # N_sigma: cosine annealing of the query noise 1 -> 0 (App. A.3.1: 30k)
+    # transformer decoder, used with --decoder=transformer (App. A.3.3, Tab. 12; CPU-sized here)
+    vocab_size: int = 256           # dVAE vocabulary (Tab. 12: 1024)
+    dvae_hid: int = 64              # dVAE channels (official code: 64)
+    dvae_kernel: int = 3            # dVAE encoder kernel (App. A.3.3: 3 instead of SLATE's 1)
+    d_model: int = 128              # transformer hidden dimension (Tab. 12: 256)
+    dec_layers: int = 4             # Tab. 12: 4
+    dec_heads: int = 4              # Tab. 12: 4
+    dec_dropout: float = 0.1        # Tab. 12: 0.1
+    tau_start: float = 1.0          # Gumbel-softmax temperature, cosine 1.0 -> 0.1 (Tab. 12)
+    tau_final: float = 0.1
+    tau_steps: int = 2000           # Tab. 12: 30k
+    lr_dvae: float = 3e-4           # Tab. 12: dVAE lr, no warmup (the rest uses --lr with warmup)
+    recon_items: int = 32           # test images reconstructed autoregressively (one pass per token; slow)
     # optimisation (Tab. 11)
     batch_size: int = 16            # global batch (Tab. 11: 128)
     lr: float = 4e-4
@@ -84,6 +107,7 @@ class Config:
     init_from: str = ""             # official BO-QSA checkpoint (.ckpt/.pt) to start from
     eval_only: bool = False         # evaluate out_dir/ckpt.pt (or init_from) on the test split and exit
     predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
+    concept_maps: bool = False      # with --eval_only: save each query's attention map (Sec. 5.4, Fig. 4)
     compile: bool = False           # torch.compile the model
 
 
@@ -101,12 +125,42 @@ PRESETS = {
 for _name in ("clevrtex_ood", "clevrtex_camo", "clevr", "clevr6"):
     PRESETS[_name] = dict(PRESETS["clevrtex"])
 PRESETS["clevr6"]["num_slots"] = 7
+# real images (Tab. 13, 128 px, encoder stride 1 (Tab. 9)); N_sigma = 0 on Cars and Flowers (App. A.3.1).
+# YCB / ScanNet / COCO: 6 slots (App. A.3.4); the paper runs them with the transformer decoder only.
+_REAL = dict(_PAPER, image_size=128, enc_strides=(1, 1, 1, 1), dec_strides=(2, 2, 2, 2))
+for _name, _k in (("birds", 3), ("dogs", 2), ("cars", 2), ("flowers", 2), ("ycb", 6), ("scannet", 6), ("coco", 6)):
+    PRESETS[_name] = dict(_REAL, num_slots=_k, sigma_steps=0 if _name in ("cars", "flowers") else 30000)
+
+# --decoder=transformer: Tab. 12 on top of the dataset's preset. Slots: Tab. 13 (BO-QSA+Transformer).
+# Official code: encoder strides 1 everywhere (attention maps at full resolution), slot and MLP size 256.
+_SLATE = dict(slot_dim=256, mlp_dim=256, vocab_size=1024, d_model=256, dec_layers=4, dec_heads=4, dec_dropout=0.1,
+              lr=1e-4, lr_dvae=3e-4, warmup_steps=10000, decay_steps=50000, max_steps=250000, tau_steps=30000,
+              batch_size=128, enc_strides=(1, 1, 1, 1), recon_items=64)
+SLATE_PRESETS = {
+    # CPU-sized: the defaults above plus a faster schedule for a 30-minute run on 2 cores
+    # (about 1.6x the mixture model's step time: 2200 steps take about as long as the mixture's 3600)
+    "synthetic": dict(lr=3e-4, warmup_steps=300, tau_steps=2000, max_steps=2200),
+    "shapestacks": dict(_SLATE, num_slots=12),
+    "objectsroom": dict(_SLATE, num_slots=6),
+}
+
+
+def explicit_flags(argv=None):
+    """Names of the config fields given on the command line (`--key=value`, `--key value`, `--flag`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--") and len(a) > 2}
 
 
 def build_config(argv=None):
-    """Config from the command line: defaults <- PRESETS[--dataset] <- explicit flags."""
-    first = parse_args(Config(), argv)          # validates every flag, gives us --dataset
-    cfg = Config(**PRESETS.get(first.dataset, {}))
+    """Config from the command line: defaults <- PRESETS[--dataset] (<- SLATE_PRESETS for
+    --decoder=transformer) <- explicit flags. Exits with one line for an unknown --decoder."""
+    first = parse_args(Config(), argv)          # validates every flag, gives us --dataset and --decoder
+    if first.decoder not in ("mixture", "transformer"):
+        fail(f"--decoder must be mixture or transformer, got {first.decoder!r}")
+    preset = dict(PRESETS.get(first.dataset, {}))
+    if first.decoder == "transformer":
+        preset.update(SLATE_PRESETS.get(first.dataset, _SLATE))
+    cfg = Config(**preset)
     return parse_args(cfg, argv)
 
 
@@ -268,18 +322,172 @@ def sigma_schedule(step, total, start=1.0, final=0.0):
     return 0.5 * (start - final) * math.cos(math.pi * step / total) + 0.5 * (start + final)
 
 
-class BOQSA(nn.Module):
-    """BO-QSA with the mixture decoder (Sec. 3.3, App. A.3.2).
+def tau_schedule(step, total, start=1.0, final=0.1):
+    """Gumbel-softmax temperature, cosine start -> final over `total` steps (Tab. 12: 1.0 -> 0.1, 30k)."""
+    return sigma_schedule(step, total, start, final)
 
-    forward(images [B,3,H,W] float in [0,1], sigma=0.0) -> dict
-        loss   scalar, MSE between reconstruction and input, both in [-1,1] (official convention)
-        recon  [B,3,H,W] reconstruction mapped back to [0,1] (not clamped)
-        masks  [B,K,H,W] decoder alpha masks, softmax over slots (sum to 1 per pixel)
+
+# --- transformer decoder: dVAE tokens + autoregressive transformer (SLATE; App. A.1, A.3.3, Tab. 12)
+
+
+class ConvBlock(nn.Module):
+    """Conv2d (no bias, kaiming) -> GroupNorm(1 group) -> ReLU: the SLATE / official dVAE block."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        nn.init.kaiming_uniform_(self.conv.weight, nonlinearity="relu")
+        self.norm = nn.GroupNorm(1, cout)
+
+    def forward(self, x):
+        return F.relu(self.norm(self.conv(x)))
+
+
+class DVAE(nn.Module):
+    """Discrete VAE of SLATE (Singh et al. 2021) with the kernel-3 encoder of BO-QSA (App. A.3.3).
+
+    encode(images [B,3,H,W] in [0,1]) -> log-probabilities [B,V,H/4,W/4] over the vocabulary
+        (a 4x4 stride-4 patch conv, 6 convs of kernel `kernel`, a 1x1 conv to V; official code).
+    decode(z [B,V,h,w], one-hot or relaxed) -> images [B,3,4h,4w] (no activation, not clamped).
+    H and W must be multiples of 4.
+    """
+
+    def __init__(self, vocab_size, hid=64, kernel=3):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            ConvBlock(3, hid, 4, 4),
+            *[ConvBlock(hid, hid, kernel, 1, kernel // 2) for _ in range(6)],
+            nn.Conv2d(hid, vocab_size, 1))
+        self.decoder = nn.Sequential(
+            ConvBlock(vocab_size, hid, 1), ConvBlock(hid, hid, 3, 1, 1), ConvBlock(hid, hid, 3, 1, 1),
+            ConvBlock(hid, hid, 1), ConvBlock(hid, hid * 4, 1), nn.PixelShuffle(2),
+            ConvBlock(hid, hid, 3, 1, 1), ConvBlock(hid, hid, 1), ConvBlock(hid, hid, 1),
+            ConvBlock(hid, hid * 4, 1), nn.PixelShuffle(2), nn.Conv2d(hid, 3, 1))
+
+    def encode(self, images):
+        return F.log_softmax(self.encoder(images), dim=1)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases (official SLATE code); dropout on weights and output.
+
+    forward(x [B,T,d], context [B,S,d], causal) -> [B,T,d]. causal=True: position t sees 0..t only.
+    """
+
+    def __init__(self, d, heads, dropout, gain=1.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        for lin in (self.q, self.k, self.v):
+            nn.init.xavier_uniform_(lin.weight)
+        nn.init.xavier_uniform_(self.o.weight, gain)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, context, causal=False):
+        B, T, d = x.shape
+        split = lambda t: t.reshape(B, t.shape[1], self.heads, -1).transpose(1, 2)       # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.drop(self.o(out.transpose(1, 2).reshape(B, T, d)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN transformer decoder block: causal self-attention, cross-attention to the slots, FFN (4d).
+
+    As in the official code the first block normalises its input in place (x = LN(x)) before the
+    residual self-attention; the others add to the un-normalised stream.
+    """
+
+    def __init__(self, d, heads, dropout, gain, first):
+        super().__init__()
+        self.first = first
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = Attention(d, heads, dropout, gain)
+        self.cross_attn = Attention(d, heads, dropout, gain)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+        nn.init.kaiming_uniform_(self.ffn[0].weight, nonlinearity="relu")
+        nn.init.xavier_uniform_(self.ffn[2].weight, gain)
+        nn.init.zeros_(self.ffn[0].bias)
+        nn.init.zeros_(self.ffn[2].bias)
+
+    def forward(self, x, slots):
+        if self.first:
+            x = self.norm1(x)
+            x = x + self.self_attn(x, x, causal=True)
+        else:
+            h = self.norm1(x)
+            x = x + self.self_attn(h, h, causal=True)
+        x = x + self.cross_attn(self.norm2(x), slots)
+        return x + self.ffn(self.norm3(x))
+
+
+class TransformerDecoder(nn.Module):
+    """Autoregressive transformer over dVAE tokens conditioned on slots (App. A.1: o_l = g(s; z_<l)).
+
+    forward(tokens [B,L] int64 in [0,V), slots [B,K,slot_dim]) -> logits [B,L,V], where logits[:, l]
+    depends on tokens[:, :l] only (teacher forcing: input = [BOS, z_1..z_{L-1}]; BOS = index 0 of
+    the embedding table, token t = index t+1). Learned positional embedding (L+1 positions).
+    generate(slots, L) -> tokens [B,L] decoded greedily (argmax) one token at a time, as SLATE does.
+    """
+
+    def __init__(self, cfg, num_tokens):
+        super().__init__()
+        d, n = cfg.d_model, cfg.dec_layers
+        self.dictionary = nn.Embedding(cfg.vocab_size + 1, d)                 # + BOS
+        self.pos = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, num_tokens + 1, d)))
+        self.drop = nn.Dropout(cfg.dec_dropout)
+        self.slot_proj = nn.Linear(cfg.slot_dim, d, bias=False)
+        nn.init.xavier_uniform_(self.slot_proj.weight)
+        gain = (3 * n) ** -0.5                                                   # official init
+        self.blocks = nn.ModuleList(DecoderBlock(d, cfg.dec_heads, cfg.dec_dropout, gain, i == 0) for i in range(n))
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, cfg.vocab_size, bias=False)
+        nn.init.xavier_uniform_(self.out.weight)
+
+    def logits(self, inputs, slots):
+        """inputs [B,T] embedding indices (0 = BOS) -> logits [B,T,V] for the next token."""
+        x = self.drop(self.dictionary(inputs) + self.pos[:, :inputs.shape[1]])
+        s = self.slot_proj(slots)
+        for block in self.blocks:
+            x = block(x, s)
+        return self.out(self.norm(x))
+
+    def forward(self, tokens, slots):
+        bos = tokens.new_zeros(tokens.shape[0], 1)
+        return self.logits(torch.cat([bos, tokens[:, :-1] + 1], dim=1), slots)
+
+    @torch.no_grad()
+    def generate(self, slots, num_tokens):
+        inputs = torch.zeros(slots.shape[0], 1, dtype=torch.long, device=slots.device)
+        for _ in range(num_tokens):
+            nxt = self.logits(inputs, slots)[:, -1].argmax(-1, keepdim=True)
+            inputs = torch.cat([inputs, nxt + 1], dim=1)
+        return inputs[:, 1:] - 1
+
+
+class BOQSA(nn.Module):
+    """BO-QSA with the mixture decoder (Sec. 3.3, App. A.3.2) or the transformer decoder (App. A.1, A.3.3).
+
+    forward(images [B,3,H,W] float in [0,1], sigma=0.0, tau=None) -> dict
+        loss   scalar. mixture: MSE between reconstruction and input, both in [-1,1] (official
+               convention). transformer: L_dVAE + L_CE (App. A.1), each summed over pixels / tokens
+               and divided by B (official code).
+        recon  [B,3,H,W] in [0,1] (not clamped): the mixture reconstruction, or the dVAE's
+               reconstruction of its own tokens (the slots' reconstruction is `reconstruct()`)
+        masks  [B,K,H,W] softmax over slots (sum to 1 per pixel): the decoder alpha masks
+               (mixture), or the last slot-attention map resized to H x W (transformer, App. A.1)
         slots  [B,K,D] final slots
         attn   [B,K,N] last slot-attention map over the N encoder positions
-        rgb    [B,K,3,H,W] per-slot RGB in [0,1] (not clamped)
+        rgb    [B,K,3,H,W] per-slot RGB in [0,1] (mixture only)
+        loss_dvae, loss_ce, tokens [B,L] (transformer only)
     `sigma` is the multiplicative noise of the queries (App. A.3.1), used in training mode only.
-    Raises ValueError if the image size differs from config.image_size.
+    `tau` is the Gumbel-softmax temperature (transformer; default tau_final). In eval mode the
+    tokens are the dVAE's argmax (no Gumbel noise) so that evaluation is deterministic.
+    Raises ValueError if the image size differs from config.image_size, or for bad settings.
     """
 
     def __init__(self, cfg):
@@ -288,6 +496,8 @@ class BOQSA(nn.Module):
             raise ValueError(f"--init must be query|gaussian, got {cfg.init!r}")
         if cfg.grad not in ("full", "detach", "bo"):
             raise ValueError(f"--grad must be full|detach|bo, got {cfg.grad!r}")
+        if cfg.decoder not in ("mixture", "transformer"):
+            raise ValueError(f"--decoder must be mixture|transformer, got {cfg.decoder!r}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         if cfg.init == "query":                                            # learned queries s0 = phi_init
@@ -300,7 +510,15 @@ class BOQSA(nn.Module):
             nn.init.xavier_uniform_(self.slots_log_sigma)
         self.slot_attention = SlotAttention(cfg.slot_dim, cfg.slot_dim, cfg.mlp_dim, cfg.iters,
                                             cfg.attn_eps, cfg.drop_path)
-        self.decoder = MixtureDecoder(cfg)
+        if cfg.decoder == "mixture":
+            self.decoder = MixtureDecoder(cfg)
+        else:
+            if cfg.image_size % 4:
+                raise ValueError(f"--decoder=transformer needs --image_size divisible by 4 (dVAE patches), "
+                                 f"got {cfg.image_size}")
+            self.num_tokens = (cfg.image_size // 4) ** 2                   # L tokens of 4x4 patches
+            self.dvae = DVAE(cfg.vocab_size, cfg.dvae_hid, cfg.dvae_kernel)
+            self.decoder = TransformerDecoder(cfg, self.num_tokens)
 
     def initial_slots(self, batch, sigma=0.0):
         """Slot initialisation [B,K,D]: queries (+ multiplicative noise in training) or Gaussian."""
@@ -313,20 +531,73 @@ class BOQSA(nn.Module):
             mu = mu + sigma * mu.detach() * torch.randn_like(mu)           # REFERENCE.md: std sigma*|mu|
         return mu
 
-    def forward(self, images, sigma=0.0):
+    def _inputs(self, images):
         H, W = images.shape[-2:]
         if (H, W) != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {H}x{W}")
-        x = images * 2.0 - 1.0                                             # [0,1] -> [-1,1]
+        # REFERENCE.md: inputs in [-1,1] for the mixture model, [0,1] for the transformer model
+        return images * 2.0 - 1.0 if self.cfg.decoder == "mixture" else images
+
+    def _attn_masks(self, attn):
+        """[B,K,N] attention over encoder positions -> [B,K,H,W] (bilinear if the encoder strides)."""
+        h = int(math.isqrt(attn.shape[-1]))
+        m = attn.reshape(*attn.shape[:2], h, h)
+        if h != self.cfg.image_size:
+            m = F.interpolate(m, size=(self.cfg.image_size,) * 2, mode="bilinear", align_corners=False)
+        return m
+
+    def forward(self, images, sigma=0.0, tau=None):
+        x = self._inputs(images)
         feats = self.encoder(x)
         init = self.initial_slots(x.shape[0], sigma)
         slots, attn = self.slot_attention(feats, init, self.cfg.grad)
+        if self.cfg.decoder == "transformer":
+            return self._transformer(x, slots, attn, self.cfg.tau_final if tau is None else tau)
         rgb, logits = self.decoder(slots)
         masks = logits.softmax(dim=1)                                      # m_i, softmax over slots
         recon = (masks * rgb).sum(dim=1)                                   # I_hat = sum_i m_i I_i
         loss = F.mse_loss(recon, x)
         return dict(loss=loss, recon=(recon + 1) / 2, masks=masks.squeeze(2), slots=slots,
                     attn=attn, rgb=(rgb + 1) / 2)
+
+    def _transformer(self, x, slots, attn, tau):
+        """App. A.1: z = f_dVAE(I); o_l = g(s; z_<l); L = ||g_dVAE(z) - I||^2 + sum_l CE(z_l, o_l)."""
+        B = x.shape[0]
+        log_probs = self.dvae.encode(x)                                    # [B,V,h,w]
+        if self.training:                                                  # relaxed sample for the dVAE
+            z_soft = F.gumbel_softmax(log_probs, tau=tau, hard=False, dim=1)
+            # the transformer's targets are a second, hard sample, detached (official code)
+            tokens = F.gumbel_softmax(log_probs, tau=tau, hard=True, dim=1).detach().argmax(1)
+        else:                                                              # deterministic evaluation
+            z_soft = (log_probs / tau).softmax(dim=1)
+            tokens = log_probs.argmax(1)
+        recon = self.dvae.decode(z_soft)
+        loss_dvae = (recon - x).pow(2).sum() / B                           # L_dVAE (sum / B, official)
+        tokens = tokens.flatten(1)                                         # [B,L], row-major patches
+        logits = self.decoder(tokens, slots)                               # [B,L,V]
+        loss_ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum") / B  # L_CE
+        return dict(loss=loss_dvae + loss_ce, loss_dvae=loss_dvae, loss_ce=loss_ce, recon=recon, tokens=tokens,
+                    masks=self._attn_masks(attn), slots=slots, attn=attn)
+
+    @torch.no_grad()
+    def reconstruct(self, slots):
+        """Image from slots [B,K,D] (transformer): tokens decoded autoregressively (greedy), then the
+        dVAE decoder. Returns [B,3,H,W] in [0,1] (clamped). One transformer pass per token."""
+        h = self.cfg.image_size // 4
+        tokens = self.decoder.generate(slots, self.num_tokens)
+        z = F.one_hot(tokens, self.cfg.vocab_size).float().transpose(1, 2).reshape(-1, self.cfg.vocab_size, h, h)
+        return self.dvae.decode(z).clamp(0, 1)
+
+    @torch.no_grad()
+    def query_attention(self, images):
+        """Attention of the learned initial queries (no iteration, no noise) over the image, softmax
+        over slots: [B,K,H,W] in [0,1]. The concept-binding maps of Sec. 5.4 / Fig. 4."""
+        x = self._inputs(images)
+        inputs = self.slot_attention.norm_inputs(self.encoder(x))
+        k = self.slot_attention.to_k(inputs)
+        q = self.slot_attention.to_q(self.slot_attention.norm_slots(self.initial_slots(x.shape[0])))
+        attn = (torch.einsum("bkd,bnd->bkn", q, k) * self.slot_attention.scale).softmax(dim=1)
+        return self._attn_masks(attn)
 
 
 # -----------------------------------------------------------------------------
@@ -380,7 +651,10 @@ def convert_official_state_dict(state_dict):
 
 def load_official(model, path):
     """Load an official BO-QSA checkpoint into `model` (strict). Exits with a message on mismatch."""
-    sd = convert_official_state_dict(load_checkpoint(path, weights_only=False))  # Lightning pickles hparams
+    try:
+        sd = convert_official_state_dict(load_checkpoint(path, weights_only=False))  # Lightning pickles hparams
+    except KeyError as e:
+        fail(f"{path}: {e.args[0]}; only official mixture-decoder checkpoints can be converted")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         fail(f"{path}: does not match this config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
@@ -416,13 +690,37 @@ def train_loader(cfg, ddp, start_step):
                                        persistent_workers=cfg.num_workers > 0)
 
 
+FOREGROUND = ("birds", "dogs", "cars", "flowers")       # Tab. 5: foreground IoU / Dice
+REAL_OBJECTS = ("ycb", "scannet", "coco")               # Tab. 4: AP / PQ / precision / recall (Yang & Yang 2022)
+
+
+def batch_metrics(dataset, true, masks):
+    """Per-image metrics of one batch: dict of float64 tensors [B].
+
+    true [B,H,W] int (0 = background), masks [B,K,H,W] slot masks (softmax over slots).
+    Foreground datasets (Tab. 5): "iou", "dice" of the slot mask (one-hot argmax over slots)
+    that best matches the true foreground (common.fg_iou_dice: the best slot is taken separately
+    for IoU and Dice, as the official code does; the paper words it as the slot with the largest
+    intersection, Sec. 5.2). Other datasets: common.segmentation_metrics on argmax + 1.
+    """
+    if dataset in FOREGROUND:
+        iou, dice = fg_iou_dice(true, masks)
+        return {"iou": iou, "dice": dice}
+    return segmentation_metrics(true, masks.argmax(dim=1).cpu() + 1)
+
+
 @torch.no_grad()
 def evaluate(model, cfg, device, num_items=0, image_path=None):
-    """Metrics on the test split: dict of means (ARI, ARI-FG, MSC-FG, mIoU, MSE).
+    """Metrics on the test split: dict of means.
 
+    Synthetic sets: ARI, ARI-FG, MSC-FG, mIoU. Birds / Dogs / Cars / Flowers: IoU and Dice
+    (batch_metrics). YCB / ScanNet / COCO: AP, PQ, precision, recall over the whole split
+    (common.ObjectSegMetrics; confidence = the max slot probability per pixel, official code).
     MSE is the per-image sum of squared errors over C,H,W with images in [0,1] (ClevrTex
     convention); `mse_paper` is BO-QSA's F.mse_loss * H * W in [-1,1] (REFERENCE.md, Metrics).
-    Datasets without instance masks report MSE only.
+    Transformer decoder: MSE of the slots' autoregressive reconstruction on the first
+    cfg.recon_items images, and `mse_dvae` of the dVAE's own reconstruction on all of them.
+    Datasets without instance masks report MSE only. Writes the PNG grid to `image_path`.
     """
     model.eval()
     ds = load_dataset(cfg, "test")
@@ -430,32 +728,93 @@ def evaluate(model, cfg, device, num_items=0, image_path=None):
     if num_items and num_items < len(ds):
         ds = torch.utils.data.Subset(ds, range(num_items))
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 2))
-    sums, first = {}, None
+    sums, first, n_recon = {}, None, 0
+    objects = ObjectSegMetrics() if cfg.dataset in REAL_OBJECTS else None
+    transformer = cfg.decoder == "transformer"
     if not has_masks:
         print(f"{cfg.dataset}: no instance masks present in {cfg.data_dir or 'the dataset'}; reporting MSE only")
     for batch in loader:
         images = batch["image"].to(device)
         out = model(images)
-        pred = out["masks"].argmax(dim=1).cpu() + 1                        # slot index + 1 per pixel
-        m = {"mse": mse(images.cpu(), out["recon"].cpu()),
-             "mse_paper": ((out["recon"] - images) * 2).pow(2).mean(dim=(1, 2, 3)).cpu() * images.shape[-1] * images.shape[-2]}
+        recon, m = out["recon"], {}
+        if transformer:
+            m["mse_dvae"] = mse(images.cpu(), recon.cpu())
+            n = max(0, min(images.shape[0], cfg.recon_items - n_recon))    # autoregressive: a pass per token
+            recon = model.reconstruct(out["slots"][:n]) if n > 0 else None
+            images_r, n_recon = images[:n], n_recon + n
+            out["ar_recon"] = recon
+        else:
+            images_r = images
+        if recon is not None and recon.shape[0]:
+            m["mse"] = mse(images_r.cpu(), recon.cpu())
+            m["mse_paper"] = ((recon - images_r) * 2).pow(2).mean(dim=(1, 2, 3)).cpu() * images.shape[-1] * images.shape[-2]
         if "mask" in batch:
-            m.update(segmentation_metrics(batch["mask"], pred))
+            if objects is not None:
+                masks = out["masks"].cpu()
+                objects.update(batch["mask"], masks.argmax(1), masks.max(1).values)
+            else:
+                m.update(batch_metrics(cfg.dataset, batch["mask"], out["masks"].cpu()))
         for k, v in m.items():
             sums.setdefault(k, []).append(v.double())
         if first is None:
-            first = (images.cpu(), out, pred, batch.get("mask"))
+            first = (images.cpu(), out, out["masks"].argmax(dim=1).cpu() + 1, batch.get("mask"))
     model.train()
     if image_path and first is not None:
-        images, out, pred, true = first
-        save_slot_grid(image_path, images, out["recon"].cpu().clamp(0, 1), pred, true,
-                       (out["masks"].unsqueeze(2) * out["rgb"]).cpu().clamp(0, 1))
-    return {k: nanmean(torch.cat(v)) for k, v in sums.items()}
+        save_samples(image_path, cfg, *first)
+    metrics = {k: nanmean(torch.cat(v)) for k, v in sums.items()}
+    if objects is not None and has_masks:
+        metrics.update(objects.compute())
+    return metrics
+
+
+def save_samples(path, cfg, images, out, pred, true=None):
+    """PNG grid: input, reconstruction(s), predicted / true segmentation, one row per slot."""
+    if cfg.decoder == "mixture":
+        return save_slot_grid(path, images, out["recon"].cpu().clamp(0, 1), pred, true,
+                              (out["masks"].unsqueeze(2) * out["rgb"]).cpu().clamp(0, 1))
+    rows = [("input", images), ("dVAE recon", out["recon"].cpu().clamp(0, 1))]
+    if out.get("ar_recon") is not None and out["ar_recon"].shape[0]:
+        rows.append(("recon", out["ar_recon"].cpu()))                         # tokens sampled from slots
+    rows.append(("pred seg", labels_to_rgb(pred)))
+    if true is not None:
+        rows.append(("true seg", labels_to_rgb(true)))
+    m = out["masks"].cpu().unsqueeze(2)
+    rows += [(f"slot {k}", (m[:, k] * images + 1 - m[:, k]).clamp(0, 1)) for k in range(m.shape[1])]  # official
+    return save_image_grid(path, rows)
+
+
+def save_concept_maps(model, cfg, device, path, num_images=8):
+    """Sec. 5.4 / Fig. 4: each learned query's attention over `num_images` test images, one row per
+    query (white = attended), as a PNG grid. Returns the maps [B,K,H,W]."""
+    ds = load_dataset(cfg, "test")
+    ds = torch.utils.data.Subset(ds, range(min(num_images, len(ds))))
+    images = next(iter(torch.utils.data.DataLoader(ds, batch_size=num_images)))["image"].to(device)
+    maps = model.eval().query_attention(images).cpu()
+    rows = [("input", images.cpu())] + [(f"query {k}", maps[:, k:k + 1]) for k in range(maps.shape[1])]
+    save_image_grid(path, rows, max_images=num_images)
+    return maps
 
 
 def format_metrics(m):
-    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "miou": "mIoU", "ari": "ARI", "mse": "MSE", "mse_paper": "MSE(paper)"}
+    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "miou": "mIoU", "ari": "ARI", "mse": "MSE", "mse_paper": "MSE(paper)",
+             "mse_dvae": "MSE(dVAE)", "iou": "IoU", "dice": "Dice", "ap": "AP", "pq": "PQ", "precision": "Pre",
+             "recall": "Rec"}
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
+
+
+def param_groups(model, cfg):
+    """Adam parameter groups (Tab. 12): "dvae" at lr_dvae without warmup, "main" (the rest) at lr."""
+    dvae = [p for n, p in model.named_parameters() if n.startswith("dvae.")]
+    main = [p for n, p in model.named_parameters() if not n.startswith("dvae.")]
+    return ([dict(params=dvae, lr=cfg.lr_dvae, name="dvae")] if dvae else []) + [dict(params=main, lr=cfg.lr, name="main")]
+
+
+def group_lr(name, step, cfg):
+    """Learning rate of a parameter group: dVAE lr_dvae * 0.5 ** (step / decay_steps) (no warmup,
+    official code); main lr * lr_factor (warmup + decay, Tab. 11 / 12)."""
+    if name == "dvae":
+        return cfg.lr_dvae * 0.5 ** (step / cfg.decay_steps)
+    return cfg.lr * lr_factor(step, cfg)
 
 
 def train(cfg):
@@ -468,14 +827,15 @@ def train(cfg):
         fail(f"--batch_size={cfg.batch_size} must be divisible by the number of processes {ddp.world_size}")
 
     model = BOQSA(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(param_groups(model, cfg))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, ckpt = 0, None
     if cfg.resume and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        for key in ("num_slots", "slot_dim", "image_size", "init", "hid_dim"):
-            if ckpt["config"][key] != getattr(cfg, key):
-                fail(f"{ckpt_path} was trained with --{key}={ckpt['config'][key]}, not {getattr(cfg, key)}; "
+        for key in ("decoder", "num_slots", "slot_dim", "image_size", "init", "hid_dim", "vocab_size", "d_model"):
+            saved = ckpt["config"].get(key, getattr(Config(), key))
+            if saved != getattr(cfg, key):
+                fail(f"{ckpt_path} was trained with --{key}={saved}, not {getattr(cfg, key)}; "
                      f"use another --out_dir or --resume=false")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -510,9 +870,11 @@ def train(cfg):
     while step < cfg.max_steps:
         images = next(data_iter)["image"].to(device, non_blocking=True)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)                    # Tab. 11 schedule
+            group["lr"] = group_lr(group.get("name", "main"), step, cfg)  # Tab. 11 / 12 schedules
         sigma = sigma_schedule(step, cfg.sigma_steps)                      # App. A.3.1
-        loss = model(images, sigma=sigma)["loss"]
+        tau = tau_schedule(step, cfg.tau_steps, cfg.tau_start, cfg.tau_final)  # Tab. 12 (transformer)
+        out = model(images, sigma=sigma, tau=tau)
+        loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # Tab. 11: clip at 1.0
@@ -523,7 +885,10 @@ def train(cfg):
             dt, t0 = time.time() - t0, time.time()
             img_s = cfg.log_interval * cfg.batch_size / dt
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}", sigma=f"{sigma:.2f}")
-            log.log(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], sigma=sigma, img_per_s=img_s)
+            parts = {k: out[k].item() for k in ("loss_dvae", "loss_ce") if k in out}
+            if parts:
+                parts["tau"] = tau
+            log.log(step, loss=loss.item(), lr=optimizer.param_groups[-1]["lr"], sigma=sigma, img_per_s=img_s, **parts)
         if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and ddp.is_main:
             save_and_evaluate()
     bar.close()
@@ -553,15 +918,25 @@ def load_for_inference(cfg, device):
     return model.eval()
 
 
-def checkpoint_config(cfg):
-    """Copy the model settings saved in the checkpoint into cfg so --eval_only needs no flags."""
+_MODEL_KEYS = ("decoder", "num_slots", "slot_dim", "mlp_dim", "hid_dim", "enc_strides", "dec_strides", "dec_init_size",
+               "init", "iters", "attn_eps", "image_size", "vocab_size", "dvae_hid", "dvae_kernel", "d_model",
+               "dec_layers", "dec_heads", "tau_final")
+
+
+def checkpoint_config(cfg, explicit=()):
+    """Copy the model settings saved in the checkpoint into cfg so --eval_only needs no flags.
+
+    The dataset may differ from the training one (zero-shot transfer, Tab. 8, 15): the images are
+    then loaded at the checkpoint's image size. Keys in `explicit` keep the command line's value;
+    only --iters may differ from training (Fig. 2: test-time iterations), the others are model shape.
+    """
     path = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
     if os.path.exists(path):
         saved = load_checkpoint(path, weights_only=not cfg.init_from).get("config")
         if saved:
-            for key in ("num_slots", "slot_dim", "mlp_dim", "hid_dim", "enc_strides", "dec_strides",
-                        "dec_init_size", "init", "iters", "attn_eps", "image_size"):
-                setattr(cfg, key, type(getattr(cfg, key))(saved[key]))
+            for key in _MODEL_KEYS:
+                if key in saved and not (key == "iters" and key in explicit):
+                    setattr(cfg, key, type(getattr(cfg, key))(saved[key]))
     return cfg
 
 
@@ -597,13 +972,17 @@ def predict(cfg, device):
 def main(argv=None):
     cfg = build_config(argv)
     if cfg.eval_only or cfg.predict:
-        cfg = checkpoint_config(cfg)
+        cfg = checkpoint_config(cfg, explicit_flags(argv))
         device = get_device(cfg.device)
         if cfg.predict:
             return predict(cfg, device)
         model = load_for_inference(cfg, device)
+        if cfg.concept_maps:
+            path = os.path.join(cfg.out_dir, f"concept_maps_{cfg.dataset}.png")
+            save_concept_maps(model, cfg, device, path)
+            print(f"wrote the queries' attention maps to {path}")
         metrics = evaluate(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
-        print(f"{cfg.dataset} test: {format_metrics(metrics)}")
+        print(f"{cfg.dataset} test ({cfg.iters} slot-attention iterations): {format_metrics(metrics)}")
         return metrics
     train(cfg)
 

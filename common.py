@@ -7,7 +7,7 @@ scikit-learn, Pillow and tqdm only). Metric conventions follow
 Contents
 --------
 1. Metrics (per image, computed on CPU with numpy / sklearn / scipy)
-   ari, miou, msc, mse, fg_iou_dice, segmentation_metrics, nanmean
+   ari, miou, msc, mse, fg_iou_dice, segmentation_metrics, nanmean, ObjectSegMetrics (AP/PQ/Pre/Rec)
 2. Config / CLI (nanoGPT style `--key=value` overrides of a dataclass)
    parse_args, apply_overrides, config_to_dict, ConfigError
 3. Runtime
@@ -260,6 +260,79 @@ def fg_iou_dice(true_fg, slot_masks) -> tuple[torch.Tensor, torch.Tensor]:
     denom = fg_area + slot_area
     dice = torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.zeros_like(inter))
     return iou.max(1).values, dice.max(1).values
+
+
+class ObjectSegMetrics:
+    """Unsupervised multi-object segmentation metrics of Yang & Yang (2022): AP@0.5, PQ, precision,
+    recall (BO-QSA Tab. 4, 8, 14; the official BO-QSA `Segmentation_Metrics_Calculator`).
+
+    Dataset-level: call `update` per batch, then `compute`. Per image:
+      1. valid = conf > 0.5 (confident pixels). A predicted segment (its valid pixels) whose IoU
+         with the true background is >= 0.5 is the predicted background and is dropped.
+      2. True objects = labels > 0; predicted objects = the remaining labels on the remaining
+         valid pixels. IoU matrix [G, P]; Hungarian matching maximising IoU (scipy). An object's
+         score is the IoU with its match (0 if unmatched); TP = predictions with score >= 0.5,
+         FP = P - TP, FN = G - TP. A prediction's confidence = mean conf over its pixels.
+    Over the dataset: precision = TP / (TP + FP), recall = TP / (TP + FN),
+    PQ = sum of TP IoUs / (TP + FP/2 + FN/2), AP@0.5 = area under the precision-recall curve of
+    all predictions ranked by confidence (recall denominator = all true objects; COCO-style
+    monotone precision envelope). Empty denominators give 0.0.
+
+    update(true [B,H,W] int (0 = background), pred [B,H,W] int (any ids), conf [B,H,W] float in
+    [0,1], e.g. the max slot probability; None = all 1). Raises ValueError on shape mismatch.
+    compute() -> dict(ap, pq, precision, recall) of Python floats in [0, 1].
+    """
+
+    def __init__(self):
+        self.tp = self.fp = self.fn = 0
+        self.tp_iou = 0.0
+        self.scores, self.confs = [], []     # per prediction: matched IoU, confidence
+
+    def update(self, true, pred, conf=None) -> None:
+        true = torch.as_tensor(true).detach().cpu().numpy()
+        pred = torch.as_tensor(pred).detach().cpu().numpy()
+        conf = np.ones(pred.shape) if conf is None else torch.as_tensor(conf).detach().cpu().double().numpy()
+        if true.shape != pred.shape or pred.shape != conf.shape or true.ndim != 3:
+            raise ValueError(f"expected true, pred, conf [B, H, W], got {true.shape}, {pred.shape}, {conf.shape}")
+        for t, p, c in zip(true, pred, conf):
+            valid = c > 0.5
+            bg = t == 0
+            for label in np.unique(p[valid]):                  # drop the predicted background
+                seg = (p == label) & valid
+                inter = (seg & bg).sum()
+                if inter / (seg.sum() + bg.sum() - inter + 1e-6) >= 0.5:
+                    valid &= ~seg
+            gts = [t == g for g in np.unique(t[t > 0])]
+            preds = [(p == q) & valid for q in np.unique(p[valid])]
+            iou = np.zeros((len(gts), len(preds)))
+            for i, g in enumerate(gts):
+                for j, q in enumerate(preds):
+                    inter = (g & q).sum()
+                    iou[i, j] = inter / (g.sum() + q.sum() - inter + 1e-6)
+            score = np.zeros(len(preds))
+            if iou.size:
+                rows, cols = linear_sum_assignment(iou, maximize=True)
+                score[cols] = iou[rows, cols]
+            tp = int((score >= 0.5).sum())
+            self.tp, self.fp, self.fn = self.tp + tp, self.fp + len(preds) - tp, self.fn + len(gts) - tp
+            self.tp_iou += float(score[score >= 0.5].sum())
+            self.scores += score.tolist()
+            self.confs += [float(c[q].mean()) for q in preds]
+
+    def compute(self) -> dict[str, float]:
+        div = lambda a, b: float(a / b) if b > 0 else 0.0            # noqa: E731
+        order = np.argsort(-np.asarray(self.confs), kind="stable")
+        hit = np.asarray(self.scores)[order] >= 0.5
+        n_true = self.tp + self.fn
+        prec = np.cumsum(hit) / np.arange(1, len(hit) + 1)
+        rec = np.cumsum(hit) / max(n_true, 1)
+        mrec = np.concatenate([[0.0], rec, [1.0]])
+        mprec = np.concatenate([[0.0], prec, [0.0]])
+        mprec = np.maximum.accumulate(mprec[::-1])[::-1]             # monotone precision envelope
+        i = np.nonzero(mrec[1:] != mrec[:-1])[0]
+        ap = float(np.sum((mrec[i + 1] - mrec[i]) * mprec[i + 1])) if n_true else 0.0
+        return dict(ap=ap, pq=div(self.tp_iou, self.tp + 0.5 * self.fp + 0.5 * self.fn),
+                    precision=div(self.tp, self.tp + self.fp), recall=div(self.tp, self.tp + self.fn))
 
 
 def segmentation_metrics(true, pred) -> dict[str, torch.Tensor]:

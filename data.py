@@ -13,6 +13,7 @@ Names (see DATASETS for download sources and layouts, and the table in README.md
     clevrtex, clevrtex_ood, clevrtex_camo   ClevrTex PNG trees (full / outd / camo variants)
     movi_a           Kubric MOVi-A TFDS shards (TFRecord of PNG frames) or Kubric PNG sequences
     birds, dogs, cars, flowers   single-object foreground datasets (DRC / BO-QSA release layouts)
+    ycb, scannet, coco           multi-object real images of Yang & Yang 2022 (BO-QSA Tab. 4)
 
 Also here, with no TensorFlow or protobuf dependency:
     read_tfrecord / write_tfrecord   TFRecord files (none/GZIP/ZLIB), masked CRC32C checked
@@ -1656,6 +1657,78 @@ class Flowers(Foreground):
 
 
 # -----------------------------------------------------------------------------
+# multi-object real-image sets of Yang & Yang (2022) (YCB, ScanNet, COCO), as used by BO-QSA Tab. 4
+
+class YangYang(_Base):
+    """YCB / ScanNet / COCO variants of Yang & Yang (2022); items "image" [3,H,W], "mask" [H,W].
+
+    Layout (the authors' release, read by the official BO-QSA loaders): {root}/{train,test}/image/*.png
+    and {root}/{train,test}/mask/<same name>.png, 128x128. A mask is a one-channel PNG (L or palette)
+    whose pixel values are object ids, 0 = background (`np.array(Image.open(f))`; never converted to
+    RGB; of an RGB mask the first channel is used, as the official code does). Train images without
+    a mask file come without "mask". There is no val split (the official code validates on test,
+    which we do not copy): split "val" raises DatasetError. Resize: BILINEAR image, NEAREST mask.
+    """
+    name = "ycb"
+
+    def __init__(self, split="train", root=None, image_size=None, max_items=None):
+        _check_split(self.name, split)
+        self.split, self.image_size = split, _size2(image_size, 128)
+        layout = DATASETS[self.name].layout
+        if split == "val":
+            raise DatasetError(f"{self.name}: the release has only train/ and test/ (no val split); use "
+                               f"split train or test")
+        root = _need_root(self.name, root, layout)
+        folder = os.path.join(root, split, "image")
+        if not os.path.isdir(folder):
+            raise DatasetError(f"{self.name}: expected {layout} in {root} (no {folder}; {root} {_describe(root)}); "
+                               f"{_hint(self.name)}")
+        self.files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
+        if not self.files:
+            raise DatasetError(f"{self.name}: found 0 {split} images (*.png) in {folder}; {_hint(self.name)}")
+        if max_items is not None:
+            self.files = self.files[:max_items]
+        self.root = root
+        mask_dir = os.path.join(root, split, "mask")
+        self.has_masks = all(os.path.isfile(os.path.join(mask_dir, f)) for f in self.files)
+        if split == "test" and not self.has_masks:
+            raise DatasetError(f"{self.name}: expected a mask for every test image in {mask_dir} "
+                               f"(same file names as {folder})")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        name = self.files[index]
+        img = _rgb(_open_image(os.path.join(self.root, self.split, "image", name)))
+        mask = None
+        if self.has_masks:
+            mp = os.path.join(self.root, self.split, "mask", name)
+            mask = np.asarray(_open_image(mp))
+            mask = mask[..., 0] if mask.ndim == 3 else mask
+            if mask.shape != img.shape[:2]:
+                raise DatasetError(f"{self.name}: mask {mp} is {mask.shape[1]}x{mask.shape[0]}, image is "
+                                   f"{img.shape[1]}x{img.shape[0]}")
+            mask = _resize_labels(mask.astype(np.int64), self.image_size)
+        return _item(_resize_rgb(img, self.image_size), mask)
+
+
+class YCB(YangYang):
+    __doc__ = YangYang.__doc__
+    name = "ycb"
+
+
+class ScanNet(YangYang):
+    __doc__ = YangYang.__doc__
+    name = "scannet"
+
+
+class COCO(YangYang):
+    __doc__ = YangYang.__doc__
+    name = "coco"
+
+
+# -----------------------------------------------------------------------------
 # registry
 
 @dataclass
@@ -1717,6 +1790,15 @@ DATASETS = {i.name: i for i in [
                 "102segmentations.tgz, setid.mat)",
                 "jpg/image_NNNNN.jpg, segmim/segmim_NNNNN.jpg, setid.mat; or images/ + masks/", True, False, 128,
                 Flowers),
+    DatasetInfo("ycb", "Yang & Yang 2022 release (https://github.com/vLAR-group/UnsupervisedMultiObjectSegmentation, "
+                "dataset links in its README)", "{train,test}/image/*.png + {train,test}/mask/*.png (object ids, 0 = "
+                "background)", True, False, 128, YCB),
+    DatasetInfo("scannet", "Yang & Yang 2022 release (https://github.com/vLAR-group/UnsupervisedMultiObjectSegmentation, "
+                "dataset links in its README)", "{train,test}/image/*.png + {train,test}/mask/*.png (object ids, 0 = "
+                "background)", True, False, 128, ScanNet),
+    DatasetInfo("coco", "Yang & Yang 2022 release (https://github.com/vLAR-group/UnsupervisedMultiObjectSegmentation, "
+                "dataset links in its README)", "{train,test}/image/*.png + {train,test}/mask/*.png (object ids, 0 = "
+                "background)", True, False, 128, COCO),
 ]}
 
 

@@ -1,4 +1,4 @@
-"""The test suite: data.py, common.py, boqsa.py (run: python -m pytest -q test_all.py).
+"""The test suite: data.py, common.py, boqsa.py, mincut_ocl.py, ast_seg.py (run: python -m pytest -q test_all.py).
 
 Tests assert behaviour against independent references: sklearn / hand-computed metrics, files
 written here in each dataset's original format, the real samples in ../shared/data/real, a
@@ -32,6 +32,36 @@ from common import (CheckpointError, MetricsLog, ari, fg_iou_dice, miou, msc, ms
                     nanmean, parse_args, segmentation_metrics)
 import boqsa
 from boqsa import BOQSA, Config, SlotAttention, convert_official_state_dict
+
+# imports of the mincut_ocl / boqsa-extension / ast_seg sections
+import scipy.fft
+import scipy.sparse.linalg
+import mincut_ocl as mc
+import itertools
+import scipy.sparse
+import torch.nn as nn
+import ast_seg
+from scipy.optimize import (linear_sum_assignment)
+from mincut_ocl import (CoraConfig, EdgeWeightNet, MatchingQP, chain_matchings, grow_partition,
+    hungarian_slot_matching, load_cora, lp_matching, lp_value, make_cora_instances, matching_value,
+    qp_slot_matching, relabel_video, run_cora, save_matching_figure, split_max_crossing, track_and_score,
+    train_edge_net, evaluate_video_tracking, video_ari)
+from common import (ObjectSegMetrics)
+from ast_seg import (ASTSeg, Background, build_config, composite, convert_official_state_dict as
+    ast_convert_official_state_dict, convert_segformer_key, glimpse_generator, pixel_entropy_loss,
+    reconstruction_loss, soft_argmax_pool, split_latents, stn_place)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models and tensors: one intra-op thread (on a busy 2-core machine thread wake-ups cost ~10 ms
+    per op) and no denormals (they made CPU steps many times slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_num_threads(n)
+    torch.set_flush_denormal(False)
 
 
 # =============================================================================
@@ -1432,3 +1462,1465 @@ def test_boqsa_ddp_two_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
     assert os.listdir(out).count("ckpt.pt") == 1
+
+
+# =============================================================================
+# mincut_ocl.py: the s-t cut QP layer and the k-partition model (issue 3)
+# =============================================================================
+FIELDS = ("p", "p_s", "p_t", "d_s", "d_t", "d_grid")
+GAMMA, SEP = 0.5, 10.0
+
+
+# ---------------------------------------------------------------------------
+# an independent reference: the QP of the issue built edge by edge, solved from its KKT system (eq. 5)
+
+def reference_qp(w, gamma=GAMMA):
+    """w: numpy [6,H,W]. Returns dict of the fields of CutSolution (numpy), from the full KKT matrix."""
+    _, H, W = w.shape
+    node = {"s": 0, "t": 1}
+    for i in range(H):
+        for j in range(W):
+            node[(i, j)] = 2 + i * W + j
+    edges = []                                                  # (tail, head, weight, (channel, i, j))
+    for i in range(H):
+        for j in range(W):
+            edges.append(("s", (i, j), w[0, i, j], (0, i, j)))
+            edges.append(((i, j), "t", w[1, i, j], (1, i, j)))
+            for ch, (di, dj) in zip(range(2, 6), [(1, 0), (0, 1), (-1, 0), (0, -1)]):
+                if 0 <= i + di < H and 0 <= j + dj < W:
+                    edges.append(((i, j), (i + di, j + dj), w[ch, i, j], (ch, i, j)))
+    n_nodes, E = H * W + 2, len(edges)
+    n = n_nodes + 2 * E                                         # nodes, d, slack
+    A = np.zeros((E + 1, n))
+    b = np.zeros(E + 1)
+    c = np.zeros(n)
+    for e, (u, v, weight, _) in enumerate(edges):
+        A[e, n_nodes + e] = 1.0                                 # d_uv
+        A[e, node[u]] -= 1.0                                    # - p_u
+        A[e, node[v]] += 1.0                                    # + p_v
+        A[e, n_nodes + E + e] = -1.0                            # - slack_uv
+        c[n_nodes + e] = weight
+    A[E, 0], A[E, 1], b[E] = 1.0, -1.0, SEP                     # p_s - p_t = 10
+    K = np.block([[gamma * np.eye(n), A.T], [A, np.zeros((E + 1, E + 1))]])
+    sol = np.linalg.solve(K, np.r_[-c, b])                      # gamma x + A^T lam = -c, A x = b
+    x = sol[:n]
+    d = np.zeros((6, H, W))
+    for e, (_, _, _, pos) in enumerate(edges):
+        d[pos] = x[n_nodes + e]
+    return dict(p=x[2:n_nodes].reshape(H, W), p_s=x[0], p_t=x[1], d_s=d[0], d_t=d[1], d_grid=d[2:],
+                slack=x[n_nodes + E:], A=A, x=x)
+
+
+def solve(w, solver, **kw):
+    H, W = w.shape[-2:]
+    return mc.STCutQP(H, W, gamma=GAMMA, solver=solver, **kw)(w)
+
+
+# ---------------------------------------------------------------------------
+# QP layer
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (8, 8)])
+def test_solvers_agree_with_independent_kkt(shape):
+    torch.manual_seed(0)
+    w = torch.rand(3, 6, *shape, dtype=torch.float64) * 2
+    refs = [reference_qp(w[i].numpy()) for i in range(3)]
+    for solver in ("dense", "sparse", "dct"):
+        out = solve(w, solver)
+        for f in FIELDS:
+            got = getattr(out, f)
+            assert got.dtype == torch.float64 and got.shape[0] == 3
+            want = np.stack([r[f] for r in refs])
+            np.testing.assert_allclose(got.numpy(), want, atol=1e-8, rtol=0, err_msg=f"{solver} {f}")
+
+
+def test_constraints_hold():
+    torch.manual_seed(1)
+    w = torch.rand(2, 6, 5, 7, dtype=torch.float64)
+    for solver in ("dense", "sparse", "dct"):
+        out = solve(w, solver)
+        np.testing.assert_allclose((out.p_s - out.p_t).numpy(), SEP, atol=1e-10)
+        # slack from stationarity (slack = lam / gamma, d = -(c + lam) / gamma) -> slack = -(d + c / gamma);
+        # edge row d_uv - p_u + p_v - slack_uv = 0 becomes 2 d_uv + c_uv / gamma = p_u - p_v
+        p = out.p
+        res_s = 2 * out.d_s + w[:, 0] / GAMMA - (out.p_s[:, None, None] - p)
+        res_t = 2 * out.d_t + w[:, 1] / GAMMA - (p - out.p_t[:, None, None])
+        res_down = 2 * out.d_grid[:, 0, :-1] + w[:, 2, :-1] / GAMMA - (p[:, :-1] - p[:, 1:])
+        res_left = 2 * out.d_grid[:, 3, :, 1:] + w[:, 5, :, 1:] / GAMMA - (p[:, :, 1:] - p[:, :, :-1])
+        for r in (res_s, res_t, res_down, res_left):
+            assert r.abs().max() < 1e-9, solver
+        # edges leaving the image are zero, whatever their weight
+        assert out.d_grid[:, 0, -1].abs().max() == 0 and out.d_grid[:, 1, :, -1].abs().max() == 0
+        assert out.d_grid[:, 2, 0].abs().max() == 0 and out.d_grid[:, 3, :, 0].abs().max() == 0
+    # the full reference solution satisfies A x = b
+    ref = reference_qp(w[0].numpy())
+    assert np.abs(ref["A"] @ ref["x"] - np.r_[np.zeros(ref["A"].shape[0] - 1), SEP]).max() < 1e-10
+
+
+@pytest.mark.parametrize("solver", ["dct", "sparse"])
+def test_gradcheck(solver):
+    torch.manual_seed(2)
+    w = torch.rand(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    qp = mc.STCutQP(3, 4, gamma=GAMMA, solver=solver)
+    f = lambda w: tuple(getattr(qp(w), k) for k in FIELDS)    # noqa: E731
+    assert torch.autograd.gradcheck(f, (w,))
+
+
+def test_custom_backward_matches_dense_autograd():
+    torch.manual_seed(3)
+    w = torch.rand(2, 6, 4, 5, dtype=torch.float64)
+    coef = [torch.randn_like(getattr(solve(w, "dense"), f)) for f in FIELDS]
+    grads = {}
+    for solver in ("dense", "sparse", "dct"):
+        wi = w.clone().requires_grad_(True)
+        out = solve(wi, solver)
+        sum((getattr(out, f) * c).sum() for f, c in zip(FIELDS, coef)).backward()
+        grads[solver] = wi.grad
+    for solver in ("sparse", "dct"):
+        torch.testing.assert_close(grads[solver], grads["dense"], atol=1e-10, rtol=0)
+    # grid edges that leave the image get no gradient
+    assert grads["dct"][:, 2, -1].abs().max() == 0 and grads["dct"][:, 5, :, 0].abs().max() == 0
+
+
+def test_dct_float32_matches_float64_at_64x64():
+    torch.manual_seed(4)
+    w = torch.rand(4, 6, 64, 64, dtype=torch.float64) * 3
+    o64, o32 = solve(w, "dct"), solve(w.float(), "dct")
+    for f in FIELDS:
+        a, b = getattr(o64, f), getattr(o32, f)
+        assert b.dtype == torch.float32
+        rel = (a - b.double()).abs().max() / a.abs().max()
+        assert rel < 1e-5, (f, float(rel))
+
+
+def test_dct_transforms_match_scipy():
+    for n in (1, 2, 5, 8, 9):
+        x = torch.randn(3, n, 4, dtype=torch.float64)
+        np.testing.assert_allclose(mc.dct_ortho(x, 1).numpy(), scipy.fft.dct(x.numpy(), norm="ortho", axis=1),
+                                   atol=1e-12)
+        torch.testing.assert_close(mc.idct_ortho(mc.dct_ortho(x, -1), -1), x)
+
+
+def test_triangular_solve_path_of_the_gpu_solver_on_cpu():
+    """The factor -> (L, U, permutations) -> two triangular solves logic the CuPy path uses, run with SciPy."""
+    lu = mc.sparse_factor(4, 5)
+    fac = mc.triangular_factors(lu)
+    r = np.random.default_rng(0).standard_normal((lu.shape[0], 3))
+    np.testing.assert_allclose(mc.triangular_solve(fac, r, scipy.sparse.linalg.spsolve_triangular), lu.solve(r),
+                               atol=1e-10)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="1024"):
+        mc.STCutQP(33, 32, solver="dense")
+    mc.STCutQP(32, 32, solver="dense")                           # 1024 pixels is allowed
+    with pytest.raises(ValueError, match="solver"):
+        mc.STCutQP(4, 4, solver="cholmod")
+    with pytest.raises(ValueError, match="shape"):
+        mc.STCutQP(4, 4)(torch.rand(2, 6, 4, 5))
+    with pytest.raises(ValueError, match="float"):
+        mc.STCutQP(4, 4)(torch.ones(2, 6, 4, 4, dtype=torch.int64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_sparse_cupy_path_on_gpu():
+    pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x)")
+    torch.manual_seed(5)
+    w = torch.rand(3, 6, 6, 7, dtype=torch.float64, device="cuda", requires_grad=True)
+    out, ref = solve(w, "sparse"), solve(w.detach().cpu(), "dct")
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(out, f).cpu(), getattr(ref, f), atol=1e-8, rtol=0)
+    out.p.sum().backward()
+    wc = w.detach().cpu().requires_grad_(True)
+    solve(wc, "dct").p.sum().backward()
+    torch.testing.assert_close(w.grad.cpu(), wc.grad, atol=1e-8, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# model and CLI
+
+def mc_tiny_config(**kw):
+    base = dict(image_size=16, enc_channels=8, num_slots=3, slot_dim=16, mlp_dim=16, dec_channels=8,
+                dec_strides=(2,), batch_size=4, num_workers=0, eval_items=8, log_interval=1)
+    base.update(kw)
+    return mc.Config(**base)
+
+
+def test_model_forward_shapes_and_ranges():
+    torch.manual_seed(0)
+    cfg = mc_tiny_config()
+    out = mc.MinCutOCL(cfg)(torch.rand(2, 3, 16, 16))
+    assert out["recon"].shape == (2, 3, 16, 16) and out["masks"].shape == (2, 3, 16, 16)
+    assert out["slots"].shape == (2, 3, 16) and out["cut_masks"].shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out["masks"].sum(1), torch.ones(2, 16, 16))
+    torch.testing.assert_close(out["cut_masks"].sum(1), torch.ones(2, 16, 16))
+    assert out["recon"].min() >= 0 and out["recon"].max() <= 1
+    assert out["fg"].min() > 0 and out["fg"].max() < 1
+    assert out["cuts"].p.shape == (2 * 3, 16, 16)
+    torch.testing.assert_close(out["cuts"].p_s - out["cuts"].p_t, torch.full((6,), SEP))
+    with pytest.raises(ValueError, match="16x16"):
+        mc.MinCutOCL(cfg)(torch.rand(2, 3, 32, 32))
+
+
+def test_model_solvers_give_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    cfg = mc_tiny_config(image_size=16, enc_stride=2)               # 8x8 QP grid
+    model = mc.MinCutOCL(cfg).double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    grads = {}
+    for solver in ("dct", "sparse"):
+        model.partition.qp.solver = solver
+        model.zero_grad()
+        loss = model(x)["loss"]
+        loss.backward()
+        grads[solver] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+    assert abs(grads["dct"][0] - grads["sparse"][0]) < 1e-12
+    for a, b in zip(grads["dct"][1], grads["sparse"][1]):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_training_steps_reduce_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = mc.MinCutOCL(mc_tiny_config())
+    ds = data.build_dataset("synthetic", "train", image_size=16)
+    x = torch.stack([ds[i]["image"] for i in range(4)])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_train_writes_checkpoint_metrics_images_and_resumes_exactly(tmp_path):
+    args = ["--image_size=16", "--enc_channels=8", "--num_slots=3", "--slot_dim=16", "--mlp_dim=16",
+            "--dec_channels=8", "--dec_strides=2", "--batch_size=4", "--num_workers=0", "--eval_items=8",
+            "--eval_interval=2", "--log_interval=1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    mc.main(args + [f"--out_dir={a}", "--max_steps=2"])
+    assert os.path.exists(os.path.join(a, "ckpt.pt")) and os.path.exists(os.path.join(a, "samples_0000002.png"))
+    mc.main(args + [f"--out_dir={a}", "--max_steps=4"])              # resumes at step 2
+    mc.main(args + [f"--out_dir={b}", "--max_steps=4"])              # straight through
+    lines = [json.loads(x) for x in open(os.path.join(a, "metrics.jsonl"))]
+    evals = [x for x in lines if "test_ari_fg" in x]
+    assert [x["step"] for x in evals] == [2, 4] and all(np.isfinite(x["test_mse"]) for x in evals)
+    sa = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)
+    sb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)
+    assert sa["step"] == sb["step"] == 4
+    for k in sa["model"]:
+        torch.testing.assert_close(sa["model"][k], sb["model"][k], atol=0, rtol=0)
+    metrics = mc.main(args + [f"--out_dir={a}", "--eval_only"])
+    assert set(metrics) >= {"ari", "ari_fg", "miou", "msc_fg", "mse"}
+
+
+def test_missing_dataset_fails_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        mc.main(["--dataset=clevrtex", f"--data_dir={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'o'}",
+                 "--max_steps=1", "--num_workers=0"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing" in err
+
+
+# =============================================================================
+# mincut_ocl.py: matching QP, Cora, video tracking, pair model (issue 5)
+# =============================================================================
+# -----------------------------------------------------------------------------
+# MatchingQP vs an independent dense KKT solve
+
+def kkt_matching(cost, gamma):
+    """Reference: eq. (7) built edge by edge, solved from the full KKT system (eq. 5) with numpy.
+
+    Variables per edge (i, j) of the complete bipartite graph, then p and s of every node.
+    min c^T z + gamma/2 |z|^2 s.t. A z = 1  <=>  [[gamma I, A^T], [A, 0]] [z; lam] = [-c; 1].
+    """
+    k = cost.shape[0]
+    nodes = [("u", i) for i in range(k)] + [("v", j) for j in range(k)]
+    row = {node: r for r, node in enumerate(nodes)}
+    edges = [(i, j) for i in range(k) for j in range(k)]
+    n = len(edges) + 2 * len(nodes)
+    A = np.zeros((len(nodes), n))
+    c = np.zeros(n)
+    for e, (i, j) in enumerate(edges):
+        A[row[("u", i)], e] = 1
+        A[row[("v", j)], e] = 1
+        c[e] = cost[i, j]
+    for r, node in enumerate(nodes):
+        A[r, len(edges) + r] = 1                 # p_u
+        A[r, len(edges) + len(nodes) + r] = 1    # s_u
+    K = np.block([[gamma * np.eye(n), A.T], [A, np.zeros((len(nodes), len(nodes)))]])
+    sol = np.linalg.solve(K, np.concatenate([-c, np.ones(len(nodes))]))
+    z = sol[:n]
+    return z[:k * k].reshape(k, k), z[k * k:k * k + 2 * k], z[k * k + 2 * k:]
+
+
+@pytest.mark.parametrize("k,gamma", [(1, 0.5), (3, 0.1), (5, 0.5), (12, 0.1)])
+def test_matching_qp_matches_dense_kkt(k, gamma):
+    torch.manual_seed(k)
+    cost = torch.randn(4, k, k, dtype=torch.float64) * 3
+    sol = MatchingQP(k, gamma=gamma).solve(cost)
+    for b in range(cost.shape[0]):
+        d, p, s = kkt_matching(cost[b].numpy(), gamma)
+        np.testing.assert_allclose(sol.d[b].numpy(), d, atol=1e-8, rtol=0)
+        np.testing.assert_allclose(sol.p[b].numpy(), p, atol=1e-8, rtol=0)
+        np.testing.assert_allclose(sol.s[b].numpy(), s, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_matching_qp_constraints_hold(dtype, tol):
+    k = 6
+    torch.manual_seed(1)
+    cost = torch.randn(2, 3, k, k, dtype=dtype)             # extra leading dims are kept
+    qp = MatchingQP(k, gamma=0.5)
+    sol = qp.solve(cost)
+    assert sol.d.shape == (2, 3, k, k) and sol.p.shape == (2, 3, 2 * k) and sol.d.dtype == dtype
+    rows = sol.d.sum(-1) + sol.p[..., :k] + sol.s[..., :k]  # first-set nodes (eq. 7)
+    cols = sol.d.sum(-2) + sol.p[..., k:] + sol.s[..., k:]  # second-set nodes
+    assert torch.allclose(rows, torch.ones_like(rows), atol=tol, rtol=0)
+    assert torch.allclose(cols, torch.ones_like(cols), atol=tol, rtol=0)
+    M = qp(cost)
+    assert M.shape == (2, 3, k, k) and (M >= 0).all()
+    assert torch.allclose(M.sum(-1), torch.ones(2, 3, k, dtype=dtype), atol=tol)
+
+
+def test_matching_qp_gradcheck():
+    k = 3
+    torch.manual_seed(2)
+    cost = torch.randn(2, k, k, dtype=torch.float64, requires_grad=True)
+    qp = MatchingQP(k, gamma=0.3, temperature=0.7)
+    assert torch.autograd.gradcheck(lambda c: qp.solve(c).d, (cost,))
+    assert torch.autograd.gradcheck(lambda c: torch.cat([qp.solve(c).p, qp.solve(c).s], -1), (cost,))
+    assert torch.autograd.gradcheck(qp, (cost,))
+
+
+def test_matching_qp_argmax_equals_hungarian_on_clear_optimum():
+    rng = np.random.default_rng(0)
+    k = 8
+    for trial in range(5):
+        perm = rng.permutation(k)
+        cost = rng.uniform(0, 0.3, size=(k, k))
+        cost[np.arange(k), perm] -= 1.0                     # planted optimum, margin >> noise
+        M = MatchingQP(k)(torch.from_numpy(cost)[None])[0]
+        rows, cols = linear_sum_assignment(cost)
+        assert np.array_equal(M.argmax(-1).numpy()[rows], cols)
+        assert np.array_equal(cols[np.argsort(rows)], perm)
+
+
+def test_matching_qp_factor_cached_in_inference_mode_still_differentiable():
+    qp = MatchingQP(9)                                      # k = 9: no other test warms this cache entry
+    with torch.inference_mode():
+        qp(torch.randn(2, 9, 9))
+    cost = torch.randn(2, 9, 9, requires_grad=True)
+    qp(cost)[:, 0, 0].sum().backward()
+    assert cost.grad is not None and torch.isfinite(cost.grad).all()
+
+
+def test_matching_qp_rejects_wrong_shape():
+    with pytest.raises(ValueError, match="expects costs"):
+        MatchingQP(4).solve(torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError):
+        MatchingQP(4, gamma=0.0)
+
+
+# -----------------------------------------------------------------------------
+# The exact LP of eq. (4)
+
+def test_lp_matching_hand_checked():
+    # greedy would take the 3 at (0, 0) and reach 4; the optimum is (0,1) + (1,0) + (2,2) = 5
+    w = np.array([[3.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    d = lp_matching(-w)
+    np.testing.assert_allclose(d, [[0, 1, 0], [1, 0, 0], [0, 0, 1]], atol=1e-9)
+    # a positive cost is never worth matching: node 2 of each side stays unmatched (p = 1)
+    d = lp_matching(np.array([[-1.0, 2.0], [2.0, 3.0]]))
+    np.testing.assert_allclose(d, [[1, 0], [0, 0]], atol=1e-9)
+    # decision quality: true links covered by the LP matching on the learned costs
+    links = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    assert matching_value(links, -w) == pytest.approx(2.0)
+    assert matching_value(links, -np.eye(3)) == pytest.approx(0.0)
+
+
+# -----------------------------------------------------------------------------
+# Cora pipeline on a small random graph in the LINQS format
+
+def write_cora(root, n_nodes=44, n_words=12, n_edges=90, seed=0):
+    """cora.content / cora.cites in the LINQS format (tab-separated, non-contiguous paper ids)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(10 ** 6, size=n_nodes, replace=False) + 35
+    feats = (rng.random((n_nodes, n_words)) < 0.2).astype(int)
+    edges = set()
+    while len(edges) < n_edges:
+        a, b = rng.integers(0, n_nodes, 2)
+        if a != b and (b, a) not in edges:
+            edges.add((a, b))
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "cora.content"), "w") as f:
+        for i in range(n_nodes):
+            f.write("\t".join([str(ids[i])] + [str(v) for v in feats[i]] + [f"Class_{i % 7}"]) + "\n")
+    with open(os.path.join(root, "cora.cites"), "w") as f:
+        for a, b in sorted(edges):
+            f.write(f"{ids[a]}\t{ids[b]}\n")
+    return ids, feats, edges
+
+
+def test_load_cora_reads_linqs_format(tmp_path):
+    ids, feats, edges = write_cora(tmp_path)
+    x, adj = load_cora(tmp_path)
+    assert x.dtype == np.float32 and x.shape == feats.shape
+    np.testing.assert_array_equal(x, feats)
+    dense = adj.toarray()
+    expected = np.zeros_like(dense)
+    for a, b in edges:
+        expected[a, b] = expected[b, a] = 1
+    np.testing.assert_array_equal(dense, expected)
+
+
+def test_load_cora_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cora.content"):
+        load_cora(tmp_path)
+    ids, _, _ = write_cora(tmp_path)
+    with open(os.path.join(tmp_path, "cora.cites"), "a") as f:
+        f.write(f"{ids[0]}\t999999999\n")
+    with pytest.raises(ValueError, match="cora.cites:.*999999999"):
+        load_cora(tmp_path)
+    os.remove(os.path.join(tmp_path, "cora.cites"))
+    with pytest.raises(FileNotFoundError, match="cora.cites"):
+        load_cora(tmp_path)
+
+
+def test_run_cora_missing_data_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cora(CoraConfig(data_dir=str(tmp_path / "nope"), out_dir=str(tmp_path / "out")))
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "cora.content" in err and "\n" not in err
+
+
+def test_split_max_crossing_finds_bipartition():
+    # complete bipartite K_{4,4} with sides {0,2,4,6} / {1,3,5,7}: the max crossing split is unique
+    adj = np.zeros((8, 8))
+    for a, b in itertools.product([0, 2, 4, 6], [1, 3, 5, 7]):
+        adj[a, b] = adj[b, a] = 1
+    for seed in range(5):
+        left, right = split_max_crossing(adj, np.random.default_rng(seed))
+        assert sorted(map(sorted, [left.tolist(), right.tolist()])) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def test_grow_partition_recovers_cliques():
+    # three 4-cliques on shuffled node ids, joined by single edges: blocks of 4 are exactly the cliques
+    rng = np.random.default_rng(0)
+    label = rng.permutation(np.repeat(np.arange(3), 4))
+    adj = (label[:, None] == label[None, :]).astype(float) - np.eye(12)
+    a, b, c = (np.flatnonzero(label == i)[0] for i in range(3))
+    adj[a, b] = adj[b, a] = adj[b, c] = adj[c, b] = 1
+    parts = grow_partition(scipy.sparse.csr_matrix(adj), 3, 4)
+    assert sorted(sorted(p.tolist()) for p in parts) == sorted(np.flatnonzero(label == i).tolist() for i in range(3))
+
+
+def test_make_cora_instances(tmp_path):
+    _, feats, edges = write_cora(tmp_path)
+    x, adj = load_cora(tmp_path)
+    inst = make_cora_instances(x, adj, n_instances=4, instance_size=10, seed=0)
+    assert inst["x_left"].shape == (4, 5, feats.shape[1]) and inst["links"].shape == (4, 5, 5)
+    und = {(a, b) for a, b in edges} | {(b, a) for a, b in edges}
+    used = np.concatenate([inst["nodes_left"].numpy().ravel(), inst["nodes_right"].numpy().ravel()])
+    assert len(set(used.tolist())) == 40                     # disjoint instances and sides
+    for n in range(4):
+        L, R = inst["nodes_left"][n].numpy(), inst["nodes_right"][n].numpy()
+        np.testing.assert_array_equal(inst["x_left"][n].numpy(), feats[L])
+        expected = np.array([[float((a, b) in und) for b in R] for a in L])
+        np.testing.assert_array_equal(inst["links"][n].numpy(), expected)
+    with pytest.raises(ValueError, match="instance_size"):
+        make_cora_instances(x, adj, n_instances=5, instance_size=10)
+
+
+def test_edge_weight_net_equals_linear_on_concatenation():
+    torch.manual_seed(0)
+    net = EdgeWeightNet(7, hidden=5, layers=2)
+    xl, xr = torch.randn(2, 3, 7), torch.randn(2, 4, 7)
+    W = torch.cat([net.first_u.weight, net.first_v.weight], 1)                   # Linear(2F, hidden)
+    pair = torch.cat([xl[:, :, None].expand(-1, -1, 4, -1), xr[:, None].expand(-1, 3, -1, -1)], -1)
+    ref = torch.sigmoid(net.rest(pair @ W.T + net.first_u.bias)[..., 0])
+    assert torch.allclose(net(xl, xr), ref, atol=1e-6)
+
+
+def test_decision_focused_training_improves_lp_value():
+    # in-sample: training through MatchingQP must move the exact-LP decisions towards the true links
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    n, k, F = 6, 6, 24
+    xl = torch.from_numpy((rng.random((n, k, F)) < 0.3).astype(np.float32))
+    xr = torch.from_numpy((rng.random((n, k, F)) < 0.3).astype(np.float32))
+    links = torch.from_numpy((rng.random((n, k, k)) < 0.2).astype(np.float32))
+    net = EdgeWeightNet(F, hidden=32, layers=2)
+    idx = np.arange(n)
+    before = lp_value(net, xl, xr, links, idx)
+    train_edge_net(net, xl, xr, links, idx, CoraConfig(lr=3e-3, epochs=30), rng)
+    after = lp_value(net, xl, xr, links, idx)
+    optimum = np.mean([matching_value(l, -l) for l in links])
+    assert after >= before + 1.0
+    assert optimum - 0.5 <= after <= optimum + 1e-9
+
+
+def test_run_cora_end_to_end(tmp_path):
+    write_cora(tmp_path, n_nodes=64, n_words=12, n_edges=150, seed=3)
+    cfg = CoraConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "out"), n_instances=5, instance_size=12,
+                     hidden=16, epochs=2, n_trials=2, test_frac=0.4)
+    res = run_cora(cfg)
+    saved = json.load(open(tmp_path / "out" / "cora_results.json"))
+    assert saved["qp_mean"] == pytest.approx(res["qp_mean"]) and len(saved["per_trial"]) == 2
+    assert res["n_instances"] == 5 and saved["config"]["gamma"] == 0.1
+    assert res["optimum"] > 0
+    for key in ("qp_mean", "random"):
+        assert 0 <= res[key] <= res["optimum"] + 1e-9
+    assert res["qp_std"] == pytest.approx(np.std(res["per_trial"]))
+
+
+# -----------------------------------------------------------------------------
+# Video tracking utilities (Tab. 2 metrics, Fig. 6)
+
+def make_video(T=4, K=3, H=6, W=6, seed=0):
+    """Objects 1..K-1 on background 0 that move one pixel right per frame; the slot order of each frame
+    is a random permutation. Returns true [T,H,W], one-hot masks [T,K,H,W], perms [T,K], slots [T,K,D]."""
+    rng = np.random.default_rng(seed)
+    true = torch.zeros(T, H, W, dtype=torch.long)
+    for t in range(T):
+        true[t, 0:2, t:t + 2] = 1
+        true[t, 3:5, (t + 3) % W] = 2
+    perms = torch.stack([torch.from_numpy(rng.permutation(K)) for _ in range(T)])
+    masks = torch.zeros(T, K, H, W)
+    base = torch.randn(K, 16, generator=torch.Generator().manual_seed(seed)) * 3
+    slots = torch.zeros(T, K, 16)
+    for t in range(T):
+        for obj in range(K):
+            masks[t, perms[t, obj]] = (true[t] == obj).float()           # object obj sits in slot perms[t,obj]
+            slots[t, perms[t, obj]] = base[obj] + 0.01 * torch.randn(16)
+    return true, masks, perms, slots
+
+
+def test_relabel_video_undoes_slot_permutations():
+    true, masks, perms, _ = make_video()
+    T, K = perms.shape
+    # the true matching from frame t to t+1: slot perms[t, obj] -> slot perms[t+1, obj]
+    M = torch.zeros(T - 1, K, K)
+    for t in range(T - 1):
+        M[t, perms[t], perms[t + 1]] = 1
+    tracks = chain_matchings(M)
+    labels = relabel_video(masks, tracks)
+    inv0 = torch.argsort(perms[0])                                # slot of frame 0 -> object
+    np.testing.assert_array_equal(labels.numpy(), perms[0][true].numpy())
+    assert torch.equal(inv0[labels], true)
+    assert video_ari(true, labels) == {"ari": 1.0, "ari_fg": 1.0}
+    raw = masks.argmax(1)                                         # per-frame slot ids, not tracked
+    assert video_ari(true, raw)["ari"] < 0.9
+    ref = ari(true.reshape(1, -1, true.shape[-1]), raw.reshape(1, -1, true.shape[-1]))[0]
+    assert video_ari(true, raw)["ari"] == pytest.approx(float(ref))
+
+
+def test_chain_matchings_conflicts_start_new_tracks():
+    # slots 0 and 1 of frame 0 both pick slot 0 of frame 1 (0.9 > 0.6): slot 0 wins, slot 2 of frame 1
+    # is claimed by slot 2; slot 1 of frame 1 is claimed by nobody and starts track 3
+    M = torch.tensor([[[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.0, 0.0, 1.0]]])
+    assert chain_matchings(M).tolist() == [[0, 1, 2], [0, 3, 2]]
+
+
+@pytest.mark.parametrize("method", ["qp", "hungarian"])
+def test_track_and_score_recovers_tracks(method):
+    true, masks, perms, slots = make_video(T=5, K=4, seed=1)
+    out = track_and_score(true, masks, slots, method=method, qp=MatchingQP(4))
+    assert out["ari"] == 1.0 and out["ari_fg"] == 1.0
+    H = hungarian_slot_matching(slots[:-1], slots[1:])
+    Q = qp_slot_matching(slots[:-1], slots[1:], MatchingQP(4))
+    assert torch.equal(H.argmax(-1), Q.argmax(-1))
+    for t in range(4):
+        assert torch.equal(H[t].argmax(-1)[perms[t]], perms[t + 1])
+
+
+def test_evaluate_video_tracking_on_dataset_of_videos():
+    vids = [make_video(T=4, K=3, H=6, W=6, seed=s) for s in range(2)]
+    # true masks at 12x12, slot masks at 6x6 (feature resolution): resized 2x bilinearly, argmax exact
+    dataset = [{"video": torch.rand(4, 3, 12, 12), "mask": true.repeat_interleave(2, 1).repeat_interleave(2, 2)}
+               for true, _, _, _ in vids]
+    outputs = iter([(slots, masks) for _, masks, _, slots in vids])
+    res = evaluate_video_tracking(lambda frames: next(outputs), dataset, qp=MatchingQP(3))
+    assert set(res) == {"qp", "hungarian"}
+    for m in res.values():
+        assert m["ari"] == pytest.approx(1.0) and m["ari_fg"] == pytest.approx(1.0)
+    # without a consistent slot order (identity matching) the video ARI drops
+    outputs = iter([(torch.zeros_like(slots), masks) for _, masks, _, slots in vids])
+    res = evaluate_video_tracking(lambda frames: next(outputs), dataset, methods=("hungarian",))
+    assert res["hungarian"]["ari"] < 0.9
+
+
+def test_save_matching_figure_writes_png(tmp_path):
+    true, masks, perms, slots = make_video(T=2, K=3, H=8, W=8)
+    frames = torch.rand(2, 3, 8, 8)
+    M = MatchingQP(3)(-torch.einsum("id,jd->ij", slots[0], slots[1]))
+    path = save_matching_figure(tmp_path / "fig6.png", frames[0], frames[1], masks[0], masks[1], M)
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[0] >= 2 * 8 and img.shape[1] >= 5 * 8        # 2 rows, frame + seg + 3 slots
+    # the first cell of the second row is frame b
+    frame_b = (frames[1].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    found = any(np.array_equal(img[y:y + 8, x:x + 8], frame_b)
+                for y in range(img.shape[0] - 7) for x in range(img.shape[1] - 7))
+    assert found
+
+
+# -----------------------------------------------------------------------------
+# Alg. 3 two-frame model on top of MinCutOCL
+
+def tiny_pair_model():
+    import mincut_ocl
+    from mincut_ocl import MinCutPairModel
+    cfg = mincut_ocl.Config(image_size=16, dec_strides=(2,), dec_init_size=8, num_slots=3, enc_channels=8,
+                            slot_dim=8, mlp_dim=8, dec_channels=8)
+    torch.manual_seed(0)
+    return MinCutPairModel(mincut_ocl.MinCutOCL(cfg), gamma=0.5, temperature=0.1)
+
+
+def test_pair_model_shapes_loss_and_gradients():
+    model = tiny_pair_model()
+    x1, x2 = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    out = model(x1, x2)
+    B, K, D = 2, 3, 8
+    assert out["recon"].shape == (B, 2, 3, 16, 16) and out["masks"].shape == (B, 2, K, 16, 16)
+    assert out["rgb"].shape == (B, 2, K, 3, 16, 16) and out["slots"].shape == (B, K, D)
+    assert out["matching"].shape == (B, K, K) and out["cut_masks"].shape == (B, 2, K, 16, 16)
+    assert torch.allclose(out["matching"].sum(-1), torch.ones(B, K), atol=1e-5)
+    assert torch.allclose(out["paired"], out["matching"] @ out["slots2"], atol=1e-6)       # r_i = M_i,: T
+    ref = model.matching(-out["slots1"] @ out["slots2"].transpose(1, 2))                    # c_ij = -<s_i,t_j>
+    assert torch.allclose(out["matching"], ref, atol=1e-6)
+    recon = out["recon"] * 2 - 1
+    expected = ((recon[:, 0] - (x1 * 2 - 1)) ** 2).mean() + ((recon[:, 1] - (x2 * 2 - 1)) ** 2).mean()
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    out["loss"].backward()
+    for p in (model.base.partition.weights_obj[0].weight, model.pair_mlp[0].weight, model.frame_heads[1][0].weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="frame shapes differ"):
+        model(x1, x2[:1])
+
+
+def test_pair_model_video_tracking_and_figure(tmp_path):
+    import data
+    from mincut_ocl import sample_adjacent_pairs, save_pair_figure
+    model = tiny_pair_model().eval()
+    videos = data.build_dataset("synthetic_video", "test", image_size=16)
+    res = evaluate_video_tracking(model.encode_frames, videos, qp=model.matching, num_videos=2)
+    for m in ("qp", "hungarian"):
+        assert -1 <= res[m]["ari"] <= 1 and -1 <= res[m]["ari_fg"] <= 1
+    path = save_pair_figure(tmp_path / "fig6.png", model, videos[0]["video"], a=5, b=20)
+    assert Image.open(path).size[0] > 5 * 16
+    video = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(4, 6, 3, 2, 2)                   # frame t filled with t
+    x1, x2 = sample_adjacent_pairs(video, torch.Generator().manual_seed(0))
+    assert torch.equal(x2 - x1, torch.ones_like(x1)) and x1.max() <= 4
+
+
+# =============================================================================
+# boqsa.py: transformer decoder, real-image evaluation, Yang & Yang metrics (issue 6)
+# =============================================================================
+BX_TINY = ["--image_size=16", "--num_slots=3", "--slot_dim=16", "--mlp_dim=16", "--hid_dim=8",
+        "--enc_strides=1,1", "--dec_strides=2", "--batch_size=4", "--num_workers=0",
+        "--eval_items=8", "--log_interval=1", "--warmup_steps=2"]
+BX_TINY_T = BX_TINY + ["--decoder=transformer", "--vocab_size=16", "--dvae_hid=8", "--d_model=16", "--dec_layers=1",
+                 "--dec_heads=2", "--recon_items=4", "--tau_steps=4"]
+
+
+def bx_tiny_config(**kw):
+    cfg = Config(decoder="transformer", image_size=16, num_slots=3, slot_dim=16, mlp_dim=16, hid_dim=8,
+                 enc_strides=(1, 1), dec_strides=(2,), batch_size=4, num_workers=0, drop_path=0.0,
+                 vocab_size=16, dvae_hid=8, d_model=16, dec_layers=2, dec_heads=2, warmup_steps=1)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def bx_run_script(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(HERE, "boqsa.py"), *args], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+# ---------------------------------------------------------------- dVAE, Gumbel-softmax, schedules
+
+def test_dvae_shapes_and_temperature_schedule():
+    torch.manual_seed(0)
+    dvae = boqsa.DVAE(vocab_size=16, hid=8, kernel=3)
+    assert dvae.encoder[1].conv.kernel_size == (3, 3)                    # App. A.3.3: kernel 3
+    x = torch.rand(2, 3, 16, 16)
+    log_p = dvae.encode(x)
+    assert log_p.shape == (2, 16, 4, 4)                                  # 4x4 patches
+    torch.testing.assert_close(log_p.exp().sum(1), torch.ones(2, 4, 4))
+    z = torch.nn.functional.one_hot(log_p.argmax(1), 16).permute(0, 3, 1, 2).float()
+    assert dvae.decode(z).shape == (2, 3, 16, 16)
+    # the schedule: cosine 1.0 -> 0.1 over tau_steps, then constant (Tab. 12)
+    assert boqsa.tau_schedule(0, 30000) == 1.0
+    assert boqsa.tau_schedule(15000, 30000) == pytest.approx(0.55)
+    assert boqsa.tau_schedule(7500, 30000) == pytest.approx(0.55 + 0.45 * math.cos(math.pi / 4))
+    assert boqsa.tau_schedule(30000, 30000) == pytest.approx(0.1) and boqsa.tau_schedule(10 ** 6, 30000) == pytest.approx(0.1)
+    cfg = boqsa.build_config(["--decoder=transformer", "--dataset=birds"])
+    assert (cfg.tau_start, cfg.tau_final, cfg.tau_steps, cfg.vocab_size) == (1.0, 0.1, 30000, 1024)
+
+
+def test_transformer_model_outputs_and_losses():
+    torch.manual_seed(0)
+    model = BOQSA(bx_tiny_config())
+    x = torch.rand(3, 3, 16, 16)
+    out = model(x, sigma=0.5, tau=1.0)
+    assert out["tokens"].shape == (3, 16) and out["tokens"].dtype == torch.int64
+    assert 0 <= out["tokens"].min() and out["tokens"].max() < 16
+    assert out["masks"].shape == (3, 3, 16, 16)
+    torch.testing.assert_close(out["masks"].sum(1), torch.ones(3, 16, 16))      # slot-attention maps
+    torch.testing.assert_close(out["masks"].flatten(2), out["attn"])           # stride 1: same map
+    torch.testing.assert_close(out["loss_dvae"], (out["recon"] - x).pow(2).sum() / 3)   # sum / B
+    torch.testing.assert_close(out["loss"], out["loss_dvae"] + out["loss_ce"])
+    # eval: deterministic tokens = argmax of the dVAE's distribution
+    model.eval()
+    a, b = model(x), model(x)
+    assert torch.equal(a["tokens"], b["tokens"])
+    assert torch.equal(a["tokens"], model.dvae.encode(x).argmax(1).flatten(1))
+    # the transformer's CE with hand-written cross entropy
+    logits = model.decoder(a["tokens"], a["slots"])
+    ce = -torch.log_softmax(logits, -1).gather(-1, a["tokens"][..., None]).sum() / 3
+    torch.testing.assert_close(a["loss_ce"], ce)
+    assert model.reconstruct(a["slots"]).shape == (3, 3, 16, 16)
+
+
+def test_transformer_decoder_is_causal():
+    torch.manual_seed(0)
+    dec = boqsa.TransformerDecoder(bx_tiny_config(dec_layers=2), num_tokens=9).eval()
+    tokens = torch.randint(0, 16, (2, 9))
+    slots = torch.randn(2, 3, 16)
+    base = dec(tokens, slots)
+    for i in (0, 3, 8):
+        pert = tokens.clone()
+        pert[:, i:] = (pert[:, i:] + torch.randint(1, 16, pert[:, i:].shape)) % 16    # every token >= i changes
+        out = dec(pert, slots)
+        torch.testing.assert_close(out[:, :i + 1], base[:, :i + 1])     # o_l depends on z_<l only
+        if i < 8:
+            assert (out[:, i + 1] - base[:, i + 1]).abs().max() > 1e-4  # ... and does depend on z_i
+    # greedy generation is consistent with teacher forcing
+    gen = dec.generate(slots, 9)
+    assert torch.equal(dec(gen, slots).argmax(-1), gen)
+
+
+def test_transformer_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = bx_tiny_config(lr=1e-3, lr_dvae=1e-3)
+    model = BOQSA(cfg)
+    opt = torch.optim.Adam(boqsa.param_groups(model, cfg))
+    assert [g["name"] for g in opt.param_groups] == ["dvae", "main"]
+    x = torch.rand(4, 3, 16, 16)
+    losses = []
+    for step in range(30):
+        for g in opt.param_groups:
+            g["lr"] = boqsa.group_lr(g["name"], step + 1, cfg)
+        loss = model(x, tau=0.5)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_param_group_learning_rates():
+    cfg = boqsa.build_config(["--decoder=transformer", "--dataset=dogs"])
+    assert (cfg.lr, cfg.lr_dvae, cfg.warmup_steps, cfg.slot_dim, cfg.d_model, cfg.num_slots) == (1e-4, 3e-4, 10000, 256, 256, 2)
+    assert boqsa.group_lr("dvae", 0, cfg) == 3e-4                         # no warmup for the dVAE
+    assert boqsa.group_lr("main", 0, cfg) == 0.0
+    assert boqsa.group_lr("main", 5000, cfg) == pytest.approx(1e-4 * 0.5 * 0.5 ** 0.1)
+    assert boqsa.group_lr("dvae", 50000, cfg) == pytest.approx(1.5e-4)
+    assert boqsa.build_config(["--decoder=transformer", "--dataset=shapestacks"]).num_slots == 12   # Tab. 13
+    assert boqsa.build_config(["--dataset=cars"]).sigma_steps == 0                                 # App. A.3.1
+    assert boqsa.build_config(["--decoder=transformer", "--dataset=flowers"]).sigma_steps == 0
+    assert boqsa.build_config(["--dataset=ycb", "--decoder=transformer"]).num_slots == 6
+
+
+# ---------------------------------------------------------------- train, resume, eval, transfer
+
+def test_transformer_train_resume_eval_transfer_iters_concepts(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = bx_run_script(*BX_TINY_T, "--max_steps=4", "--eval_interval=100", f"--out_dir={a}")
+    assert r.returncode == 0, r.stderr
+    assert bx_run_script(*BX_TINY_T, "--max_steps=2", "--eval_interval=2", f"--out_dir={b}").returncode == 0
+    assert (b / "samples_0000002.png").exists()
+    r = bx_run_script(*BX_TINY_T, "--max_steps=4", "--eval_interval=100", f"--out_dir={b}")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout + r.stderr
+    ca, cb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
+    assert len(cb["optimizer"]["param_groups"]) == 2 and cb["step"] == 4
+    for k in ca["model"]:                                               # exact resume incl. Gumbel noise
+        torch.testing.assert_close(ca["model"][k], cb["model"][k], msg=k)
+    logs = [json.loads(l) for l in open(b / "metrics.jsonl")]
+    assert [l["step"] for l in logs if "loss" in l] == [1, 2, 3, 4]
+    assert all("loss_ce" in l and "tau" in l for l in logs if "loss" in l)
+    assert any("test_mse_dvae" in l and "test_ari_fg" in l and "test_mse" in l for l in logs)
+    # a mismatched decoder is refused on resume
+    r = bx_run_script(*BX_TINY, "--max_steps=5", f"--out_dir={b}")
+    assert r.returncode != 0 and "--decoder=transformer" in r.stderr
+    # test-time iterations (Fig. 2) and the queries' attention maps (Fig. 4)
+    r = bx_run_script("--eval_only", "--iters=1", "--concept_maps", f"--out_dir={b}", "--num_workers=0", "--eval_items=8")
+    assert r.returncode == 0, r.stderr
+    assert "(1 slot-attention iterations)" in r.stdout and "ARI-FG" in r.stdout
+    img = Image.open(b / "concept_maps_synthetic.png")
+    assert img.height > 4 * 16                                          # input row + one row per query
+    # zero-shot transfer (Tab. 15): synthetic-trained checkpoint evaluated on a foreground dataset
+    root = tmp_path / "birds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "splits").mkdir()
+    rng = np.random.default_rng(0)
+    for n in ("x", "y"):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "images" / f"{n}.png")
+        m = np.zeros((20, 20), np.uint8)
+        m[5:15, 5:15] = 255
+        Image.fromarray(m).save(root / "masks" / f"{n}.png")
+    (root / "splits" / "test.txt").write_text("x\ny\n")
+    r = bx_run_script("--eval_only", "--dataset=birds", f"--data_dir={root}", f"--init_from={b / 'ckpt.pt'}",
+                   f"--out_dir={tmp_path / 'transfer'}", "--num_workers=0")
+    assert r.returncode == 0, r.stderr
+    assert "IoU" in r.stdout and "Dice" in r.stdout and "ARI" not in r.stdout
+
+
+def test_checkpoint_config_keeps_explicit_iters(tmp_path):
+    cfg = bx_tiny_config(out_dir=str(tmp_path), iters=3)
+    torch.save({"config": boqsa.asdict(cfg)}, tmp_path / "ckpt.pt")
+    assert boqsa.checkpoint_config(bx_tiny_config(out_dir=str(tmp_path), iters=7)).iters == 3
+    assert boqsa.checkpoint_config(bx_tiny_config(out_dir=str(tmp_path), iters=7), {"iters"}).iters == 7
+    assert boqsa.explicit_flags(["--iters=5", "--eval_only", "--out-dir", "x"]) == {"iters", "eval_only", "out_dir"}
+
+
+def test_test_time_iterations_change_the_slots():
+    torch.manual_seed(0)
+    base = BOQSA(bx_tiny_config(decoder="mixture")).eval()
+    x = torch.rand(2, 3, 16, 16)
+    outs = {}
+    for n in (1, 3, 7):
+        m = BOQSA(bx_tiny_config(decoder="mixture", iters=n)).eval()
+        m.load_state_dict(base.state_dict())                          # same weights, other iterations
+        outs[n] = m(x)["slots"]
+    torch.testing.assert_close(outs[3], base(x)["slots"])
+    assert (outs[1] - outs[3]).abs().max() > 1e-4 and (outs[7] - outs[3]).abs().max() > 1e-4
+
+
+def test_query_attention_maps():
+    torch.manual_seed(0)
+    m = BOQSA(bx_tiny_config()).eval()
+    maps = m.query_attention(torch.rand(2, 3, 16, 16))
+    assert maps.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, 16, 16))
+    # = the first slot-attention iteration's attention from the (noise-free) queries
+    x = torch.rand(2, 3, 16, 16)
+    sa = m.slot_attention
+    inputs = sa.norm_inputs(m.encoder(x))
+    _, attn = sa.step(m.initial_slots(2), sa.to_k(inputs), sa.to_v(inputs))
+    torch.testing.assert_close(m.query_attention(x).flatten(2), attn)
+
+
+# ---------------------------------------------------------------- foreground extraction (Tab. 5)
+
+def test_foreground_eval_picks_the_best_slot():
+    true = torch.zeros(1, 4, 4, dtype=torch.long)
+    true[0, :, :2] = 1                                                 # foreground = left half (8 px)
+    owner = torch.tensor([[1, 1, 0, 0],
+                          [1, 1, 0, 0],
+                          [1, 1, 2, 2],                                # slot 1: 6 fg px
+                          [2, 2, 0, 0]])                               # slot 2: 2 fg + 2 bg px
+    masks = torch.nn.functional.one_hot(owner, 3).permute(2, 0, 1)[None].float() * 0.8 + 0.2 / 3
+    m = boqsa.batch_metrics("birds", true, masks)
+    assert set(m) == {"iou", "dice"}
+    assert m["iou"].item() == pytest.approx(6 / 8)                     # slot 1: 6 / (8 + 6 - 6)
+    assert m["dice"].item() == pytest.approx(2 * 6 / (8 + 6))
+    assert "ari_fg" in boqsa.batch_metrics("synthetic", true, masks)
+
+
+# ---------------------------------------------------------------- Yang & Yang metrics (Tab. 4)
+
+def test_object_seg_metrics_hand_made():
+    t1 = [[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 0, 0], [1, 1, 0, 0]]
+    p1 = [[5, 5, 6, 6], [5, 5, 5, 6], [5, 5, 7, 7], [5, 5, 7, 7]]     # 5: IoU 8/9, 6: IoU 3/4, 7 = background
+    c1 = [[.7, .7, .95, .95], [.7, .7, .7, .95], [.7, .7, .9, .9], [.7, .7, .9, .9]]
+    t2 = [[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [2, 2, 2, 2]]
+    p2 = [[3, 3, 3, 3], [3, 3, 4, 4], [4, 4, 4, 4], [4, 4, 4, 4]]     # row 3 not confident; 4 = background
+    c2 = [[.9] * 4, [.9] * 4, [.9] * 4, [.4] * 4]                     # 3: IoU 4/6 with object 1; object 2 missed
+    t3 = [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    p3 = [[9, 9, 8, 8], [9, 9, 8, 8], [10, 10, 10, 10], [10, 10, 10, 10]]   # 8: false positive, 10 = background
+    c3 = [[.8, .8, .99, .99], [.8, .8, .99, .99], [.8] * 4, [.8] * 4]
+    met = ObjectSegMetrics()
+    met.update(torch.tensor([t1, t2]), torch.tensor([p1, p2]), torch.tensor([c1, c2]))
+    met.update(torch.tensor([t3]), torch.tensor([p3]), torch.tensor([c3]))
+    out = met.compute()
+    # TP = 4 (8/9, 3/4, 2/3, 1), FP = 1, FN = 1
+    assert out["precision"] == pytest.approx(4 / 5) and out["recall"] == pytest.approx(4 / 5)
+    assert out["pq"] == pytest.approx((8 / 9 + 3 / 4 + 4 / 6 + 1) / (4 + 0.5 + 0.5), abs=1e-5)
+    # ranked by confidence: .99 miss, .95 hit, .9 hit, .8 hit, .7 hit; 5 true objects
+    # precision envelope 0.8 on recall 0 .. 0.8, then 0 -> AP = 0.8 * 0.8
+    assert out["ap"] == pytest.approx(0.64)
+    perfect = ObjectSegMetrics()
+    perfect.update(torch.tensor([t1]), torch.tensor([t1]))
+    assert perfect.compute() == pytest.approx(dict(ap=1.0, pq=1.0, precision=1.0, recall=1.0), abs=1e-5)
+    with pytest.raises(ValueError):
+        met.update(torch.zeros(1, 4, 4), torch.zeros(1, 4, 5))
+
+
+# ---------------------------------------------------------------- YCB / ScanNet / COCO loaders
+
+@pytest.mark.parametrize("name", ["ycb", "scannet", "coco"])
+def test_yang_yang_loaders(tmp_path, name):
+    rng = np.random.default_rng(1)
+    masks = {}
+    for split in ("train", "test"):
+        (tmp_path / split / "image").mkdir(parents=True)
+        (tmp_path / split / "mask").mkdir()
+        for i in range(3):
+            img = rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / split / "image" / f"{i:05d}.png")
+            m = rng.integers(0, 4, (128, 128), dtype=np.uint8)
+            masks[split, i] = m
+            if split == "test" and i == 1:                            # palette PNG: indices are the ids
+                pm = Image.fromarray(m, "P")
+                pm.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+                pm.save(tmp_path / split / "mask" / f"{i:05d}.png")
+            else:
+                Image.fromarray(m, "L").save(tmp_path / split / "mask" / f"{i:05d}.png")
+    ds = data.build_dataset(name, "test", root=str(tmp_path))
+    assert len(ds) == 3 and ds.has_masks
+    for i in range(3):
+        item = ds[i]
+        assert item["image"].shape == (3, 128, 128) and item["image"].dtype == torch.float32
+        assert torch.equal(item["mask"], torch.from_numpy(masks["test", i].astype(np.int64)))
+    small = data.build_dataset(name, "train", root=str(tmp_path), image_size=64)[0]
+    assert small["image"].shape == (3, 64, 64) and small["mask"].shape == (64, 64)
+    with pytest.raises(data.DatasetError, match="val"):
+        data.build_dataset(name, "val", root=str(tmp_path))
+    with pytest.raises(data.DatasetError, match=str(tmp_path / "nowhere")):
+        data.build_dataset(name, "test", root=str(tmp_path / "nowhere"))
+
+
+# =============================================================================
+# ast_seg.py: AST-Seg (issue 4)
+# =============================================================================
+torch.set_flush_denormal(True)      # as the training loop: denormals made CPU steps many times slower
+
+# a Segformer far smaller than mit-b0, so every test runs in seconds on a CPU
+AST_TINY = ["--segformer_sizes=8,16,24,32", "--segformer_depths=1,1,1,1", "--decoder_hidden_size=16",
+        "--transformer_dim=32", "--transformer_heads=2", "--transformer_ff=64", "--transformer_layers=2",
+        "--z_what_dim=8", "--num_slots=3", "--image_size=32", "--num_workers=0", "--batch_size=4",
+        "--bg_batch_size=4"]
+
+
+def tiny_cfg(*extra):
+    return build_config([*AST_TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return ASTSeg(tiny_cfg())
+
+
+# -----------------------------------------------------------------------------
+# stages: shapes and value ranges
+
+
+def test_ast_forward_shapes_and_ranges(tiny_model):
+    cfg, m = tiny_model.cfg, tiny_model
+    x = torch.rand(2, 3, 32, 32)
+    out = m(x)
+    K = cfg.num_slots
+    assert out["recon"].shape == (2, 3, 32, 32) and out["masks"].shape == (2, K + 1, 32, 32)
+    assert out["attention"].shape == (2, K, 8, 8)                         # Segformer: 1/4 resolution
+    torch.testing.assert_close(out["attention"].sum((2, 3)), torch.ones(2, K))
+    assert out["positions"].shape == (2, K, 2) and out["positions"].abs().max() <= 1
+    assert out["scales"].shape == (2, K, 2)
+    assert out["scales"].min() >= cfg.s_min and out["scales"].max() <= cfg.s_max
+    assert out["activations"].shape == (2, K) and (out["activations"] > 0).all()
+    assert out["z_what"].shape == (2, K, cfg.z_what_dim)
+    assert out["layers"].shape == (2, K, 3, 32, 32) and out["background"].shape == (2, 3, 32, 32)
+    for k in ("recon", "masks", "layers", "background"):
+        assert out[k].min() >= 0 and out[k].max() <= 1, k
+    torch.testing.assert_close(out["masks"].sum(1), torch.ones(2, 32, 32))   # weights sum to 1 per pixel
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="32x32"):
+        m(torch.rand(1, 3, 16, 16))
+
+
+def test_ast_isotropic_scales_and_activation_index():
+    cfg = tiny_cfg("--scaling=isotropic")
+    lat = torch.randn(2, 3, 2 + 1 + 1 + cfg.z_what_dim)                  # x, y, s, alpha, z_what
+    z = split_latents(lat, cfg)
+    torch.testing.assert_close(z["scales"][..., 0], z["scales"][..., 1])
+    torch.testing.assert_close(z["activations"], lat[..., 3].exp())       # the logit's own channel
+    torch.testing.assert_close(z["z_what"], lat[..., 4:])
+    cfg.official_activation_bug = True                                    # official: index 4 = z_what[0]
+    torch.testing.assert_close(split_latents(lat, cfg)["activations"], lat[..., 4].exp())
+    cfg = tiny_cfg("--scaling=anisotropic")
+    lat = torch.randn(2, 3, 2 + 2 + 1 + cfg.z_what_dim)
+    torch.testing.assert_close(split_latents(lat, cfg)["activations"], lat[..., 4].exp())
+    s = split_latents(torch.full((1, 1, 5 + cfg.z_what_dim), 1e3), cfg)["scales"]
+    torch.testing.assert_close(s, torch.full((1, 1, 2), cfg.s_max))
+
+
+def test_ast_glimpse_generator_follows_tab7():
+    g = glimpse_generator(32, 32)                                         # 64x64 images
+    convs = [m for m in g if isinstance(m, nn.ConvTranspose2d)]
+    norms = [m for m in g if isinstance(m, nn.GroupNorm)]
+    assert [c.out_channels for c in convs] == [64, 32, 16, 8, 4]
+    assert [(n.num_groups, n.num_channels) for n in norms] == [(4, 64), (2, 32), (1, 16), (1, 8)]
+    assert [c.bias is not None for c in convs] == [False] * 4 + [True] and isinstance(g[-1], nn.Sigmoid)
+    g = glimpse_generator(32, 64)                                         # 128x128 images
+    assert [c.out_channels for c in g if isinstance(c, nn.ConvTranspose2d)] == [128, 64, 32, 16, 8, 4]
+    assert [n.num_groups for n in g if isinstance(n, nn.GroupNorm)] == [8, 4, 2, 1, 1]
+    out = g(torch.randn(3, 32, 1, 1))
+    assert out.shape == (3, 4, 64, 64) and out.min() > 0 and out.max() < 1
+    with pytest.raises(ValueError):
+        glimpse_generator(32, 24)
+
+
+def test_ast_background_autoencoder_shapes():
+    for size, blocks in ((32, 5), (64, 6)):
+        bg = Background(size)
+        assert len(bg.encoder) == blocks and len(bg.generator) == blocks
+        out = bg(torch.rand(2, 3, size, size))
+        assert out.shape == (2, 4, size, size) and out.min() >= 0 and out.max() <= 1
+    pos = Background(32).encoder[0].pos
+    assert pos.shape == (1, 2, 32, 32)
+    assert pos[0, 0, 0, 0] == -0.5 and pos[0, 0, -1, 0] == 0.5 and pos[0, 1, 0, -1] == 0.5   # rows, columns
+    assert Background(32, complex_background=True).generator[1].layers[0].out_channels == 640
+
+
+def test_ast_unet_feature_generator():
+    m = ASTSeg(tiny_cfg("--feature_net=unet"))
+    out = m(torch.rand(2, 3, 32, 32))
+    assert out["attention"].shape == (2, 3, 32, 32)                      # full resolution (official U-Net)
+    torch.testing.assert_close(out["masks"].sum(1), torch.ones(2, 32, 32))
+
+
+def test_ast_no_transformer_ablation_uses_soft_argmax_directly():
+    m = ASTSeg(tiny_cfg("--transformer_layers=0")).eval()
+    enc = m.encoder(torch.rand(2, 3, 32, 32))
+    torch.testing.assert_close(enc["latents"][..., :2], enc["positions0"])   # (phi, x, y) = (phi0, x0, y0)
+    assert not hasattr(m.encoder, "transformer")
+
+
+def test_ast_pretrained_local_folder_and_offline_fallback(tmp_path, capsys):
+    from transformers import SegformerConfig, SegformerModel
+    sc = SegformerConfig(depths=[1] * 4, hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1] * 4,
+                         decoder_hidden_size=16)
+    torch.manual_seed(1)
+    src = SegformerModel(sc)
+    src.save_pretrained(tmp_path / "mit")
+    cfg = tiny_cfg(f"--pretrained={tmp_path / 'mit'}")
+    net = ast_seg.build_segformer(cfg, 7)
+    assert net.config.num_labels == 7 and net.decode_head.classifier.out_channels == 7
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(net.segformer.state_dict()[k], v)
+    cfg = tiny_cfg(f"--pretrained={tmp_path / 'missing'}")
+    net = ast_seg.build_segformer(cfg, 7)                                 # random init, one line said so
+    lines = [l for l in capsys.readouterr().out.splitlines() if "cannot load" in l]
+    assert len(lines) == 1 and "random initialisation" in lines[0]
+    assert net.config.hidden_sizes == [8, 16, 24, 32]
+
+
+# -----------------------------------------------------------------------------
+# soft-argmax, STN, compositing (geometry against hand-derived values)
+
+
+def test_ast_soft_argmax_delta_and_translation_equivariance():
+    h, w = 9, 13
+    logits = torch.full((1, 1, h, w), -1e4)
+    logits[0, 0, 2, 5] = 0.0                                              # a delta at row 2, column 5
+    _, pos, _ = soft_argmax_pool(logits, torch.zeros(1, 1, h, w))
+    torch.testing.assert_close(pos[0, 0], torch.tensor([2 * 5 / (w - 1) - 1, 2 * 2 / (h - 1) - 1]))  # eq. 12-15
+    torch.manual_seed(0)
+    blob = torch.full((2, 3, h, w), -50.0)
+    blob[:, :, 2:5, 2:6] = torch.randn(2, 3, 3, 4)                        # mass well inside the map
+    feats = torch.randn(2, 4, h, w)
+    _, p0, f0 = soft_argmax_pool(blob, feats)
+    for u, v in ((3, 1), (5, 3), (0, 2)):                                # translate by u columns, v rows
+        moved = torch.roll(blob, shifts=(v, u), dims=(2, 3))
+        _, p1, f1 = soft_argmax_pool(moved, torch.roll(feats, shifts=(v, u), dims=(2, 3)))
+        shift = torch.tensor([2 * u / (w - 1), 2 * v / (h - 1)])
+        torch.testing.assert_close(p1, p0 + shift)                        # eq. (3): M(T phi) = T'(M(phi))
+        torch.testing.assert_close(f1, f0)                                # pooled features are invariant
+
+
+def test_ast_soft_argmax_pooled_features_are_attention_weighted_means():
+    logits = torch.tensor([[[[0.0, math.log(3.0)]]]])                     # attention 1/4, 3/4
+    feats = torch.tensor([[[[2.0, 6.0]]]])
+    attn, pos, pooled = soft_argmax_pool(logits, feats)
+    torch.testing.assert_close(attn, torch.tensor([[[[0.25, 0.75]]]]))
+    torch.testing.assert_close(pooled, torch.tensor([[[0.25 * 2 + 0.75 * 6]]]))
+    torch.testing.assert_close(pos, torch.tensor([[[0.25 * -1 + 0.75 * 1, 0.0]]]))
+
+
+def test_ast_stn_places_glimpse_where_its_coordinates_say():
+    H = W = 64
+    g = torch.zeros(1, 4, 16, 16)
+    g[:, :, 6:10, 6:10] = 1.0                                             # a square around the glimpse centre
+    for (x, y), s in (((0.0, 0.0), 2.0), ((0.5, -0.25), 4.0), ((-0.6, 0.7), 3.0)):
+        out = stn_place(g, torch.tensor([[x, y]]), torch.tensor([[s, s]]), H, W)[0, 3]
+        cols, rows = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
+        cx, cy = (out * cols).sum() / out.sum(), (out * rows).sum() / out.sum()
+        # normalised x (align_corners=False) -> pixel coordinate (x + 1) / 2 * W
+        assert abs(cx - (x + 1) / 2 * W) < 0.3 and abs(cy - (y + 1) / 2 * H) < 0.3
+        # the glimpse (side 2 in normalised units) covers 2 / s, i.e. W / s pixels: the square 4/16 of it
+        assert abs(out.sum() - (4 / 16 * W / s) ** 2) < 0.15 * (4 / 16 * W / s) ** 2
+    full = stn_place(torch.ones(1, 4, 16, 16), torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 4.0]]), H, W)[0, 0]
+    assert full[H // 2].sum().round() == W / 2 and full[:, W // 2].sum().round() == H / 4    # anisotropic
+
+
+def test_ast_composite_hand_computed():
+    layers = torch.tensor([0.2, 0.4, 0.6]).reshape(1, 1, 3, 1, 1)
+    masks = torch.tensor([0.5]).reshape(1, 1, 1, 1)
+    bg = torch.tensor([1.0, 0.0, 0.5]).reshape(1, 3, 1, 1)
+    recon, w = composite(layers, masks, torch.tensor([[3.0]]), bg, torch.tensor([[0.0]]))   # alpha_0 = 1
+    torch.testing.assert_close(w.flatten(), torch.tensor([0.4, 0.6]))     # (1*1, 3*0.5) / 2.5, eq. (17)
+    torch.testing.assert_close(recon.flatten(), 0.4 * bg.flatten() + 0.6 * layers.flatten())   # eq. (18)
+    torch.manual_seed(0)
+    recon, w = composite(torch.rand(2, 4, 3, 5, 5), torch.rand(2, 4, 5, 5), torch.rand(2, 4) * 1e3,
+                         torch.rand(2, 3, 5, 5), torch.tensor([[11.0]]))
+    torch.testing.assert_close(w.sum(1), torch.ones(2, 5, 5))
+
+
+# -----------------------------------------------------------------------------
+# losses and schedules
+
+
+def test_ast_losses_hand_computed():
+    x = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.2, 0.2]).reshape(1, 3, 1, 2)
+    xh = torch.tensor([0.5, 1.0, 0.0, 0.5, 0.2, 0.0]).reshape(1, 3, 1, 2)
+    # pixel 1: |0.5| + |0.5| + 0 = 1.0; pixel 2: 0 + 0 + 0.2 = 0.2; mean of squares (eq. 19-20)
+    torch.testing.assert_close(reconstruction_loss(xh, x), torch.tensor((1.0 + 0.04) / 2))
+    w = torch.tensor([[0.5, 1.0], [0.5, 0.0]]).reshape(1, 2, 1, 2)        # pixel 1 uniform, pixel 2 one-hot
+    torch.testing.assert_close(pixel_entropy_loss(w), torch.tensor(math.log(0.5) ** 2 / 2))   # eq. (21)
+    cfg = tiny_cfg("--pixel_weight=0.01", "--pixel_warmup=100")
+    assert ast_seg.pixel_weight_at(0, cfg) == 0 and ast_seg.pixel_weight_at(200, cfg) == 0.01
+    assert abs(ast_seg.pixel_weight_at(50, cfg) - 0.01 / 4) < 1e-12       # eq. (22): quadratic warmup
+
+
+def test_ast_background_loss_hand_computed():
+    img = torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0]).reshape(1, 3, 1, 2)
+    out = torch.tensor([0.51, 0.5, 0.5, 0.9, 0.0, 0.0, 0.2, 0.7]).reshape(1, 4, 1, 2)
+    # pixel 1: diff 2.55 (0-255 units) < beta 3 -> 0.5 * 2.55^2 / 3; pixel 2: diff 229.5 -> 229.5 - 1.5
+    e = np.array([0.5 * 2.55 ** 2 / 3 / 255, (229.5 - 1.5) / 255])
+    pred = np.array([0.2, 0.7])
+    d = np.abs(pred - e / 3)
+    b = 3 / 255
+    noise = np.where(d < b, 0.5 * d ** 2 / b, d - 0.5 * b)
+    w = np.exp(-6 * np.tanh(e / 0.25)) / 2                               # window 1 at width 2
+    expected = ((e + noise) * w).sum()
+    torch.testing.assert_close(ast_seg.background_loss(img, out), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_ast_lr_schedule():
+    cfg = tiny_cfg("--lr=1e-3", "--warmup_steps=10", "--max_steps=100", "--bg_steps=50", "--bg_lr=2e-3")
+    b = cfg.bg_steps
+    assert ast_seg.lr_at(b + 4, cfg, "foreground") == pytest.approx(1e-3 * 0.25)     # ((4+1)/10)^2
+    assert ast_seg.lr_at(b + 50, cfg, "joint") == pytest.approx(1e-3)
+    assert ast_seg.lr_at(b + 95, cfg, "joint") == pytest.approx(1e-4)                 # x0.1 at 90%
+    assert ast_seg.lr_at(39, cfg, "background") == 2e-3 and ast_seg.lr_at(40, cfg, "background") == pytest.approx(2e-4)
+    cfg.scenario = "baseline"
+    assert ast_seg.lr_at(4, cfg, "joint") == pytest.approx(1e-3 * 0.25)
+
+
+# -----------------------------------------------------------------------------
+# training scenarios
+
+
+def test_ast_phases_of_each_scenario():
+    cfg = tiny_cfg("--bg_steps=10", "--freeze_steps=3", "--max_steps=7")
+    assert ast_seg.phases(cfg) == [("background", 0, 10), ("foreground", 10, 13), ("joint", 13, 17)]
+    cfg.scenario = "baseline"
+    assert ast_seg.phases(cfg) == [("joint", 0, 7)]
+    cfg.scenario = "frozen"
+    assert ast_seg.phases(cfg) == [("background", 0, 10), ("foreground", 10, 17)]
+    cfg.scenario, cfg.phase = "curriculum", "background"
+    assert ast_seg.phases(cfg) == [("background", 0, 10)]
+
+
+def test_ast_curriculum_freezes_and_unfreezes_the_right_parameters():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    m = ASTSeg(cfg)
+    x = torch.rand(2, 3, 32, 32)
+    groups = {"background": list(m.background.parameters()), "encoder": list(m.encoder.parameters()),
+              "renderer": list(m.renderer.parameters())}
+    expect = {"background": {"background"}, "foreground": {"encoder", "renderer"},
+              "joint": {"background", "encoder", "renderer"}}
+    for phase, trainable in expect.items():
+        params = ast_seg.set_trainable(m, phase)
+        for name, ps in groups.items():
+            assert all(p.requires_grad == (name in trainable) for p in ps), (phase, name)
+        assert {id(p) for p in params} == {id(p) for n in trainable for p in groups[n]}
+        before = {n: [p.detach().clone() for p in ps] for n, ps in groups.items()}
+        opt = ast_seg.make_optimizer(params, cfg, phase)
+        for group in opt.param_groups:
+            group["lr"] = 1e-2
+        loss = ast_seg.background_loss(x, m.background(x)) if phase == "background" else m(x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for name, ps in groups.items():
+            changed = any(not torch.equal(a, p) for a, p in zip(before[name], ps))
+            assert changed == (name in trainable), (phase, name)
+    assert isinstance(ast_seg.make_optimizer(params, cfg, "background"), torch.optim.AdamW)
+    opt = ast_seg.make_optimizer(params, cfg, "joint")
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-9          # Tab. 6
+
+
+def test_ast_a_few_training_steps_reduce_the_loss():
+    import data
+    torch.manual_seed(0)
+    cfg = tiny_cfg("--scenario=baseline")
+    m = ASTSeg(cfg)
+    ds = data.build_dataset("synthetic", "train", image_size=32)
+    x = torch.stack([ds[i]["image"] for i in range(8)])
+    is_bg = torch.stack([ds[i]["mask"] for i in range(8)]).unsqueeze(1) == 0
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        loss = m(x, pixel_weight=0.0)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+    # the robust loss re-weights pixels as it learns: judge the background by its error on background pixels
+    bg = Background(32)
+    opt = torch.optim.AdamW(bg.parameters(), lr=2e-3)
+    bg_error = lambda: ((bg(x)[:, :3] - x) ** 2 * is_bg).sum() / is_bg.sum()      # noqa: E731
+    before = bg_error().item()
+    for _ in range(15):
+        loss = ast_seg.background_loss(x, bg(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert bg_error().item() < 0.5 * before
+
+
+def test_ast_checkpoint_round_trip(tmp_path, tiny_model):
+    from common import load_checkpoint, save_checkpoint
+    path = save_checkpoint(tmp_path / "c.pt", dict(model=tiny_model.state_dict()))
+    torch.manual_seed(123)
+    other = ASTSeg(tiny_model.cfg)
+    other.load_state_dict(load_checkpoint(path)["model"])
+    x = torch.rand(2, 3, 32, 32)
+    a, b = tiny_model.eval()(x), other.eval()(x)
+    for k in ("recon", "masks", "positions", "scales", "activations", "z_what"):
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    tiny_model.train()
+
+
+def test_ast_train_writes_outputs_resumes_exactly_and_evaluates(tmp_path, capsys):
+    common = [*AST_TINY, "--bg_steps=2", "--freeze_steps=2", "--max_steps=3", "--eval_items=4",
+              "--log_interval=1", "--eval_interval=100"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    ast_seg.main([*common, f"--out_dir={a}"])
+    ckpt = torch.load(a / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["phase"] == "joint"
+    assert sorted(p.name for p in a.glob("samples_*.png")) == [f"samples_{s:07d}.png" for s in (2, 4, 5)]
+    logs = [json.loads(l) for l in open(a / "metrics.jsonl")]
+    assert [l["phase"] for l in logs if "loss" in l] == ["background"] * 2 + ["foreground"] * 2 + ["joint"]
+    assert any("test_miou" in l and "test_ari_fg" in l and "test_mse" in l for l in logs)
+    # interrupted inside phase 2, then resumed: identical to the uninterrupted run
+    ast_seg.main([*common, f"--out_dir={b}", "--stop_at=3"])
+    assert torch.load(b / "ckpt.pt", weights_only=True)["phase"] == "foreground"
+    ast_seg.main([*common, f"--out_dir={b}"])
+    assert "resuming from" in capsys.readouterr().out
+    sa = torch.load(a / "ckpt.pt", weights_only=True)["model"]
+    sb = torch.load(b / "ckpt.pt", weights_only=True)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], msg=k)
+    steps = [l["step"] for l in map(json.loads, open(b / "metrics.jsonl")) if "loss" in l]
+    assert steps == [1, 2, 3, 4, 5]
+    metrics = ast_seg.main(["--eval_only", f"--out_dir={a}", "--num_workers=0", "--batch_size=4"])
+    assert set(metrics) >= {"miou", "ari_fg", "mse"}
+    assert (a / "eval_samples.png").exists()
+
+
+def test_ast_phase_background_only_then_continue(tmp_path):
+    common = [*AST_TINY, "--bg_steps=2", "--freeze_steps=1", "--max_steps=1", "--eval_items=2", "--eval_interval=100"]
+    ast_seg.main([*common, f"--out_dir={tmp_path}", "--phase=background"])
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["phase"] == "background"
+    ast_seg.main([*common, f"--out_dir={tmp_path}"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_ast_cli_errors_and_presets(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_config(["--scenario=sometimes"])
+    assert e.value.code == 2 and "scenario" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_config(["--segformer=mit-b9"])
+    c = build_config(["--dataset=clevrtex"])
+    assert (c.num_slots, c.scaling, c.image_size, c.segformer, c.batch_size, c.lr) == (10, "anisotropic", 128, "mit-b3", 64, 4e-5)
+    assert (c.max_steps, c.freeze_steps, c.warmup_steps, c.pixel_warmup, c.bg_steps) == (125000, 30000, 5000, 10000, 500000)
+    assert build_config(["--dataset=clevr"]).bg_steps == 2500 and build_config(["--dataset=clevr"]).scaling == "isotropic"
+    assert build_config(["--dataset=objectsroom"]).num_slots == 3 and build_config(["--dataset=shapestacks"]).image_size == 64
+
+
+# -----------------------------------------------------------------------------
+# official checkpoints
+
+
+# hand-written pairs: transformers 4.x names (official checkpoints) -> 5.x names
+_V4_V5 = [
+    ("segformer.encoder.patch_embeddings.0.proj.weight", "segformer.stages.0.patch_embeddings.proj.weight"),
+    ("segformer.encoder.patch_embeddings.2.layer_norm.bias", "segformer.stages.2.patch_embeddings.layer_norm.bias"),
+    ("segformer.encoder.block.2.1.attention.self.sr.weight",
+     "segformer.stages.2.blocks.1.attention.sequence_reduction.sequence_reduction.weight"),
+    ("segformer.encoder.block.0.0.attention.self.layer_norm.weight",
+     "segformer.stages.0.blocks.0.attention.sequence_reduction.layer_norm.weight"),
+    ("segformer.encoder.block.1.0.attention.self.query.bias", "segformer.stages.1.blocks.0.attention.q_proj.bias"),
+    ("segformer.encoder.block.1.0.attention.output.dense.weight", "segformer.stages.1.blocks.0.attention.o_proj.weight"),
+    ("segformer.encoder.block.3.0.layer_norm_1.weight", "segformer.stages.3.blocks.0.layernorm_before.weight"),
+    ("segformer.encoder.block.3.0.layer_norm_2.bias", "segformer.stages.3.blocks.0.layernorm_after.bias"),
+    ("segformer.encoder.block.0.0.mlp.dense1.weight", "segformer.stages.0.blocks.0.mlp.fc1.weight"),
+    ("segformer.encoder.block.0.0.mlp.dwconv.dwconv.weight", "segformer.stages.0.blocks.0.mlp.dwconv.dwconv.weight"),
+    ("segformer.encoder.layer_norm.3.bias", "segformer.stages.3.layer_norm.bias"),
+    ("decode_head.linear_c.2.proj.bias", "decode_head.linear_projections.2.proj.bias"),
+    ("decode_head.linear_fuse.weight", "decode_head.linear_fuse.weight"),
+]
+
+
+def test_ast_segformer_key_renames_4x_5x():
+    for v4, v5 in _V4_V5:
+        assert convert_segformer_key(v4, to_v5=True) == v5
+        assert convert_segformer_key(v5, to_v5=False) == v4
+        assert convert_segformer_key(v5, to_v5=True) == v5                # idempotent
+
+
+def official_layout(model):
+    """Our state dict written out in the official MF_train.py checkpoint layout (transformers 4.x keys)."""
+    sd = model.state_dict()
+    enc = {"position_map": torch.zeros(1, 2, 8, 8)}
+    gen = {"background_mask": torch.ones(1, 1, 1, 1, 1), "background_mask_logit": torch.zeros(1, 1, 1, 1, 1)}
+    benc, bgen = {}, {}
+    for k, v in sd.items():
+        if k.startswith("encoder.feature_and_attention_map_generator.complete_model."):
+            enc[convert_segformer_key(k[len("encoder."):], to_v5=False)] = v
+        elif k.startswith("encoder."):
+            enc[k[len("encoder."):]] = v
+        elif k.startswith("renderer."):
+            gen[k[len("renderer."):]] = v
+        elif k.startswith("background.encoder."):
+            i, rest = k[len("background.encoder."):].split(".", 1)
+            benc[f"background_encoder.{i}.{rest.replace('layers.', 'downsample.')}"] = v
+            benc[f"background_encoder.{i}.positional_encoding"] = torch.zeros(1)
+        elif k.startswith("background.generator."):
+            i, rest = k[len("background.generator."):].split(".", 1)
+            bgen[f"background_generator.{i}.{rest.replace('layers.', 'upsample.')}"] = v
+            bgen[f"background_generator.{i}.positional_encoding"] = torch.zeros(1)
+        else:
+            raise AssertionError(k)
+    return dict(encoder_state_dict=enc, generator_state_dict=gen, background_encoder_state_dict=benc,
+                background_generator_state_dict=bgen, trainer_state_dict={}, optimizer_state_dict={})
+
+
+def test_ast_official_checkpoint_conversion(tmp_path, tiny_model):
+    off = official_layout(tiny_model)
+    assert any("encoder.block.0.0.attention.self.query" in k for k in off["encoder_state_dict"])
+    assert "transformer.layers.1.self_attn.in_proj_weight" in off["encoder_state_dict"]
+    assert "glimpse_generator.0.weight" in off["generator_state_dict"]
+    assert "background_activation_logit" in off["generator_state_dict"]
+    assert "background_encoder.0.downsample.0.weight" in off["background_encoder_state_dict"]
+    assert "background_generator.4.upsample.0.weight" in off["background_generator_state_dict"]
+    sd = ast_convert_official_state_dict(off, segformer_v5=True)
+    ours = tiny_model.state_dict()
+    assert set(sd) == set(ours)
+    for k in ours:
+        assert torch.equal(sd[k], ours[k]), k
+    # through the CLI path: a saved official file loads with --init_from and gives the same outputs
+    torch.save(off, tmp_path / "official.pth")
+    torch.manual_seed(5)
+    other = ASTSeg(tiny_model.cfg)
+    ast_seg.load_official(other, str(tmp_path / "official.pth"))
+    x = torch.rand(2, 3, 32, 32)
+    a, b = tiny_model.eval()(x), other.eval()(x)
+    torch.testing.assert_close(a["recon"], b["recon"], rtol=0, atol=0)
+    torch.testing.assert_close(a["masks"], b["masks"], rtol=0, atol=0)
+    tiny_model.train()
+    bad = dict(off, encoder_state_dict={**off["encoder_state_dict"], "mystery.weight": torch.zeros(1)})
+    with pytest.raises(KeyError, match="mystery"):
+        ast_convert_official_state_dict(bad)
+
+
+def official_forward(off, cfg, images):
+    """The official forward (MF_models_encoder.Encoder, MF_models_renderer.Renderer, background AE) re-stated
+    from the official checkpoint tensors: sequence-first transformer, latents (x, y, s, alpha, z_what),
+    background on 0-255 images, activation logit read at index 4 (the official choice)."""
+    K, n = cfg.num_slots, images.shape[0]
+    ref = ASTSeg(cfg).eval()                                  # used only as containers of official modules
+    enc = off["encoder_state_dict"]
+    seg = ref.encoder.feature_and_attention_map_generator.complete_model
+    seg.load_state_dict({convert_segformer_key(k[len("feature_and_attention_map_generator.complete_model."):]): v
+                         for k, v in enc.items() if k.startswith("feature_and_attention_map_generator.")})
+    maps = seg(pixel_values=images).logits
+    fh, fw = maps.shape[-2:]
+    pm = torch.zeros(2, fh, fw)
+    for xx in range(fw):
+        for yy in range(fh):
+            pm[0, yy, xx], pm[1, yy, xx] = 2 * (xx / (fw - 1) - 0.5), 2 * (yy / (fh - 1) - 0.5)
+    attn = torch.softmax(maps[:, :K].reshape(n, K, fh * fw), dim=2).reshape(n, K, fh, fw)
+    pf = torch.cat([pm.expand(n, -1, -1, -1), maps[:, K:]], dim=1)
+    lat = (pf.unsqueeze(1) * attn.unsqueeze(2)).sum(dim=(3, 4)).permute(1, 0, 2)      # [K, n, D]
+    layer = nn.TransformerEncoderLayer(cfg.transformer_dim, cfg.transformer_heads, cfg.transformer_ff)
+    tr = nn.TransformerEncoder(layer, cfg.transformer_layers).eval()
+    tr.load_state_dict({k[len("transformer."):]: v for k, v in enc.items() if k.startswith("transformer.")})
+    lin = lambda name, t: t @ enc[name + ".weight"].T + enc[name + ".bias"]          # noqa: E731
+    lat = lin("latents_projection", tr(lin("feature_vector_embedding", lat)))
+    # renderer
+    gen = off["generator_state_dict"]
+    ns = 1 if cfg.scaling == "isotropic" else 2
+    act_logit = lat[:, :, 4]
+    lat = lat.reshape(n * K, -1)
+    pos = torch.clamp(lat[:, 0:2], -1, 1)
+    sc = cfg.s_min + (cfg.s_max - cfg.s_min) * torch.sigmoid(lat[:, 2:2 + ns])
+    zw = lat[:, 3 + ns:]
+    gg = ref.renderer.glimpse_generator
+    gg.load_state_dict({k[len("glimpse_generator."):]: v for k, v in gen.items() if k.startswith("glimpse_generator.")})
+    obj = gg(zw.reshape(n * K, -1, 1, 1))
+    theta = torch.zeros(n * K, 2, 3)
+    theta[:, 0, 0] = sc[:, 0]
+    theta[:, 1, 1] = sc[:, 0] if ns == 1 else sc[:, 1]
+    theta[:, :, 2] = -pos * sc
+    H, W = images.shape[-2:]
+    grid = torch.nn.functional.affine_grid(theta, torch.Size((n * K, 4, H, W)), align_corners=False)
+    warped = torch.nn.functional.grid_sample(obj, grid, align_corners=False).reshape(K, n, 4, H, W)
+    # background: official BG(BE(255 x)) / 255 with 0-255 sigmoid output
+    bgm = ref.background
+    bgm.load_state_dict({**{"encoder." + k.split(".", 1)[1].replace("downsample.", "layers."): v
+                            for k, v in off["background_encoder_state_dict"].items() if "positional" not in k},
+                         **{"generator." + k.split(".", 1)[1].replace("upsample.", "layers."): v
+                            for k, v in off["background_generator_state_dict"].items() if "positional" not in k}})
+    backgrounds = (torch.sigmoid(bgm.generator(bgm.encoder(255 * images))) * 255 / 255)[:, :3]
+    acts = torch.cat([torch.exp(gen["background_activation_logit"]).reshape(1, 1, 1, 1, 1).expand(1, n, 1, H, W),
+                      torch.exp(act_logit).reshape(K, n, 1, 1, 1).expand(K, n, 1, H, W)])
+    masks = torch.cat([torch.ones(1, n, 1, H, W), warped[:, :, 3:]])
+    w = acts * masks
+    w = w / w.sum(0, keepdim=True)
+    layers = torch.cat([backgrounds.reshape(1, n, 3, H, W), warped[:, :, :3]])
+    return (layers * w).sum(0), w[:, :, 0].permute(1, 0, 2, 3)
+
+
+@pytest.mark.parametrize("scaling", ["anisotropic", "isotropic"])
+def test_ast_equals_official_forward(scaling):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(f"--scaling={scaling}")
+    m = ASTSeg(cfg).eval()
+    off = official_layout(m)
+    x = torch.rand(2, 3, 32, 32)
+    recon_ref, w_ref = official_forward(off, cfg, x)
+    if scaling == "isotropic":                              # the official activation index: compat flag only
+        cfg.official_activation_bug = True
+    with torch.no_grad():
+        out = m(x)
+    torch.testing.assert_close(out["recon"], recon_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["masks"], w_ref, rtol=1e-5, atol=1e-6)
+    if scaling == "isotropic":
+        cfg.official_activation_bug = False
+        with torch.no_grad():
+            assert not torch.allclose(m(x)["masks"], w_ref)   # the default reads the logit's own channel

@@ -1,0 +1,1663 @@
+"""Min-cut OCL: Differentiable Mathematical Programming for Object-Centric Representation Learning
+(Pervez, Lippe & Gavves, ICLR 2023).
+
+Paper: ../shared/papers/mincut_ocl_pervez2023.md.  Facts from the official code (alpz/graph-ocl):
+../shared/REFERENCE.md, section Min-cut OCL.  One file, read top to bottom:
+
+    1. Config          defaults (CPU-sized, built-in data) and per-dataset presets (Sec. 6.1, App. D)
+    2. QP layer        the regularised equality-constrained s-t cut QP (eq. 2, Sec. 3.1) with three
+                       solvers of the same QP: "sparse" (the paper's factor-once sparse method, App. B),
+                       "dct" (exact O(P log P) node solve, this project) and "dense" (plain KKT, tests)
+    3. Model           encoder -> k-partition with a background cut (Alg. 1, Alg. 2, Sec. 4) ->
+                       slots -> spatial broadcast decoder, alpha mixture, MSE (Sec. 6.1)
+    4. Training        Adam 4e-4, lr x 0.8^(step / (0.2 total)) (App. D), resume
+    5. Matching        the matching QP (eq. 7, App. C), its Cora validation (Sec. 6.2), slot tracking over
+                       videos and the two-frame pair model (Sec. 4 "Matching and motion", Alg. 3, App. A);
+                       library functions with tests, not yet wired into the CLI below
+    6. Evaluation      ARI, ARI-FG, mIoU, MSC-FG, MSE on the test split
+
+Run:
+    python mincut_ocl.py                                   # built-in synthetic data, CPU-sized model
+    python mincut_ocl.py --dataset=clevrtex --data_dir=PATH
+    python mincut_ocl.py --eval_only --dataset=clevrtex --data_dir=PATH
+    python mincut_ocl.py --qp_solver=sparse                # the paper's solver (slow on CPU)
+"""
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from scipy.optimize import linear_sum_assignment, linprog
+
+from common import (MetricsLog, ResumableSampler, ari, fail, get_device, get_rng_state, labels_to_rgb, load_checkpoint,
+                    mse, nanmean, parse_args, progress, save_checkpoint, save_image_grid, save_slot_grid,
+                    seed_everything, segmentation_metrics, set_rng_state)
+
+# -----------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class Config:
+    """Min-cut OCL configuration. Every field can be set from the command line as --key=value.
+
+    Defaults are sized for a 2-core CPU on the built-in `synthetic` dataset; `--dataset=NAME`
+    first applies that dataset's paper settings (PRESETS, Sec. 6.1 and App. D), then your flags.
+    """
+    # data
+    dataset: str = "synthetic"      # synthetic | clevr | clevr6 | clevrtex | clevrtex_ood | clevrtex_camo | ...
+    data_dir: str = ""              # root of the dataset on disk (not needed for synthetic)
+    image_size: int = 32            # input resolution (Sec. 6.1: 128; 32 here for a 2-core CPU)
+    num_workers: int = 1            # DataLoader workers
+    # model
+    encoder: str = "cnn"            # cnn (Sec. 6.1: CLEVR) | resnet (4 BasicBlocks, Sec. 6.1: ClevrTex)
+    enc_channels: int = 32          # encoder feature maps (Sec. 6.1: 64 CNN, 100 ResNet)
+    enc_stride: int = 1             # stride of the first encoder layer (Sec. 6.1: 2, 128 px -> 64x64 maps)
+    num_slots: int = 7              # k: k-1 object cuts + 1 foreground cut (App. D: 12)
+    slot_dim: int = 64              # App. D: slot size 64
+    mlp_dim: int = 128              # hidden width of the slot MLPs (official: 128; input MLP 2x this)
+    gamma: float = 0.5              # QP regulariser (Sec. 6.1: 0.5)
+    qp_solver: str = "dct"          # dct (exact, fast) | sparse (the paper's App. B method) | dense (tiny grids)
+    obj_temp: float = 0.5           # softmax temperature over the object cuts (Sec. 6.1: 0.5)
+    mask_temp: float = 0.1          # softmax temperature of the combined masks (Sec. 6.1: 0.1)
+    dec_channels: int = 32          # decoder feature maps (official: 64)
+    dec_init_size: int = 8          # spatial broadcast resolution (Sec. 6.1: 8x8)
+    dec_strides: tuple = (2, 2)     # one ConvT 5x5 per entry; 8 * prod = image_size (official: 2,2,2,2)
+    # optimisation (App. D)
+    batch_size: int = 16            # App. D: 64
+    lr: float = 4e-4                # App. D: Adam 4e-4
+    lr_decay: float = 0.8           # lr factor lr_decay ** (step / (decay_fraction * max_steps)) (official)
+    decay_fraction: float = 0.2
+    max_steps: int = 3000           # about 30 min on 2 CPU cores
+    grad_clip: float = 0.0          # 0 = off (the official code does not clip)
+    # run
+    out_dir: str = "out/mincut_ocl"
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda | mps
+    log_interval: int = 10
+    eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
+    eval_items: int = 256           # test images used for the periodic evaluation (0 = whole split)
+    resume: bool = True             # continue from out_dir/ckpt.pt when it exists
+    eval_only: bool = False         # evaluate out_dir/ckpt.pt on the test split and exit
+
+
+# Paper settings (Sec. 6.1, App. D; REFERENCE.md): 128x128 input, first layer stride 2 -> 64x64 QP grid,
+# 12 slots of size 64, Adam 4e-4, batch 64, decoder 8 -> 128 with 64 channels. max_steps: the official
+# 500 epochs of the 40k ClevrTex training images at batch 64 (the paper gives only "1.5 days", App. D).
+_PAPER = dict(image_size=128, enc_stride=2, num_slots=12, slot_dim=64, batch_size=64, dec_channels=64,
+              dec_strides=(2, 2, 2, 2), max_steps=312500, num_workers=8, eval_interval=5000, eval_items=0)
+PRESETS = {
+    "synthetic": {},
+    "clevr": dict(_PAPER, encoder="cnn", enc_channels=64),                # Sec. 6.1: CNN, 64 maps
+    "clevrtex": dict(_PAPER, encoder="resnet", enc_channels=100),         # Sec. 6.1: ResNet, 4 blocks, 100 maps
+}
+PRESETS["clevr6"] = dict(PRESETS["clevr"])
+for _name in ("clevrtex_ood", "clevrtex_camo"):                          # eval-only sets of Tab. 1
+    PRESETS[_name] = dict(PRESETS["clevrtex"])
+
+
+def build_config(argv=None):
+    """Config from the command line: defaults <- PRESETS[--dataset] <- explicit flags."""
+    first = parse_args(Config(), argv)          # validates every flag, gives us --dataset
+    cfg = Config(**PRESETS.get(first.dataset, {}))
+    return parse_args(cfg, argv)
+
+
+# -----------------------------------------------------------------------------
+# 2. The s-t cut QP layer
+#
+# Variables x = [p_s, p_t, p (P pixels, row-major), d (E edges), slack (E edges)].
+# Edges, in this order: the s-edge s -> v of every pixel, the t-edge v -> t of every pixel, then for
+# each direction down, right, up, left the edges v -> neighbour of the pixels whose neighbour is in
+# the image. Row e: d_e - p_tail + p_head - slack_e = 0; last row: p_s - p_t = 10 (no slack).
+
+EDGE_OFFSETS = ((1, 0), (0, 1), (-1, 0), (0, -1))      # down, right, up, left = channels 2..5 of w
+SEPARATION = 10.0                                        # p_s - p_t (official "distance of 10")
+
+
+def grid_edge_mask(height, width):
+    """Bool numpy array [4,H,W]: True where the grid edge (down, right, up, left) of pixel (i,j) exists."""
+    m = np.zeros((4, height, width), dtype=bool)
+    m[0, :-1, :] = True
+    m[1, :, :-1] = True
+    m[2, 1:, :] = True
+    m[3, :, 1:] = True
+    return m
+
+
+@functools.lru_cache(maxsize=8)
+def cut_structure(height, width):
+    """The constraint matrix of the s-t cut QP on an HxW grid (scipy, float64).
+
+    Returns a dict:
+      A        CSR [E+1, 2+P+2E]: the full constraint matrix (columns p_s, p_t, pixels, d, slack)
+      A_nodes  CSR [E+1, P+2]: its node columns (the d and slack columns are +I and -I on the edge rows)
+      b        [E+1]: zeros and SEPARATION in the last row
+      edge_index  int64 [E]: position of edge e's weight in w[b].reshape(6*P) (channel * P + pixel)
+      E, P
+    """
+    P = height * width
+    pix = np.arange(P).reshape(height, width)
+    tails = [np.zeros(P, np.int64), 2 + pix.ravel()]                 # s -> v, v -> t
+    heads = [2 + pix.ravel(), np.ones(P, np.int64)]
+    index = [pix.ravel(), P + pix.ravel()]
+    for k, (di, dj) in enumerate(EDGE_OFFSETS):
+        i, j = np.nonzero(grid_edge_mask(height, width)[k])
+        tails.append(2 + pix[i, j])
+        heads.append(2 + pix[i + di, j + dj])
+        index.append((2 + k) * P + pix[i, j])
+    tails, heads, index = np.concatenate(tails), np.concatenate(heads), np.concatenate(index)
+    E, n = len(tails), P + 2
+    rows = np.arange(E)
+    A_nodes = scipy.sparse.csr_matrix(
+        (np.r_[-np.ones(E), np.ones(E), 1.0, -1.0], (np.r_[rows, rows, E, E], np.r_[tails, heads, 0, 1])),
+        shape=(E + 1, n))
+    private = scipy.sparse.csr_matrix(                                 # d_e (+1) and slack_e (-1)
+        (np.r_[np.ones(E), -np.ones(E)], (np.r_[rows, rows], np.r_[rows, E + rows])), shape=(E + 1, 2 * E))
+    A = scipy.sparse.hstack([A_nodes, private]).tocsr()
+    b = np.zeros(E + 1)
+    b[E] = SEPARATION
+    return dict(A=A, A_nodes=A_nodes, b=b, edge_index=index, E=E, P=P)
+
+
+# --- "dct": exact O(P log P) solve ---------------------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def _dct_tables(N, dtype, device):
+    """Index maps and twiddles of the length-N FFT-based DCT (Makhoul 1980)."""
+    order = torch.cat([torch.arange(0, N, 2), torch.arange(1, N, 2).flip(0)])   # v = x[order]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(N)
+    k = torch.arange(N // 2 + 1, dtype=torch.float64)
+    scale = torch.full_like(k, math.sqrt(2.0 / N))
+    scale[0] = math.sqrt(1.0 / N)
+    fwd = torch.polar(scale, -math.pi * k / (2 * N))                       # scale_k exp(-i pi k / 2N)
+    inv = torch.polar(1.0 / scale, math.pi * k / (2 * N))
+    rev = torch.cat([torch.tensor([0]), torch.arange(N - 1, N - N // 2 - 1, -1)])   # N - k (0 for k = 0)
+    ctype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    return (order.to(device), inverse.to(device), fwd.to(device, ctype), inv.to(device, ctype), rev.to(device),
+            N // 2 + 1)
+
+
+def _view_dim(t, dim, ndim):
+    """Reshape a 1-D table to broadcast along `dim` of an ndim tensor."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return t.reshape(shape)
+
+
+def _take(x, dim, index):
+    """x.index_select(dim, index); advanced indexing on the last dim (index_select is slow there on CPU)."""
+    return x[..., index] if dim == x.dim() - 1 else x.index_select(dim, index)
+
+
+def dct_ortho(x, dim=-1):
+    """Orthonormal DCT-II along `dim` (= scipy.fft.dct(x, norm="ortho", axis=dim)) by one real FFT.
+
+    Makhoul: v = (x_0, x_2, ..., x_3, x_1), Z_k = s_k exp(-i pi k/2N) rfft(v)_k, X_k = Re Z_k for k <= N/2
+    and X_k = -Im Z_{N-k} for k > N/2 (Hermitian symmetry of the FFT of a real sequence).
+    """
+    dim = dim % x.dim()
+    N = x.shape[dim]
+    order, _, fwd, _, _, half = _dct_tables(N, x.dtype, x.device)
+    z = torch.fft.rfft(_take(x, dim, order), dim=dim) * _view_dim(fwd, dim, x.dim())
+    upper = (-z.imag).narrow(dim, 1, (N - 1) // 2).flip(dim)            # k = N/2+1 .. N-1
+    return torch.cat([z.real, upper], dim=dim)
+
+
+def idct_ortho(X, dim=-1):
+    """Inverse of dct_ortho (orthonormal DCT-III) along `dim` by one inverse real FFT.
+
+    With Y the unnormalised DCT-II / 2: V_k = exp(i pi k/2N) (Y_k - i Y_{N-k}) (Y_N = 0), v = irfft(V),
+    then undo the even/odd reordering.
+    """
+    dim = dim % X.dim()
+    N = X.shape[dim]
+    _, inverse, _, inv, rev, half = _dct_tables(N, X.dtype, X.device)
+    low = X.narrow(dim, 0, half)
+    high = _take(X, dim, rev) * _view_dim((rev > 0).to(X.dtype), dim, X.dim())    # X_{N-k}, 0 at k = 0
+    inv_scaled = _view_dim(inv, dim, X.dim())
+    # Y_{N-k} / 2 carries the scale of index N-k, which equals the scale of k for 0 < k < N
+    V = inv_scaled * torch.complex(low, -high)
+    return _take(torch.fft.irfft(V, n=N, dim=dim), dim, inverse)
+
+
+def dct2(x):
+    """Orthonormal 2-D DCT-II over the last two dims."""
+    return dct_ortho(dct_ortho(x, -1), -2)
+
+
+def idct2(x):
+    """Inverse of dct2."""
+    return idct_ortho(idct_ortho(x, -2), -1)
+
+
+def _shift(x, di, dj):
+    """y[..., i, j] = x[..., i+di, j+dj] where that is inside the grid, else 0 (di, dj in {-1,0,1})."""
+    H, W = x.shape[-2:]
+    y = x[..., max(di, 0):H + min(di, 0), max(dj, 0):W + min(dj, 0)]
+    return F.pad(y, (max(-dj, 0), max(dj, 0), max(-di, 0), max(di, 0)))
+
+
+def dct_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
+    """Exact solve of the s-t cut QP (eq. 2 in the official form, see STCutQP) by a node-sized system.
+
+    c_s, c_t [N]: costs on p_s, p_t;  c_p [N,H,W]: costs on the pixel potentials;  c_e [N,6,H,W]: costs
+    on the edge variables d (channels as STCutQP; out-of-image grid edges are ignored); slack costs are 0.
+    h: right-hand side of the hard row p_s - p_t = h. Returns (p_s [N], p_t [N], p [N,H,W], d [N,6,H,W]).
+    Pure torch: differentiable by autograd as well (STCutQP uses the self-adjoint backward instead).
+
+    Derivation (REFERENCE.md). KKT of min c^T x + (gamma/2)|x|^2 s.t. Ax = b: gamma x + c + A^T lam = 0.
+    Each edge row e = (u -> v) owns d_e (+1) and slack_e (-1); with N_e p = p_v - p_u its row reads
+    d_e - slack_e + N_e p = 0, so d_e = -(c_e + lam_e)/gamma, slack_e = lam_e/gamma and
+        lam_e = (gamma N_e p - c_e) / 2,        d_e = -(c_e + gamma N_e p) / (2 gamma).
+    The node potentials then solve, with n_e = N_e^T, n_h = e_s - e_t and nu the hard row's multiplier,
+        C p + nu n_h = r,   n_h^T p = h,   C = I + (1/2) sum_e n_e n_e^T,   r = (1/(2gamma)) sum_e c_e n_e - c_nodes/gamma.
+    Blocks of C on the grid: pixels 2I + L4 (L4 the 4-neighbour Laplacian with Neumann boundary: every
+    neighbour pair has two directed edges, each adding 1/2; the s- and t-edge add 1/2 each on the diagonal),
+    C_ps = C_pt = -1/2, C_ss = C_tt = 1 + P/2, C_st = 0. With M = 2I + L4 and M^{-1} 1 = 1/2:
+        p_pix = M^{-1} r_pix + sigma/4,    sigma = p_s + p_t = (r_s + r_t + sum(r_pix)/2) / (1 + P/4),
+        p_s = (sigma + h)/2,  p_t = (sigma - h)/2   (the 3x3 Schur complement in p_s, p_t, nu, solved by hand),
+    and M^{-1} = IDCT2 diag(1 / (2 + lam_j + lam_k)) DCT2 with lam_j = 2 - 2cos(pi j/H), lam_k = 2 - 2cos(pi k/W)
+    (the orthonormal 2-D DCT-II diagonalises the Neumann Laplacian). Cost: one DCT2 + one IDCT2 + O(P).
+    """
+    N, _, H, W = c_e.shape
+    P, k2 = H * W, 1.0 / (2.0 * gamma)
+    cs, ct, c_dn, c_rt, c_up, c_lt = c_e.unbind(1)
+    # node right-hand side r = (1/2gamma) sum_e c_e (e_head - e_tail) - c_nodes/gamma; grid edges by slices
+    # (in place on fresh tensors, to keep the memory traffic low; autograd still works through it)
+    r_p = cs - ct                                                        # s -> v enters, v -> t leaves
+    r_p[:, 1:, :] += c_dn[:, :-1, :]                                     # down edge (i-1,j) -> (i,j)
+    r_p[:, :-1, :] -= c_dn[:, :-1, :]
+    r_p[:, :, 1:] += c_rt[:, :, :-1]                                     # right edge (i,j-1) -> (i,j)
+    r_p[:, :, :-1] -= c_rt[:, :, :-1]
+    r_p[:, :-1, :] += c_up[:, 1:, :]                                     # up edge (i+1,j) -> (i,j)
+    r_p[:, 1:, :] -= c_up[:, 1:, :]
+    r_p[:, :, :-1] += c_lt[:, :, 1:]                                     # left edge (i,j+1) -> (i,j)
+    r_p[:, :, 1:] -= c_lt[:, :, 1:]
+    r_p = r_p * k2 - c_p / gamma
+    r_s = -k2 * cs.sum((1, 2)) - c_s / gamma
+    r_t = k2 * ct.sum((1, 2)) - c_t / gamma
+    # Schur complement in (p_s, p_t, nu)
+    sigma = (r_s + r_t + 0.5 * r_p.sum((1, 2))) / (1.0 + P / 4.0)
+    p_s, p_t = (sigma + h) / 2, (sigma - h) / 2
+    # pixel block (2I + L4)^{-1} by the 2-D DCT
+    p = idct2(dct2(r_p) / _dct_eigenvalues(H, W, c_e.dtype, c_e.device)) + sigma[:, None, None] / 4
+    # edge variables d_e = -c_e/(2 gamma) - (p_head - p_tail)/2
+    d = c_e * -k2
+    d[:, 0] -= (p - p_s[:, None, None]) / 2
+    d[:, 1] -= (p_t[:, None, None] - p) / 2
+    dv, dh = (p[:, 1:, :] - p[:, :-1, :]) / 2, (p[:, :, 1:] - p[:, :, :-1]) / 2
+    d[:, 2, :-1, :] -= dv
+    d[:, 3, :, :-1] -= dh
+    d[:, 4, 1:, :] += dv
+    d[:, 5, :, 1:] += dh
+    d[:, 2, -1, :] = 0                                                   # edges leaving the image
+    d[:, 3, :, -1] = 0
+    d[:, 4, 0, :] = 0
+    d[:, 5, :, 0] = 0
+    return p_s, p_t, p, d
+
+
+@functools.lru_cache(maxsize=32)
+def _dct_eigenvalues(H, W, dtype, device):
+    """Eigenvalues 2 + lam_j + lam_k of 2I + L4 in the 2-D DCT basis, [H,W]."""
+    j = torch.arange(H, dtype=torch.float64)
+    k = torch.arange(W, dtype=torch.float64)
+    eig = 2 + (2 - 2 * torch.cos(math.pi * j / H))[:, None] + (2 - 2 * torch.cos(math.pi * k / W))[None, :]
+    return eig.to(device, dtype)
+
+
+# --- "sparse": the paper's method (Sec. 3.1, App. B) ------------------------------------------------
+
+_SPARSE_FACTORS = {}   # (H, W) -> SuperLU of AA^T (CPU, float64); (H, W, dtype, device) -> CuPy factors
+
+
+def sparse_factor(height, width):
+    """Factor AA^T once per grid size (cached): SuperLU with a symmetric fill-reducing ordering.
+
+    CHOLMOD (the official `cholesky_AAt(A, ordering_method='nesdis')`) is not a SciPy dependency, so
+    this uses SciPy's SuperLU in symmetric mode: minimum-degree ordering of A+A^T applied to rows and
+    columns alike and no pivoting (AA^T is symmetric positive definite), i.e. Pr AA^T Pc = L U with
+    Pr = Pc^T and U = D L^T. The s and t columns couple every pixel row, so nnz(L) grows as about P^2
+    (36M at 64x64, 27 s to factor on 2 CPU cores): see README, Benchmark.
+    """
+    key = (height, width)
+    if key not in _SPARSE_FACTORS:
+        st = cut_structure(height, width)
+        E = st["E"]
+        AAt = st["A_nodes"] @ st["A_nodes"].T + scipy.sparse.diags(np.r_[np.full(E, 2.0), 0.0])  # + d, slack
+        _SPARSE_FACTORS[key] = scipy.sparse.linalg.splu(
+            AAt.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
+    return _SPARSE_FACTORS[key]
+
+
+def triangular_solve(factors, r, spsolve_triangular):
+    """(AA^T)^{-1} r with the factors of Pr AA^T Pc = L U by two sparse triangular solves.
+
+    factors: dict L (CSR, unit lower), U (CSR, upper), inv_perm_r, perm_c (index arrays); r [m, N].
+    `spsolve_triangular` is scipy's or cupyx's (same signature), so the GPU path is tested on the CPU.
+    """
+    z = r[factors["inv_perm_r"]]                                       # Pr r
+    z = spsolve_triangular(factors["L"], z, lower=True, unit_diagonal=True)
+    z = spsolve_triangular(factors["U"], z, lower=False)
+    return z[factors["perm_c"]]                                        # Pc z
+
+
+def triangular_factors(lu, xp=np, sparse_module=scipy.sparse, dtype=np.float64):
+    """SuperLU factors as (L, U, permutations) for `triangular_solve`, on the array module `xp`."""
+    inv = np.empty_like(lu.perm_r)
+    inv[lu.perm_r] = np.arange(len(inv))
+    return dict(L=sparse_module.csr_matrix(lu.L.tocsr().astype(dtype)),
+                U=sparse_module.csr_matrix(lu.U.tocsr().astype(dtype)),
+                inv_perm_r=xp.asarray(inv), perm_c=xp.asarray(lu.perm_c))
+
+
+def _import_cupy():
+    try:
+        import cupy
+        import cupyx.scipy.sparse
+        import cupyx.scipy.sparse.linalg
+    except ImportError as e:
+        raise RuntimeError("STCutQP(solver='sparse') got a CUDA tensor but CuPy is not installed: "
+                           "pip install cupy-cuda12x (or use solver='dct', or move the input to the CPU)") from e
+    return cupy, cupyx
+
+
+def sparse_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
+    """The same QP as dct_cut_solve by the paper's closed form (eq. 6) with the cached sparse factor:
+
+        x = -(1/gamma) (c - A^T (AA^T)^{-1} (A c + gamma b)),   b = [0, ..., 0, h]
+          = -(1/gamma) (c - A^T (AA^T)^{-1} A c) + A^T (AA^T)^{-1} b.
+    A c and A^T y use the block structure A = [A_nodes, I, -I] (d and slack columns). CPU tensors: SciPy,
+    always in float64 (results cast back to the input dtype). CUDA tensors: CuPy/cuSPARSE triangular
+    solves on factors cast to the input dtype (as the official code), zero-copy via DLPack.
+    No autograd here: STCutQP wraps it in the self-adjoint Function.
+    """
+    N, _, H, W = c_e.shape
+    st = cut_structure(H, W)
+    E, dtype, device = st["E"], c_e.dtype, c_e.device
+    idx = torch.as_tensor(st["edge_index"], device=device)
+    c_nodes = torch.cat([c_s[:, None], c_t[:, None], c_p.reshape(N, -1)], dim=1).T     # [P+2, N]
+    c_d = c_e.reshape(N, -1)[:, idx].T                                                  # [E, N]
+    if device.type == "cuda":
+        cupy, cupyx = _import_cupy()
+        key = (H, W, dtype, device)
+        if key not in _SPARSE_FACTORS:
+            np_dtype = np.float32 if dtype == torch.float32 else np.float64
+            with cupy.cuda.Device(device.index or 0):
+                fac = triangular_factors(sparse_factor(H, W), cupy, cupyx.scipy.sparse, np_dtype)
+                fac["A_nodes"] = cupyx.scipy.sparse.csr_matrix(st["A_nodes"].astype(np_dtype))
+            _SPARSE_FACTORS[key] = fac
+        fac = _SPARSE_FACTORS[key]
+        with cupy.cuda.Device(device.index or 0), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+            cn, cd = cupy.from_dlpack(c_nodes.contiguous()), cupy.from_dlpack(c_d.contiguous())
+            r = fac["A_nodes"] @ cn                                     # A c
+            r[:E] += cd
+            r[E] += gamma * h                                           # + gamma b
+            y = triangular_solve(fac, r, cupyx.scipy.sparse.linalg.spsolve_triangular)
+            x_nodes = -(cn - fac["A_nodes"].T @ y) / gamma
+            x_d = -(cd - y[:E]) / gamma
+            x_nodes, x_d = torch.from_dlpack(x_nodes), torch.from_dlpack(x_d)
+    else:
+        A_nodes = st["A_nodes"]
+        cn, cd = c_nodes.detach().double().numpy(), c_d.detach().double().numpy()
+        r = A_nodes @ cn                                                # A c
+        r[:E] += cd
+        r[E] += gamma * h                                               # + gamma b
+        y = sparse_factor(H, W).solve(r)                                # (AA^T)^{-1}: two triangular solves
+        x_nodes = torch.from_numpy(-(cn - A_nodes.T @ y) / gamma).to(dtype)
+        x_d = torch.from_numpy(-(cd - y[:E]) / gamma).to(dtype)
+    d = torch.zeros(N, 6 * H * W, dtype=dtype, device=device)
+    d[:, idx] = x_d.T
+    return x_nodes[0], x_nodes[1], x_nodes[2:].T.reshape(N, H, W), d.reshape(N, 6, H, W)
+
+
+class _SelfAdjointCut(torch.autograd.Function):
+    """x = solve(c) for the cut QP with a custom backward (Amos & Kolter 2017; Sec. 3.1):
+
+    the map c -> x is affine, x = K c + x0 with K = -(1/gamma)(I - A^T (AA^T)^{-1} A) symmetric, so
+    dL/dc = K g = -(1/gamma)(g - A^T (AA^T)^{-1} A g) = solve(cost=g, h=0): the same solver, nothing saved.
+    Supports double backward (the backward is this Function again).
+    """
+
+    @staticmethod
+    def forward(ctx, solve, gamma, h, c_s, c_t, c_p, c_e):
+        ctx.solve, ctx.gamma = solve, gamma
+        return solve(c_s, c_t, c_p, c_e, gamma, h)
+
+    @staticmethod
+    def backward(ctx, g_s, g_t, g_p, g_e):
+        return (None, None, None) + _SelfAdjointCut.apply(ctx.solve, ctx.gamma, 0.0, g_s, g_t, g_p, g_e)
+
+
+# --- "dense": plain KKT, for tests ---------------------------------------------------------------------
+
+DENSE_MAX_PIXELS = 1024
+
+
+def dense_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
+    """The same QP from the KKT system (eq. 5) solved densely with torch.linalg (eq. 6: Cholesky of AA^T).
+
+    Differentiable by plain autograd (an independent check of the custom backward). Small grids only.
+    """
+    N, _, H, W = c_e.shape
+    st = cut_structure(H, W)
+    E, P, n = st["E"], st["P"], st["A"].shape[1]
+    A = torch.as_tensor(st["A"].toarray(), dtype=c_e.dtype, device=c_e.device)
+    b = torch.as_tensor(st["b"], dtype=c_e.dtype, device=c_e.device) * (h / SEPARATION)
+    idx = torch.as_tensor(st["edge_index"], device=c_e.device)
+    c = torch.cat([c_s[:, None], c_t[:, None], c_p.reshape(N, P), c_e.reshape(N, -1)[:, idx],
+                   c_e.new_zeros(N, n - P - 2 - E)], dim=1)              # [N, n], slack cost 0
+    L = torch.linalg.cholesky(A @ A.T)
+    y = torch.cholesky_solve((c @ A.T + gamma * b).T, L)                 # (AA^T)^{-1} (A c + gamma b)
+    x = -(c - (A.T @ y).T) / gamma                                      # [N, n]
+    d = torch.zeros(N, 6 * P, dtype=c_e.dtype, device=c_e.device).index_copy(1, idx, x[:, P + 2:P + 2 + E])
+    return x[:, 0], x[:, 1], x[:, 2:P + 2].reshape(N, H, W), d.reshape(N, 6, H, W)
+
+
+@dataclass
+class CutSolution:
+    """Output of STCutQP: potentials p [B,H,W], p_s [B], p_t [B]; edge variables d_s (s -> pixel) [B,H,W],
+    d_t (pixel -> t) [B,H,W], d_grid [B,4,H,W] (down, right, up, left; 0 where the edge leaves the image)."""
+    p: torch.Tensor
+    p_s: torch.Tensor
+    p_t: torch.Tensor
+    d_s: torch.Tensor
+    d_t: torch.Tensor
+    d_grid: torch.Tensor
+
+
+class STCutQP(nn.Module):
+    """Regularised equality-constrained QP proxy of the minimum s-t cut LP (eq. 1 -> eq. 2, Sec. 3.1).
+
+    STCutQP(height, width, gamma=0.5, solver="dct"|"sparse"|"dense")
+    forward(w [B,6,H,W] float32/float64, any device) -> CutSolution (fields as w's dtype and device).
+    w: edge weights (the CNN output; >= 0 in the model, any real value accepted), channels: s-edge into
+    the pixel, t-edge out of the pixel, grid edges out of pixel (i,j) to (i+1,j) down, (i,j+1) right,
+    (i-1,j) up, (i,j-1) left. Weights of grid edges that leave the image are ignored (zero gradient).
+
+    The QP (this is what all three solvers compute, to round-off):
+        minimise  c^T x + (gamma/2) |x|^2     subject to  A x = b
+    x = [p_s, p_t, p_v for every pixel, d_uv for every edge, slack_uv for every edge], c = w on the d's and
+    0 elsewhere. Edges: s -> v and v -> t for every pixel, v -> u for every in-image 4-neighbour u (both
+    directions between neighbours, boundary pixels included). Rows: d_uv - p_u + p_v - slack_uv = 0 for
+    every edge (d_uv >= p_u - p_v of eq. 1 with the slack of eq. 2), and p_s - p_t = 10 with no slack.
+    Eq. (2) of the paper writes gamma (d^2 + s^2 + p^2) and p_s - p_t - s_st = 1; we follow the official code
+    (REFERENCE.md): (gamma/2)|x|^2 and a hard separation of 10 (with a slack the separation collapses).
+    Official deviation: its grid edges are the outgoing edges of interior pixels only; here every in-image
+    neighbour pair has both directed edges, which makes the pixel block exactly 2I + L4 (see dct_cut_solve).
+
+    Solvers:
+      "dct"     exact node-sized solve by the 2-D DCT, O(P log P) per right-hand side, batched, CPU and GPU
+                (dct_cut_solve). Backward: the same solve with cost = the incoming gradient and b = 0
+                (_SelfAdjointCut); measured 1.3x faster than autograd through the FFTs at 64x64 on CPU.
+      "sparse"  the paper's method: AA^T factored once per (H, W) and cached (sparse_factor), per batch two
+                sparse triangular solves (SciPy on CPU, CuPy/cuSPARSE on CUDA; CuPy is imported lazily and
+                a CUDA input without it raises RuntimeError). Same self-adjoint backward (Amos & Kolter).
+      "dense"   dense KKT with torch.linalg, autograd backward; raises ValueError above 1024 pixels.
+    Raises ValueError for an unknown solver or a w of the wrong shape/dtype.
+    """
+
+    SOLVERS = {"dct": dct_cut_solve, "sparse": sparse_cut_solve, "dense": dense_cut_solve}
+
+    def __init__(self, height, width, gamma=0.5, solver="dct"):
+        super().__init__()
+        if solver not in self.SOLVERS:
+            raise ValueError(f"STCutQP: solver must be one of {', '.join(self.SOLVERS)}, got {solver!r}")
+        if solver == "dense" and height * width > DENSE_MAX_PIXELS:
+            raise ValueError(f"STCutQP(solver='dense') is for tests on small grids: {height}x{width} = "
+                             f"{height * width} pixels > {DENSE_MAX_PIXELS}; use solver='dct' or 'sparse'")
+        if gamma <= 0:
+            raise ValueError(f"STCutQP: gamma must be > 0, got {gamma}")
+        self.height, self.width, self.gamma, self.solver = height, width, float(gamma), solver
+
+    def forward(self, w):
+        if w.dim() != 4 or tuple(w.shape[1:]) != (6, self.height, self.width):
+            raise ValueError(f"STCutQP: expected w of shape [B, 6, {self.height}, {self.width}], got {tuple(w.shape)}")
+        if w.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"STCutQP: w must be float32 or float64, got {w.dtype}")
+        zero_n = w.new_zeros(w.shape[0])
+        zero_p = w.new_zeros(w.shape[0], self.height, self.width)          # no cost on the potentials
+        if self.solver == "dense":
+            p_s, p_t, p, d = dense_cut_solve(zero_n, zero_n, zero_p, w, self.gamma, SEPARATION)
+        else:
+            p_s, p_t, p, d = _SelfAdjointCut.apply(self.SOLVERS[self.solver], self.gamma, SEPARATION,
+                                                   zero_n, zero_n, zero_p, w)
+        return CutSolution(p=p, p_s=p_s, p_t=p_t, d_s=d[:, 0], d_t=d[:, 1], d_grid=d[:, 2:])
+
+    def extra_repr(self):
+        return f"{self.height}x{self.width}, gamma={self.gamma}, solver={self.solver!r}"
+
+
+# -----------------------------------------------------------------------------
+# 3. Model (Sec. 4, Sec. 6.1; Alg. 1, Alg. 2)
+
+
+def build_grid(height, width):
+    """Position grid [1,H,W,4] with channels [y, x, 1-y, 1-x], each in [0,1] (linspace per axis)."""
+    ys = torch.linspace(0.0, 1.0, height)
+    xs = torch.linspace(0.0, 1.0, width)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    grid = torch.stack([y, x], dim=-1)
+    return torch.cat([grid, 1.0 - grid], dim=-1).unsqueeze(0)
+
+
+class SoftPositionEmbed(nn.Module):
+    """Adds Linear(4 -> C) of the [y, x, 1-y, 1-x] grid to channels-first features [B,C,H,W]."""
+
+    def __init__(self, channels, height, width):
+        super().__init__()
+        self.dense = nn.Linear(4, channels)
+        self.register_buffer("grid", build_grid(height, width), persistent=False)
+
+    def forward(self, x):
+        return x + self.dense(self.grid).permute(0, 3, 1, 2)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 conv + BN, identity or 1x1 projection shortcut)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Encoder(nn.Module):
+    """Image encoder (Sec. 6.1): images [B,3,H,W] in [-1,1] -> features [B,C,H/s,W/s], s = enc_stride.
+
+    cnn:    4 conv 5x5 + ReLU with C maps, the first with stride s (CLEVR; Slot Attention's CNN).
+    resnet: conv 5x5 stride s (3 -> 64) + BN + ReLU, then 4 BasicBlocks with C maps (ClevrTex; official).
+    Raises ValueError for another encoder name.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, s = cfg.enc_channels, cfg.enc_stride
+        if cfg.encoder == "cnn":
+            self.net = nn.Sequential(
+                nn.Conv2d(3, C, 5, stride=s, padding=2), nn.ReLU(),
+                *[m for _ in range(3) for m in (nn.Conv2d(C, C, 5, padding=2), nn.ReLU())])
+        elif cfg.encoder == "resnet":
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 64, 5, stride=s, padding=2, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                BasicBlock(64, C), BasicBlock(C, C), BasicBlock(C, C), BasicBlock(C, C))
+        else:
+            raise ValueError(f"--encoder must be cnn|resnet, got {cfg.encoder!r}")
+
+    def forward(self, images):
+        return self.net(images)
+
+
+class KPartition(nn.Module):
+    """k-partition with a background partition (Alg. 1, Alg. 2, Sec. 4 "Background slot").
+
+    forward(features [B,C,h,w]) -> dict
+        slots      [B,K,D] slot vectors
+        cut_masks  [B,K,h,w] partition masks (softmax over K: sum to 1 per pixel); slot 0 = background
+        fg         [B,h,w] foreground mask sigmoid(d_s - d_t) of the foreground cut, in (0,1)
+        cuts       CutSolution of the K QPs per image (batch B*K: K-1 object cuts, then the fg cut)
+    """
+
+    def __init__(self, cfg, height, width):
+        super().__init__()
+        C, K, D = cfg.enc_channels, cfg.num_slots, cfg.slot_dim
+        if K < 2:
+            raise ValueError(f"--num_slots must be >= 2 (background + objects), got {K}")
+        self.K, self.obj_temp, self.mask_temp = K, cfg.obj_temp, cfg.mask_temp
+        self.pos = SoftPositionEmbed(C, height, width)                     # Alg. 2 line 1
+
+        def weight_net(cuts):                                              # Alg. 1 line 1: y_i = f_y(x), >= 0
+            return nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.LeakyReLU(),
+                                 nn.Conv2d(C, 6 * cuts, 3, padding=1), nn.ReLU())
+        self.weights_obj = weight_net(K - 1)                               # k-1 object cuts
+        self.weights_fg = weight_net(1)                                    # 1 foreground cut
+        self.qp = STCutQP(height, width, cfg.gamma, cfg.qp_solver)
+        self.norm = nn.LayerNorm(C)
+        self.mlp_in = nn.Sequential(nn.Linear(C, 2 * cfg.mlp_dim), nn.ReLU(), nn.Linear(2 * cfg.mlp_dim, D))
+        self.mlp_out = nn.Sequential(nn.Linear(D, cfg.mlp_dim), nn.ReLU(), nn.Linear(cfg.mlp_dim, D))
+
+    def forward(self, feats):
+        B, C, h, w = feats.shape
+        K = self.K
+        x = self.pos(feats)                                                # Alg. 2 line 1
+        w_obj = self.weights_obj(x).reshape(B, K - 1, 6, h, w)            # Alg. 1 line 1
+        w_fg = self.weights_fg(x).reshape(B, 1, 6, h, w)
+        cuts = self.qp(torch.cat([w_obj, w_fg], dim=1).reshape(B * K, 6, h, w))   # Alg. 1 line 3 (eq. 2)
+        p = cuts.p.reshape(B, K, h, w)
+        objects = (p[:, :K - 1] / self.obj_temp).softmax(dim=1)           # Alg. 1 line 4, temperature 0.5
+        fg = torch.sigmoid(cuts.d_s - cuts.d_t).reshape(B, K, h, w)[:, K - 1]   # foreground cut (official)
+        masks = torch.cat([1 - fg[:, None], fg[:, None] * objects], dim=1)      # Sec. 4: background slot
+        masks = (masks / self.mask_temp).softmax(dim=1)                   # Sec. 6.1: temperature 0.1
+        f = self.mlp_in(self.norm(x.permute(0, 2, 3, 1)))                 # Alg. 1 line 2: x_f = f_x(x) [B,h,w,D]
+        slots = torch.einsum("bkhw,bhwd->bkd", masks, f) / (h * w)        # Alg. 1 line 5, Alg. 2 line 3: mean
+        slots = slots + self.mlp_out(slots)                               # Alg. 2 line 4 (residual, official)
+        return dict(slots=slots, cut_masks=masks, fg=fg, cuts=cuts)
+
+
+class Decoder(nn.Module):
+    """Spatial broadcast decoder (Sec. 6.1; official): slots [B,K,D] -> rgb [B,K,3,H,W] in [-1,1] (tanh),
+    alpha logits [B,K,1,H,W]. Broadcast to dec_init_size^2 + position embedding, one ConvT 5x5 + LeakyReLU
+    per dec_strides entry, two ConvT 5x5 stride 1 + LeakyReLU, ConvT 3x3 -> 4 channels.
+    Raises ValueError when dec_init_size * prod(dec_strides) != image_size."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        s0, C = cfg.dec_init_size, cfg.dec_channels
+        if s0 * math.prod(cfg.dec_strides) != cfg.image_size:
+            raise ValueError(f"decoder output {s0}*prod({cfg.dec_strides}) != image_size {cfg.image_size}: "
+                             f"set --dec_strides or --dec_init_size")
+        self.init_size = s0
+        self.pos = SoftPositionEmbed(cfg.slot_dim, s0, s0)
+        layers, cin = [], cfg.slot_dim
+        for s in list(cfg.dec_strides) + [1, 1]:
+            layers += [nn.ConvTranspose2d(cin, C, 5, stride=s, padding=2, output_padding=s - 1), nn.LeakyReLU()]
+            cin = C
+        layers.append(nn.ConvTranspose2d(C, 4, 3, padding=1))              # RGB + alpha logit
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, slots):
+        B, K, D = slots.shape
+        s0 = self.init_size
+        x = self.pos(slots.reshape(B * K, D, 1, 1).expand(B * K, D, s0, s0))   # spatial broadcast
+        x = self.net(x)
+        x = x.reshape(B, K, 4, *x.shape[-2:])
+        return torch.tanh(x[:, :, :3]), x[:, :, 3:]
+
+
+class MinCutOCL(nn.Module):
+    """Object discovery with min-cut k-partition (Sec. 6.1): encoder -> KPartition -> decoder.
+
+    forward(images [B,3,H,W] float in [0,1]) -> dict
+        loss       scalar, MSE between reconstruction and input, both in [-1,1] (official)
+        recon      [B,3,H,W] reconstruction in [0,1]
+        masks      [B,K,H,W] decoder alpha masks, softmax over slots (sum to 1 per pixel; used for metrics)
+        slots      [B,K,D]
+        rgb        [B,K,3,H,W] per-slot RGB in [0,1]
+        cut_masks  [B,K,h,w] partition masks at feature resolution (slot 0 = background partition)
+        fg         [B,h,w] foreground mask of the foreground cut
+        cuts       CutSolution of the B*K cut QPs
+    Raises ValueError if the image size differs from cfg.image_size.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.image_size % cfg.enc_stride:
+            raise ValueError(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        side = cfg.image_size // cfg.enc_stride                           # Sec. 6.1: 64x64 QP grid at 128 px
+        self.partition = KPartition(cfg, side, side)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, images):
+        H, W = images.shape[-2:]
+        if (H, W) != (self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {H}x{W}")
+        x = images * 2.0 - 1.0                                             # [0,1] -> [-1,1]
+        part = self.partition(self.encoder(x))
+        rgb, logits = self.decoder(part["slots"])
+        masks = logits.softmax(dim=1)                                      # alpha mixture over slots
+        recon = (masks * rgb).sum(dim=1)
+        loss = F.mse_loss(recon, x)
+        return dict(loss=loss, recon=(recon + 1) / 2, masks=masks.squeeze(2), slots=part["slots"],
+                    rgb=(rgb + 1) / 2, cut_masks=part["cut_masks"], fg=part["fg"], cuts=part["cuts"])
+
+
+# -----------------------------------------------------------------------------
+# 4. Training
+
+
+def lr_factor(step, cfg):
+    """Official schedule: lr x lr_decay ** (step / (decay_fraction * max_steps)), no warmup (App. D)."""
+    return cfg.lr_decay ** (step / max(1.0, cfg.decay_fraction * cfg.max_steps))
+
+
+def load_dataset(cfg, split):
+    """data.build_dataset(cfg.dataset, split) at cfg.image_size; exits with the loader's one-line message."""
+    try:
+        return data.build_dataset(cfg.dataset, split, root=cfg.data_dir or None, image_size=cfg.image_size)
+    except data.DatasetError as e:
+        fail(str(e))
+
+
+def train_loader(cfg, start_step):
+    """Endless shuffled loader of batch cfg.batch_size, resuming at `start_step`."""
+    ds = load_dataset(cfg, "train")
+    sampler = ResumableSampler(len(ds), cfg.batch_size, seed=cfg.seed, start_step=start_step)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                                       drop_last=True, persistent_workers=cfg.num_workers > 0)
+
+
+@torch.no_grad()
+def evaluate(model, cfg, device, num_items=0, image_path=None):
+    """Metrics on the test split: dict of means (ARI, ARI-FG, mIoU, MSC-FG, MSE).
+
+    Segments = argmax of the decoder alpha masks (as the official evaluation). MSE is the per-image sum
+    of squared errors over C,H,W with images in [0,1] (ClevrTex convention, Tab. 1).
+    """
+    model.eval()
+    ds = load_dataset(cfg, "test")
+    if num_items and num_items < len(ds):
+        ds = torch.utils.data.Subset(ds, range(num_items))
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 2))
+    sums, first = {}, None
+    for batch in loader:
+        images = batch["image"].to(device)
+        out = model(images)
+        pred = out["masks"].argmax(dim=1).cpu() + 1                        # slot index + 1 per pixel
+        m = {"mse": mse(images.cpu(), out["recon"].cpu())}
+        if "mask" in batch:
+            m.update(segmentation_metrics(batch["mask"], pred))
+        for k, v in m.items():
+            sums.setdefault(k, []).append(v.double())
+        if first is None:
+            first = (images.cpu(), out, pred, batch.get("mask"))
+    model.train()
+    if image_path and first is not None:
+        images, out, pred, true = first
+        save_slot_grid(image_path, images, out["recon"].cpu().clamp(0, 1), pred, true,
+                       (out["masks"].unsqueeze(2) * out["rgb"]).cpu().clamp(0, 1))
+    return {k: nanmean(torch.cat(v)) for k, v in sums.items()}
+
+
+def format_metrics(m):
+    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "miou": "mIoU", "ari": "ARI", "mse": "MSE"}
+    return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
+
+
+MODEL_KEYS = ("image_size", "encoder", "enc_channels", "enc_stride", "num_slots", "slot_dim", "mlp_dim",
+              "dec_channels", "dec_init_size", "dec_strides")
+
+
+def train(cfg):
+    """The training loop: resumes from out_dir/ckpt.pt, logs to out_dir/metrics.jsonl, saves PNGs."""
+    device = get_device(cfg.device)
+    seed_everything(cfg.seed)
+    torch.set_flush_denormal(True)      # denormal floats make CPU steps several times slower
+    model = MinCutOCL(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)          # App. D: Adam, lr 4e-4
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step, ckpt = 0, None
+    if cfg.resume and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        for key in MODEL_KEYS:
+            if type(getattr(cfg, key))(ckpt["config"][key]) != getattr(cfg, key):
+                fail(f"{ckpt_path} was trained with --{key}={ckpt['config'][key]}, not {getattr(cfg, key)}; "
+                     f"use another --out_dir or --resume=false")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        print(f"resuming from {ckpt_path} at step {step}")
+    data_iter = iter(train_loader(cfg, step))            # the sampler skips the batches already seen
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])                        # after iter(): it draws a seed from torch's RNG
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+
+    def save_and_evaluate():
+        rng = get_rng_state()                             # evaluation must not move the training RNG
+        save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                        step=step, rng=rng, config=asdict(cfg)))
+        metrics = evaluate(model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"))
+        log.log(step, **{f"test_{k}": v for k, v in metrics.items()})
+        bar.write(f"step {step}: {format_metrics(metrics)}  (saved {ckpt_path})")
+        set_rng_state(rng)
+
+    bar = progress(cfg.max_steps, initial=step, desc="train")
+    model.train()
+    t0 = time.time()
+    while step < cfg.max_steps:
+        images = next(data_iter)["image"].to(device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)                    # exponential decay (App. D)
+        loss = model(images)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update()
+        if step % cfg.log_interval == 0:
+            dt, t0 = time.time() - t0, time.time()
+            img_s = cfg.log_interval * cfg.batch_size / dt
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
+            log.log(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], img_per_s=img_s)
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            save_and_evaluate()
+    bar.close()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 5. Matching QP (Sec. 3.2, App. C)
+#
+# Bipartite graph between a first set U (k slots of frame 1, index i) and a second set V (k slots of
+# frame 2, index j), every pair (i, j) an edge. Eq. (7), variables z = [d, p, s]:
+#     d_ij  (k*k, row-major)  edge variables ("how much i is matched to j")
+#     p_u   (2k: U then V)    node variables (the unmatched part of node u in the LP (4))
+#     s_u   (2k: U then V)    the extra slack of App. C
+# rows (2k):  p_u + sum_{v ~ u} d_uv + s_u = 1   for every node u of U and of V.
+# Eq. (4)/(7) print the constraint per edge, "p_u + d_uv = 1, {u,v} in E"; read literally it forces
+# every d_uv to the same value (no matching at all), so we read it as the standard matching LP:
+# the sum runs over the edges at u (p_u >= 0 is then the slack of sum_v d_uv <= 1).
+# Objective: c^T z + (gamma/2)||z||^2, i.e. G = gamma I in eq. (3) (the same convention as the cut
+# QP and as Wilder et al.'s Q = gamma I); eq. (7) writes gamma * sum(z^2), which is G = 2 gamma I.
+# A A^T = [[(k+2) I, 1 1^T], [1 1^T, (k+2) I]] = 2 I + N N^T is positive definite (smallest
+# eigenvalue 2: the p and s columns are the identity twice), so a plain dense Cholesky works and
+# no row is redundant: no pseudo-inverse needed.
+
+_MATCHING_FACTORS = {}  # (k, dtype, device) -> (A [2k, n], L [2k, 2k], x0 [n]), n = k*k + 4k
+
+
+def matching_constraints(k):
+    """Equality constraints A z = b of eq. (7) for the complete k x k bipartite graph.
+
+    Args:
+        k: number of nodes on each side (k >= 1).
+    Returns:
+        A: float64 `[2k, k*k + 4k]`, columns ordered [d (row-major d_ij), p (U, V), s (U, V)];
+        b: float64 `[2k]`, all ones.
+    """
+    if k < 1:
+        raise ValueError(f"matching needs k >= 1 nodes per side, got {k}")
+    n_d = k * k
+    A = torch.zeros(2 * k, n_d + 4 * k, dtype=torch.float64)
+    for i in range(k):
+        A[i, i * k:(i + 1) * k] = 1.0        # node i of U: sum_j d_ij
+        A[k + i, i:n_d:k] = 1.0              # node j = i of V: sum_i d_ij
+    A[:, n_d:n_d + 2 * k] = torch.eye(2 * k, dtype=torch.float64)   # + p_u
+    A[:, n_d + 2 * k:] = torch.eye(2 * k, dtype=torch.float64)      # + s_u (App. C extra slack)
+    return A, torch.ones(2 * k, dtype=torch.float64)
+
+
+def _matching_factor(k, dtype, device):
+    """Cached (A, L, x0) with L L^T = A A^T (dense Cholesky, eq. 6) and x0 = A^T (AA^T)^-1 b.
+
+    Factored once in float64 on the CPU, then cast to `dtype` and moved to `device`.
+    """
+    key = (k, dtype, str(device))
+    if key not in _MATCHING_FACTORS:
+        with torch.inference_mode(False):      # cache normal tensors even if first called in inference mode
+            _MATCHING_FACTORS[key] = _build_matching_factor(k, dtype, device)
+    return _MATCHING_FACTORS[key]
+
+
+def _build_matching_factor(k, dtype, device):
+    with torch.no_grad():
+        A, b = matching_constraints(k)
+        L = torch.linalg.cholesky(A @ A.T)                                   # AA^T = L L^T (Sec. 3.1)
+        x0 = A.T @ torch.cholesky_solve(b[:, None], L)[:, 0]                 # E b of eq. (6)
+        return tuple(t.to(device=device, dtype=dtype) for t in (A, L, x0))
+
+
+def _range_projection(v, A, L):
+    """A^T (AA^T)^-1 A v for a batch of vectors v `[B, n]` -> `[B, n]` (two triangular solves)."""
+    lam = torch.cholesky_solve((v @ A.T).T, L)       # (AA^T)^-1 A v, [2k, B]
+    return (A.T @ lam).T
+
+
+class _MatchingQPFunction(torch.autograd.Function):
+    """z(c) = -(1/gamma)(c - A^T (AA^T)^-1 A c) + A^T (AA^T)^-1 b  (eq. 5-6 with G = gamma I).
+
+    Backward (Amos & Kolter; Sec. 3.1 "grad_c l = -C grad_z l"):
+        dc = -(1/gamma)(g - A^T (AA^T)^-1 A g), reusing the Cholesky factor.
+    """
+
+    @staticmethod
+    def forward(ctx, c, A, L, x0, gamma):
+        ctx.save_for_backward(A, L)
+        ctx.gamma = gamma
+        return -(c - _range_projection(c, A, L)) / gamma + x0
+
+    @staticmethod
+    def backward(ctx, g):
+        A, L = ctx.saved_tensors
+        dc = -(g - _range_projection(g, A, L)) / ctx.gamma
+        return dc, None, None, None, None
+
+
+@dataclass
+class MatchingSolution:
+    """Solution of eq. (7) for a batch: d `[B, k, k]`, p `[B, 2k]`, s `[B, 2k]` (U nodes first, then V)."""
+    d: torch.Tensor
+    p: torch.Tensor
+    s: torch.Tensor
+
+
+class MatchingQP(nn.Module):
+    """Differentiable soft matching of two sets of k slots (Sec. 3.2, App. C eq. (7), Alg. 3 lines 3-4).
+
+    Solves, for every cost matrix in the batch, the regularised equality-constrained QP
+        min_z  sum_ij c_ij d_ij + (gamma/2) (||d||^2 + ||p||^2 + ||s||^2)
+        s.t.   p_i + sum_j d_ij + s_i = 1   (each slot i of the first set)
+               p_j + sum_i d_ij + s_j = 1   (each slot j of the second set)
+    exactly with the closed form of eq. (6) and a dense Cholesky factor of A A^T cached per
+    (k, dtype, device); the backward pass is the same linear map (custom autograd). The edge
+    variables are then normalised over the second set with softmax(d / temperature, dim=-1)
+    (App. C; Alg. 3 line 4). Rows of the output sum to 1; several rows may still pick the same
+    column (App. C: "this does not give a perfect matching").
+
+    Args:
+        k: slots per set.
+        gamma: regulariser (G = gamma I). The paper sets gamma = 0.5 for its QPs (Sec. 6.1) and
+            gamma = 0.1 for the Cora matching (Sec. 6.2).
+        temperature: softmax temperature of Alg. 3 line 4. The paper gives no value for the matching;
+            we use its fixed slot-softmax temperature 0.1 (Sec. 6.1).
+    Forward:
+        cost `[..., k, k]` float32/float64 on any device (c_ij, e.g. -<s_i, t_j>, Alg. 3 line 2)
+        -> soft matching M `[..., k, k]`, same dtype/device, rows sum to 1.
+    Raises:
+        ValueError if the last two dimensions are not (k, k).
+    """
+
+    def __init__(self, k, gamma=0.5, temperature=0.1):
+        super().__init__()
+        if gamma <= 0 or temperature <= 0:
+            raise ValueError(f"gamma and temperature must be > 0, got {gamma}, {temperature}")
+        self.k, self.gamma, self.temperature = k, float(gamma), float(temperature)
+
+    def solve(self, cost):
+        """QP of eq. (7) without the softmax: cost `[..., k, k]` -> MatchingSolution with
+        d `[..., k, k]`, p and s `[..., 2k]` (p, s of the first set's nodes, then the second's)."""
+        k = self.k
+        if cost.dim() < 2 or tuple(cost.shape[-2:]) != (k, k):
+            raise ValueError(f"MatchingQP(k={k}) expects costs [..., {k}, {k}], got {tuple(cost.shape)}")
+        lead = cost.shape[:-2]
+        A, L, x0 = _matching_factor(k, cost.dtype, cost.device)
+        c = cost.reshape(-1, k * k)
+        c = torch.cat([c, c.new_zeros(c.shape[0], 4 * k)], dim=1)   # cost only on the edges d (eq. 7)
+        z = _MatchingQPFunction.apply(c, A, L, x0, self.gamma)
+        return MatchingSolution(d=z[:, :k * k].reshape(*lead, k, k),
+                                p=z[:, k * k:k * k + 2 * k].reshape(*lead, 2 * k),
+                                s=z[:, k * k + 2 * k:].reshape(*lead, 2 * k))
+
+    def forward(self, cost):
+        return torch.softmax(self.solve(cost).d / self.temperature, dim=-1)   # App. C; Alg. 3 line 4
+
+
+def lp_matching(cost):
+    """Exact LP of eq. (4) with scipy linprog (HiGHS): the evaluation of Sec. 6.2.
+
+        min  sum_ij c_ij d_ij   s.t.  p_i + sum_j d_ij = 1,  p_j + sum_i d_ij = 1,  d >= 0, p >= 0
+    (p_u >= 0 is the slack of "node u matched at most once"; without it the LP is unbounded.)
+    Bipartite matching LPs are integral, so d is a 0/1 matching (up to solver tolerance).
+
+    Args:
+        cost: `[k, k]` array-like (numpy or tensor), finite.
+    Returns:
+        float64 numpy `[k, k]` optimal d.
+    Raises:
+        ValueError for a non-square cost; RuntimeError when linprog fails.
+    """
+    c = np.asarray(torch.as_tensor(cost).detach().cpu().double().numpy())
+    k = c.shape[0]
+    if c.shape != (k, k):
+        raise ValueError(f"lp_matching expects a square cost matrix, got {c.shape}")
+    A = matching_constraints(k)[0].numpy()[:, :k * k + 2 * k]           # eq. (4): [d, p], no extra slack
+    obj = np.concatenate([c.reshape(-1), np.zeros(2 * k)])
+    res = linprog(obj, A_eq=A, b_eq=np.ones(2 * k), bounds=(0, None), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"linprog failed on the matching LP (eq. 4): {res.message}")
+    return res.x[:k * k].reshape(k, k)
+
+
+# -----------------------------------------------------------------------------
+# Cora validation (Sec. 6.2, after Wilder et al. 2018, "Melding the data-decisions pipeline")
+#
+# Data: the LINQS Cora release, two tab-separated text files in --data_dir:
+#   cora.content   one paper per line: <paper_id> <1433 binary word indicators> <class_label>
+#   cora.cites     one citation per line: <cited_paper_id> <citing_paper_id>
+# Pipeline (Wilder et al.'s setup and code, which Sec. 6.2 follows):
+#   * the citation graph (undirected) is cut into 27 instances of 100 papers; each instance is split
+#     into two sides of 50 so that as many citations as possible cross the sides;
+#   * the task is to predict, from the two papers' word features only, whether a citation links them;
+#     the predicted weights are the (negated) costs of the matching LP, and the decision quality is the
+#     number of true citations that the matching selects;
+#   * decision-focused training: maximise sum_ij P_ij d_ij of the relaxed QP's solution d
+#     (here: MatchingQP with gamma = 0.1, Sec. 6.2), P the true 0/1 links;
+#   * evaluation: the exact LP (eq. 4, linprog) on the learned costs; metric = sum_ij P_ij d_ij averaged
+#     over test instances, mean +- std over random 80/20 train/test splits of the 27 instances.
+#     Paper: 7.01 +- 1.15 (Wilder et al.: 6.15 +- 0.38).
+# Deviation: Wilder et al. partition with METIS and ship the side split as a pickle (neither is in
+# numpy/scipy); we partition by greedy graph growing (METIS's own initial partitioning) and split
+# each block by a swap local search for the maximum crossing cut.
+
+CORA_FILES = ("cora.content", "cora.cites")
+
+
+def load_cora(root):
+    """Read the LINQS Cora files from `root`.
+
+    Args:
+        root: folder holding `cora.content` and `cora.cites` (format above).
+    Returns:
+        features: float32 numpy `[N, F]` (0/1 word indicators; F = 1433 for Cora), rows in file order;
+        adj: scipy CSR `[N, N]` float64, symmetric 0/1 citation graph without self-loops.
+    Raises:
+        FileNotFoundError (one line, naming the missing file) when a file is absent;
+        ValueError naming file and line for a malformed line or a citation of an unknown paper id.
+    """
+    paths = [os.path.join(str(root), name) for name in CORA_FILES]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Cora file {path} not found: put the LINQS Cora release files "
+                                    f"cora.content and cora.cites in --data_dir")
+    ids, rows = {}, []
+    with open(paths[0]) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 3 or (rows and len(parts) - 2 != len(rows[0])):
+                raise ValueError(f"{paths[0]}:{n}: expected '<paper_id> <word indicators...> <class>', "
+                                 f"got {len(parts)} fields")
+            try:
+                rows.append([float(v) for v in parts[1:-1]])
+            except ValueError:
+                raise ValueError(f"{paths[0]}:{n}: word indicators must be numbers") from None
+            if parts[0] in ids:
+                raise ValueError(f"{paths[0]}:{n}: duplicate paper id {parts[0]}")
+            ids[parts[0]] = len(ids)
+    if not rows:
+        raise ValueError(f"{paths[0]}: no papers found")
+    src, dst = [], []
+    with open(paths[1]) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise ValueError(f"{paths[1]}:{n}: expected '<cited_id> <citing_id>', got {len(parts)} fields")
+            for p in parts:
+                if p not in ids:
+                    raise ValueError(f"{paths[1]}:{n}: paper id {p} is not in {CORA_FILES[0]}")
+            if parts[0] != parts[1]:
+                src.append(ids[parts[0]])
+                dst.append(ids[parts[1]])
+    N = len(ids)
+    adj = scipy.sparse.coo_matrix((np.ones(len(src)), (src, dst)), shape=(N, N)).tocsr()
+    adj = ((adj + adj.T) > 0).astype(np.float64).tocsr()                 # undirected, 0/1
+    return np.asarray(rows, dtype=np.float32), adj
+
+
+def split_max_crossing(adj, rng, max_swaps=10000):
+    """Split a graph's nodes into two equal halves with many crossing edges (local search for max cut).
+
+    Start from a random balanced split; repeatedly apply the swap (u in left, v in right) that most
+    increases the number of crossing edges (gain = g_u + g_v + 2 A_uv, g = edges to own side - edges
+    to the other side) until no swap helps.
+
+    Args:
+        adj: dense symmetric 0/1 numpy `[n, n]`, n even.
+        rng: numpy Generator.
+    Returns:
+        (left, right): int64 numpy index arrays `[n/2]` each.
+    """
+    n = adj.shape[0]
+    if n % 2:
+        raise ValueError(f"split_max_crossing needs an even node count, got {n}")
+    side = np.zeros(n, dtype=bool)
+    side[rng.permutation(n)[:n // 2]] = True                 # True = left
+    for _ in range(max_swaps):
+        left, right = np.flatnonzero(side), np.flatnonzero(~side)
+        same = np.where(side[:, None] == side[None, :], adj, 0).sum(1)
+        gain = same - (adj.sum(1) - same)                     # change in crossing edges if moved alone
+        swap = gain[left][:, None] + gain[right][None, :] + 2 * adj[np.ix_(left, right)]
+        a, b = np.unravel_index(np.argmax(swap), swap.shape)
+        if swap[a, b] <= 0:
+            break
+        side[left[a]], side[right[b]] = False, True
+    return np.flatnonzero(side), np.flatnonzero(~side)
+
+
+def grow_partition(adj, n_parts, part_size):
+    """Cut a graph into `n_parts` disjoint blocks of `part_size` densely linked nodes (METIS stand-in).
+
+    Greedy graph growing (the initial partitioning of METIS): start a block at the unassigned node with
+    the fewest unassigned neighbours, then repeatedly add the unassigned node with the most edges into
+    the block (ties: lowest index; a block whose frontier is empty continues at any unassigned node).
+
+    Args:
+        adj: scipy sparse `[N, N]` symmetric 0/1; n_parts * part_size <= N.
+    Returns:
+        int64 numpy `[n_parts, part_size]` node indices (left-over nodes are unused).
+    """
+    adj = scipy.sparse.csr_matrix(adj)
+    free = np.ones(adj.shape[0], dtype=bool)
+    parts = []
+    for _ in range(n_parts):
+        free_deg = adj @ free.astype(np.float64)
+        node = int(np.flatnonzero(free)[np.argmin(free_deg[free])])
+        block, into = [], np.zeros(adj.shape[0])
+        for _ in range(part_size):
+            block.append(node)
+            free[node] = False
+            into += adj[node].toarray()[0]                   # edges from every node into the block
+            if len(block) < part_size:
+                node = int(np.flatnonzero(free)[np.argmax(into[free])])
+        parts.append(block)
+    return np.asarray(parts, dtype=np.int64)
+
+
+def make_cora_instances(features, adj, n_instances=27, instance_size=100, seed=0):
+    """Cut the citation graph into bipartite matching instances (Sec. 6.2 / Wilder et al.).
+
+    Args:
+        features: `[N, F]` node features; adj: scipy sparse `[N, N]` symmetric 0/1.
+        n_instances, instance_size: Wilder et al. use 27 instances of 100 papers (50 per side).
+        seed: seed of the side split.
+    Returns:
+        dict of tensors: "x_left", "x_right" float32 `[n_instances, instance_size/2, F]`,
+        "links" float32 `[n_instances, k, k]` (P_ij = 1 when paper i of the left side and paper j of
+        the right side are linked by a citation), "nodes_left", "nodes_right" int64 `[n_instances, k]`.
+    Raises:
+        ValueError when the graph has fewer than n_instances * instance_size nodes or the size is odd.
+    """
+    N = adj.shape[0]
+    if instance_size % 2 or n_instances * instance_size > N:
+        raise ValueError(f"need an even instance_size and n_instances * instance_size <= {N} papers, got "
+                         f"{n_instances} x {instance_size}")
+    blocks = grow_partition(adj, n_instances, instance_size)             # METIS stand-in
+    rng = np.random.default_rng(seed)
+    lefts, rights = [], []
+    for block in blocks:
+        sub = adj[block][:, block].toarray()
+        left, right = split_max_crossing(sub, rng)                       # sides of 50, max crossing links
+        lefts.append(block[left])
+        rights.append(block[right])
+    nl, nr = np.stack(lefts), np.stack(rights)
+    links = np.stack([adj[l][:, r].toarray() for l, r in zip(nl, nr)])
+    return {"x_left": torch.from_numpy(features[nl]), "x_right": torch.from_numpy(features[nr]),
+            "links": torch.from_numpy(links).float(), "nodes_left": torch.from_numpy(nl),
+            "nodes_right": torch.from_numpy(nr)}
+
+
+class EdgeWeightNet(nn.Module):
+    """Wilder et al.'s edge model: MLP on the concatenated features [x_u; x_v] of a candidate edge,
+    Linear(2F, hidden) - ReLU - ... - Linear(hidden, 1) - sigmoid, a weight in (0, 1) per pair.
+
+    The first layer on the concatenation equals W_u x_u + W_v x_v + b, computed per node and broadcast
+    over pairs, so no `[k*k, 2F]` edge-feature tensor is built.
+    Forward: x_left `[B, k, F]`, x_right `[B, k, F]` -> weights `[B, k, k]` in (0, 1).
+    """
+
+    def __init__(self, n_features, hidden=500, layers=2):
+        super().__init__()
+        width = hidden if layers > 1 else 1                       # layers = 1: Linear(2F, 1) + sigmoid
+        self.first_u = nn.Linear(n_features, width)
+        self.first_v = nn.Linear(n_features, width, bias=False)
+        rest = []
+        for i in range(layers - 1):
+            rest += [nn.ReLU(), nn.Linear(hidden, hidden if i < layers - 2 else 1)]
+        self.rest = nn.Sequential(*rest)
+
+    def forward(self, x_left, x_right):
+        h = self.first_u(x_left)[:, :, None] + self.first_v(x_right)[:, None]   # Linear([x_u; x_v]), [B,k,k,w]
+        return torch.sigmoid(self.rest(h)[..., 0])
+
+
+@dataclass
+class CoraConfig:
+    """Sec. 6.2 Cora matching experiment. Defaults: Wilder et al.'s setup with the paper's gamma."""
+    data_dir: str = ""            # folder with cora.content and cora.cites (LINQS Cora release)
+    out_dir: str = "out/mincut_cora"
+    n_instances: int = 27         # Wilder et al.: 27 METIS parts of the citation graph
+    instance_size: int = 100      # papers per instance, 50 per side
+    hidden: int = 500             # Wilder et al.'s MLP width
+    layers: int = 2               # Wilder et al.'s default depth (--layers=2)
+    gamma: float = 0.1            # Sec. 6.2: regularised equality-constrained QP with gamma = 0.1
+    gamma_decay: float = 1.0      # per-epoch factor on gamma (Wilder et al.'s code: 0.8; the paper states 0.1)
+    lr: float = 1e-4              # Adam, Wilder et al.'s decision-focused setting
+    epochs: int = 12              # Wilder et al.: 12 epochs, one instance per step
+    test_frac: float = 0.2        # 80/20 split of the instances
+    n_trials: int = 30            # random splits; the paper reports mean +- std
+    seed: int = 0
+    device: str = "cpu"
+
+
+def matching_value(links, cost):
+    """Decision quality of Sec. 6.2 for one instance: true links covered by the LP matching on `cost`.
+
+    Args:
+        links: `[k, k]` 0/1 true links P; cost: `[k, k]` learned costs c (minimised).
+    Returns:
+        float sum_ij P_ij d_ij with d = lp_matching(cost).
+    """
+    return float((np.asarray(torch.as_tensor(links).double()) * lp_matching(cost)).sum())
+
+
+def train_edge_net(net, x_left, x_right, links, train, cfg, rng):
+    """Decision-focused training of Sec. 6.2 (Wilder et al.'s loop with the QP of eq. (7)).
+
+    For cfg.epochs epochs, one Adam step (lr cfg.lr) per training instance in random order on
+    loss = -sum_ij P_ij d_ij, d = MatchingQP(k, gamma).solve(c).d for costs c = -w, w = net(...);
+    gamma starts at cfg.gamma and is multiplied by cfg.gamma_decay after every epoch.
+
+    Args:
+        net: EdgeWeightNet; x_left, x_right `[n, k, F]`; links `[n, k, k]` 0/1 (same device as net);
+        train: indices of the training instances; cfg: CoraConfig; rng: numpy Generator (order).
+    Returns:
+        the mean training loss of the last epoch (float).
+    """
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    gamma, k = cfg.gamma, links.shape[-1]
+    for epoch in range(cfg.epochs):
+        qp, losses = MatchingQP(k, gamma=gamma), []
+        for i in rng.permutation(train):
+            cost = -net(x_left[i:i + 1], x_right[i:i + 1])         # c = -w: the LP minimises (eq. 4)
+            d = qp.solve(cost).d                                   # relaxed QP of eq. (7), gamma = 0.1
+            loss = -(links[i:i + 1] * d).sum()                     # decision-focused: maximise sum P d
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        gamma *= cfg.gamma_decay
+    return float(np.mean(losses)) if len(train) else float("nan")
+
+
+@torch.no_grad()
+def lp_value(net, x_left, x_right, links, idx):
+    """Mean over instances `idx` of sum_ij P_ij d_ij, d the exact LP matching (eq. 4) on the net's costs."""
+    costs = -net(x_left[idx], x_right[idx]).cpu()
+    return float(np.mean([matching_value(links[i].cpu(), c) for i, c in zip(idx, costs)]))
+
+
+def run_cora(cfg):
+    """Sec. 6.2: train the edge model through MatchingQP (gamma = cfg.gamma), evaluate with the exact LP.
+
+    For each of cfg.n_trials random train/test splits of the instances: a fresh EdgeWeightNet is trained
+    for cfg.epochs epochs (one instance per Adam step) on the loss -sum_ij P_ij d_ij, d the QP solution
+    of eq. (7) for costs c = -w (w the predicted weights); then on each test instance the LP of eq. (4)
+    is solved on the learned costs and the covered true links are counted.
+
+    Args:
+        cfg: CoraConfig.
+    Returns:
+        dict: "qp_mean", "qp_std" (over trials of the per-trial test mean; the paper's 7.01 +- 1.15),
+        "per_trial" list, "optimum" (LP on the true links), "random" (LP on uniform random weights),
+        "n_instances". Also written to cfg.out_dir/cora_results.json.
+    Exits with a one-line error (common.fail) when the Cora files are missing or malformed.
+    """
+    try:
+        features, adj = load_cora(cfg.data_dir)
+        inst = make_cora_instances(features, adj, cfg.n_instances, cfg.instance_size, cfg.seed)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    xl, xr, links = (inst[key].to(device) for key in ("x_left", "x_right", "links"))
+    n, k = links.shape[:2]
+    n_test = max(1, int(round(cfg.test_frac * n)))
+    rng = np.random.default_rng(cfg.seed)
+    per_trial, optimum, random_value = [], [], []
+    for trial in range(cfg.n_trials):
+        perm = rng.permutation(n)
+        test, train = perm[:n_test], perm[n_test:]
+        net = EdgeWeightNet(features.shape[1], cfg.hidden, cfg.layers).to(device)
+        train_edge_net(net, xl, xr, links, train, cfg, rng)
+        per_trial.append(lp_value(net, xl, xr, links, test))
+        optimum.append(np.mean([matching_value(links[i].cpu(), -links[i].cpu()) for i in test]))
+        random_value.append(np.mean([matching_value(links[i].cpu(), -torch.rand(k, k))
+                                     for i in test]))
+        print(f"cora trial {trial + 1}/{cfg.n_trials}: test matched links {per_trial[-1]:.2f} "
+              f"(optimum {optimum[-1]:.2f}, random {random_value[-1]:.2f})", flush=True)
+    result = {"qp_mean": float(np.mean(per_trial)), "qp_std": float(np.std(per_trial)),
+              "per_trial": [float(v) for v in per_trial], "optimum": float(np.mean(optimum)),
+              "random": float(np.mean(random_value)), "n_instances": int(n), "config": asdict(cfg)}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "cora_results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"cora: LP value on learned costs {result['qp_mean']:.2f} +- {result['qp_std']:.2f} "
+          f"(paper 7.01 +- 1.15; optimum {result['optimum']:.2f}, random {result['random']:.2f})")
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Slot tracking over a video (Sec. 6.3, Tab. 2; App. A, Fig. 6)
+#
+# Slots of consecutive frames are matched (ours: MatchingQP on c_ij = -<s_i, t_j>, Alg. 3 lines 2-4,
+# hard assignment = argmax over j; Slot Attention baseline: Hungarian algorithm on the inner products,
+# Sec. 6.3), the matchings are chained into video-level track ids, each frame's slot masks are relabelled
+# by track id, and ARI / ARI-FG are computed over all pixels of all frames jointly.
+
+
+def slot_costs(s, t):
+    """Alg. 3 line 2: c_ij = -<s_i, t_j>. s `[..., K, D]`, t `[..., K, D]` -> `[..., K, K]`."""
+    return -torch.einsum("...id,...jd->...ij", s, t)
+
+
+@torch.no_grad()
+def qp_slot_matching(s, t, qp):
+    """Match slots of two frames with the QP (Alg. 3 lines 2-4).
+
+    Args:
+        s, t: slots `[B, K, D]` of frames 1 and 2; qp: MatchingQP(K).
+    Returns:
+        soft matching M `[B, K, K]` (rows sum to 1). Its hard version is M.argmax(-1) (slot i of
+        frame 1 -> slot of frame 2), which need not be a permutation (App. C).
+    """
+    return qp(slot_costs(s, t))
+
+
+@torch.no_grad()
+def hungarian_slot_matching(s, t):
+    """Slot Attention baseline of Sec. 6.3: Hungarian algorithm maximising sum_i <s_i, t_pi(i)>.
+
+    Args:
+        s, t: slots `[B, K, D]`.
+    Returns:
+        permutation matrices `[B, K, K]` (float, same dtype/device as s): entry (i, j) = 1 iff i -> j.
+    """
+    cost = slot_costs(s, t).detach().cpu().double().numpy()
+    out = torch.zeros(s.shape[0], s.shape[1], t.shape[1], dtype=s.dtype, device=s.device)
+    for b in range(cost.shape[0]):
+        rows, cols = linear_sum_assignment(cost[b])                 # min -<s,t> = max inner product
+        out[b, torch.as_tensor(rows), torch.as_tensor(cols)] = 1
+    return out
+
+
+def chain_matchings(matchings):
+    """Chain frame-to-frame matchings into video-level track ids.
+
+    Frame 0's slot i starts track i. Slot i of frame t is assigned to slot a_i = argmax_j M_t[i, j] of
+    frame t+1; slot j of frame t+1 inherits the track of the slot i assigned to it (when several are,
+    the one with the largest M_t[i, j]); a slot that no slot is assigned to starts a new track
+    (ids K, K+1, ...).
+
+    Args:
+        matchings: `[T-1, K, K]` soft (MatchingQP) or 0/1 (Hungarian) matrices between frames t, t+1.
+    Returns:
+        int64 `[T, K]`: track id of every slot of every frame.
+    """
+    M = torch.as_tensor(matchings).detach().cpu().double()
+    T1, K = M.shape[0], M.shape[1]
+    tracks = torch.empty(T1 + 1, K, dtype=torch.long)
+    tracks[0] = torch.arange(K)
+    next_id = K
+    for t in range(T1):
+        assign = M[t].argmax(dim=1)                                   # slot i -> slot assign[i]
+        for j in range(K):
+            cand = torch.nonzero(assign == j).flatten()
+            if len(cand):
+                tracks[t + 1, j] = tracks[t, cand[M[t, cand, j].argmax()]]
+            else:
+                tracks[t + 1, j] = next_id
+                next_id += 1
+    return tracks
+
+
+def relabel_video(masks, tracks):
+    """Label map of a video with slot labels made consistent over time.
+
+    Args:
+        masks: `[T, K, H, W]` per-frame slot masks (soft or one-hot, any float/int dtype).
+        tracks: int `[T, K]` from chain_matchings.
+    Returns:
+        int64 `[T, H, W]`: track id of the argmax slot at every pixel.
+    """
+    slot = torch.as_tensor(masks).detach().cpu().argmax(dim=1)            # [T, H, W]
+    tr = torch.as_tensor(tracks).cpu().long()
+    return torch.gather(tr, 1, slot.flatten(1)).view_as(slot)
+
+
+def video_ari(true, pred):
+    """Video ARI and ARI-FG (Tab. 2): common.ari over all pixels of all frames jointly.
+
+    Args:
+        true: int `[T, H, W]` (0 = background); pred: int `[T, H, W]`, e.g. relabel_video(...).
+    Returns:
+        dict of floats "ari", "ari_fg" (NaN when the video has no foreground pixel).
+    """
+    true, pred = torch.as_tensor(true).long(), torch.as_tensor(pred).long()
+    T, H, W = true.shape
+    t, p = true.reshape(1, T * H, W), pred.reshape(1, T * H, W)
+    return {"ari": float(ari(t, p)[0]), "ari_fg": float(ari(t, p, foreground_only=True)[0])}
+
+
+def track_and_score(true, masks, slots, method="qp", qp=None):
+    """Tab. 2 evaluation of one video: match slots of consecutive frames, chain, relabel, score.
+
+    Args:
+        true: int `[T, H, W]` true segmentation (0 = background).
+        masks: `[T, K, H, W]` slot masks of every frame; slots: `[T, K, D]` slot vectors.
+        method: "qp" (ours: MatchingQP) or "hungarian" (Slot Attention baseline of Sec. 6.3).
+        qp: MatchingQP(K) for method "qp".
+    Returns:
+        dict "ari", "ari_fg" (floats) and "tracks" (int64 `[T, K]`).
+    """
+    if method == "qp":
+        if qp is None:
+            raise ValueError("track_and_score(method='qp') needs a MatchingQP")
+        M = qp_slot_matching(slots[:-1], slots[1:], qp)
+    elif method == "hungarian":
+        M = hungarian_slot_matching(slots[:-1], slots[1:])
+    else:
+        raise ValueError(f"method must be 'qp' or 'hungarian', got {method!r}")
+    tracks = chain_matchings(M)
+    return {**video_ari(true, relabel_video(masks, tracks)), "tracks": tracks}
+
+
+@torch.no_grad()
+def evaluate_video_tracking(encode, videos, qp=None, methods=("qp", "hungarian"), num_videos=0):
+    """Tab. 2: video ARI and ARI-FG with slots tracked over each whole video.
+
+    Args:
+        encode: callable, frames `[T, 3, H, W]` float in [0, 1] -> (slots `[T, K, D]`, masks `[T, K, h, w]`),
+            the per-frame slots of a model (masks are resized bilinearly to the true masks' size).
+        videos: a dataset of dicts with "video" `[T, 3, H, W]` and "mask" int `[T, H, W]` (0 = background),
+            e.g. data.build_dataset("movi_a", "test") or "synthetic_video".
+        qp: MatchingQP(K), needed for method "qp".
+        methods: any of "qp" (ours, Alg. 3 matching) and "hungarian" (Slot Attention baseline, Sec. 6.3).
+        num_videos: evaluate only the first num_videos videos (0 = all).
+    Returns:
+        {method: {"ari": mean over videos, "ari_fg": mean over videos with foreground}} (floats).
+    """
+    scores = {m: {"ari": [], "ari_fg": []} for m in methods}
+    n = len(videos) if not num_videos else min(num_videos, len(videos))
+    for v in range(n):
+        item = videos[v]
+        true = torch.as_tensor(item["mask"]).long()
+        slots, masks = encode(item["video"])
+        masks = masks.float().cpu()
+        if masks.shape[-2:] != true.shape[-2:]:
+            masks = F.interpolate(masks, size=true.shape[-2:], mode="bilinear", align_corners=False)
+        for m in methods:
+            out = track_and_score(true, masks, slots.cpu(), method=m, qp=qp)
+            scores[m]["ari"].append(out["ari"])
+            scores[m]["ari_fg"].append(out["ari_fg"])
+    return {m: {key: nanmean(torch.tensor(vals, dtype=torch.float64)) for key, vals in s.items()}
+            for m, s in scores.items()}
+
+
+def save_matching_figure(path, frame_a, frame_b, masks_a, masks_b, matching, slot_images_a=None,
+                         slot_images_b=None, names=("frame 5", "frame 20")):
+    """App. A, Fig. 6: matched slots across two far-apart frames, one PNG.
+
+    Row 1: frame a, its segmentation (colour = slot i), then slot i of frame a for i = 0..K-1.
+    Row 2: frame b, its segmentation coloured by the matched slot of frame a, then the slot of frame b
+    matched to slot i (argmax_j M_ij) in the same column, so matched slots line up vertically.
+
+    Args:
+        path: output .png.
+        frame_a, frame_b: `[3, H, W]` in [0, 1].
+        masks_a, masks_b: `[K, H, W]` slot masks.
+        matching: `[K, K]` soft or 0/1 matching from frame a's slots (rows) to frame b's (columns).
+        slot_images_a, slot_images_b: optional `[K, 3, H, W]` in [0, 1] per-slot reconstructions
+            (mask * rgb); default: the frame times each slot mask.
+        names: row labels (the paper uses frames 5 and 20).
+    Returns:
+        the Path written.
+    """
+    masks_a, masks_b = masks_a.detach().float().cpu(), masks_b.detach().float().cpu()
+    frame_a, frame_b = frame_a.detach().float().cpu(), frame_b.detach().float().cpu()
+    if slot_images_a is None:
+        slot_images_a = masks_a[:, None] * frame_a
+    if slot_images_b is None:
+        slot_images_b = masks_b[:, None] * frame_b
+    K = masks_a.shape[0]
+    M = torch.as_tensor(matching).detach().cpu().double()
+    assign = M.argmax(dim=1)                                               # slot i of a -> slot of b
+    tracks = chain_matchings(M[None])                                      # [2, K] colours of b follow a
+    seg_a = labels_to_rgb(relabel_video(masks_a[None], tracks[:1]) + 1)    # +1: label 0 is black
+    seg_b = labels_to_rgb(relabel_video(masks_b[None], tracks[1:]) + 1)
+    row_a = torch.cat([frame_a[None], seg_a, slot_images_a.detach().float().cpu()])
+    row_b = torch.cat([frame_b[None], seg_b, slot_images_b.detach().float().cpu()[assign]])
+    return save_image_grid(path, [(names[0], row_a), (names[1], row_b)], max_images=K + 2)
+
+
+# -----------------------------------------------------------------------------
+# Moving objects: the two-frame model (Alg. 3; Sec. 4 "Matching and motion"; Sec. 6.3)
+#
+# Slots S, T of two frames (Alg. 2 via the MinCutOCL partition) -> c_ij = -<s_i, t_j> -> MatchingQP ->
+# softmax with temperature -> paired slots r_i = M_i,: T -> MLP on the pair -> one set of slots that
+# reconstructs both frames, loss = MSE(frame 1) + MSE(frame 2). The paper does not say how the pair
+# (s_i, r_i) becomes one slot nor how one slot decodes two frames: we use MLP([s_i; r_i]) -> D (the new
+# slot) and one MLP head per frame before the shared decoder (Sec. 4: "transform the new slots by MLP
+# transformations").
+
+
+def sample_adjacent_pairs(video, generator=None):
+    """Sec. 6.3: train on pairs of adjacent frames. video `[B, T, 3, H, W]` (T >= 2) -> (x1, x2), each
+    `[B, 3, H, W]`: frames t and t+1 with t drawn uniformly per video (torch `generator` for resume)."""
+    B, T = video.shape[:2]
+    if T < 2:
+        raise ValueError(f"need videos of at least 2 frames, got T={T}")
+    t = torch.randint(0, T - 1, (B,), generator=generator).to(video.device)
+    idx = torch.arange(B, device=video.device)
+    return video[idx, t], video[idx, t + 1]
+
+
+class MinCutPairModel(nn.Module):
+    """Two-frame min-cut model with slot matching (Alg. 3, Sec. 4 "Matching and motion", Sec. 6.3).
+
+    Args:
+        base: a MinCutOCL; its encoder, partition (Alg. 1-2) and decoder are reused (attributes
+            base.encoder, base.partition, base.decoder, base.cfg.num_slots / slot_dim / mlp_dim / image_size).
+        gamma, temperature: MatchingQP regulariser and softmax temperature (Alg. 3 lines 3-4).
+    forward(frames1, frames2: `[B, 3, H, W]` float in [0, 1]) -> dict
+        loss       scalar: MSE(frame 1) + MSE(frame 2), images in [-1, 1] (Sec. 4: summed loss)
+        recon      `[B, 2, 3, H, W]` reconstructions of both frames in [0, 1]
+        masks      `[B, 2, K, H, W]` decoder alpha masks per frame (softmax over the K slots)
+        rgb        `[B, 2, K, 3, H, W]` per-slot RGB in [0, 1]
+        slots      `[B, K, D]` the matched slot set (one per pair); slots1, slots2 `[B, K, D]` S and T
+        matching   `[B, K, K]` soft matching M (rows: slots of frame 1, rows sum to 1); paired `[B, K, D]` r_i
+        cut_masks  `[B, 2, K, h, w]` partition masks of each frame at feature resolution
+    Raises ValueError if the frames differ in shape or from base.cfg.image_size.
+    """
+
+    def __init__(self, base, gamma=0.5, temperature=0.1):
+        super().__init__()
+        cfg = base.cfg
+        K, D, hidden = cfg.num_slots, cfg.slot_dim, cfg.mlp_dim
+        self.base, self.image_size = base, cfg.image_size
+        self.matching = MatchingQP(K, gamma=gamma, temperature=temperature)
+        self.pair_mlp = nn.Sequential(nn.Linear(2 * D, hidden), nn.ReLU(), nn.Linear(hidden, D))  # (s_i, r_i) -> slot
+        self.frame_heads = nn.ModuleList(
+            [nn.Sequential(nn.Linear(D, hidden), nn.ReLU(), nn.Linear(hidden, D)) for _ in range(2)])
+
+    def frame_slots(self, frames):
+        """Alg. 2 for every frame: frames `[N, 3, H, W]` in [0, 1] -> (slots `[N, K, D]`, cut masks `[N, K, h, w]`)."""
+        H, W = frames.shape[-2:]
+        if (H, W) != (self.image_size, self.image_size):
+            raise ValueError(f"expected frames of {self.image_size}x{self.image_size}, got {H}x{W}")
+        part = self.base.partition(self.base.encoder(frames * 2.0 - 1.0))
+        return part["slots"], part["cut_masks"]
+
+    def forward(self, frames1, frames2):
+        if frames1.shape != frames2.shape:
+            raise ValueError(f"frame shapes differ: {tuple(frames1.shape)} vs {tuple(frames2.shape)}")
+        B = frames1.shape[0]
+        slots, cut_masks = self.frame_slots(torch.cat([frames1, frames2]))   # one pass for both frames
+        S, T = slots[:B], slots[B:]                                      # Alg. 3 line 1
+        M = self.matching(slot_costs(S, T))                              # lines 2-4: c_ij = -<s_i, t_j>
+        R = M @ T                                                        # line 5: r_i = M_i,: T
+        joint = self.pair_mlp(torch.cat([S, R], dim=-1))                 # line 6 pairs -> new slots (Sec. 4)
+        per_frame = torch.stack([head(joint) for head in self.frame_heads], dim=1)   # [B, 2, K, D]
+        rgb, logits = self.base.decoder(per_frame.flatten(0, 1))          # [2B, K, 3|1, H, W]
+        masks = logits.softmax(dim=1)                                    # alpha mixture over slots
+        recon = (masks * rgb).sum(dim=1).unflatten(0, (B, 2))            # [B, 2, 3, H, W] in [-1, 1]
+        target = torch.stack([frames1, frames2], dim=1) * 2.0 - 1.0
+        loss = F.mse_loss(recon[:, 0], target[:, 0]) + F.mse_loss(recon[:, 1], target[:, 1])  # summed loss
+        return dict(loss=loss, recon=(recon + 1) / 2, masks=masks.squeeze(2).unflatten(0, (B, 2)),
+                    rgb=((rgb + 1) / 2).unflatten(0, (B, 2)), slots=joint, slots1=S, slots2=T, matching=M,
+                    paired=R, cut_masks=torch.stack([cut_masks[:B], cut_masks[B:]], dim=1))
+
+    @torch.no_grad()
+    def encode_frames(self, frames):
+        """Per-frame slots and masks for evaluate_video_tracking: frames `[T, 3, H, W]` in [0, 1] ->
+        (slots `[T, K, D]`, partition masks `[T, K, h, w]`); the video's frames are matched with self.matching."""
+        return self.frame_slots(frames)
+
+
+@torch.no_grad()
+def save_pair_figure(path, model, video, a=5, b=20):
+    """App. A, Fig. 6: reconstruct frames a and b of one video as a pair (Alg. 3) and save, per matched
+    slot, its reconstruction in both frames. video `[T, 3, H, W]` in [0, 1]; a, b are clamped to T-1.
+    Returns the Path written."""
+    T = video.shape[0]
+    a, b = min(a, T - 1), min(b, T - 1)
+    out = model(video[a:a + 1], video[b:b + 1])
+    slot_images = out["masks"][0, :, :, None] * out["rgb"][0]          # [2, K, 3, H, W]
+    K = slot_images.shape[1]
+    eye = torch.eye(K)                                                  # decoded slots share index i in both frames
+    return save_matching_figure(path, video[a], video[b], out["masks"][0, 0], out["masks"][0, 1], eye,
+                                slot_images[0], slot_images[1], names=(f"frame {a}", f"frame {b}"))
+
+
+# -----------------------------------------------------------------------------
+# 6. Evaluation
+
+
+def checkpoint_config(cfg):
+    """Copy the model settings saved in out_dir/ckpt.pt into cfg so --eval_only needs no model flags."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if os.path.exists(path):
+        saved = load_checkpoint(path).get("config")
+        if saved:
+            for key in MODEL_KEYS + ("gamma", "obj_temp", "mask_temp"):
+                setattr(cfg, key, type(getattr(cfg, key))(saved[key]))
+    return cfg
+
+
+def main(argv=None):
+    cfg = build_config(argv)
+    if cfg.qp_solver not in STCutQP.SOLVERS:
+        fail(f"--qp_solver must be one of {', '.join(STCutQP.SOLVERS)}, got {cfg.qp_solver!r}")
+    if cfg.encoder not in ("cnn", "resnet"):
+        fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
+    if cfg.eval_only:
+        cfg = checkpoint_config(cfg)
+        device = get_device(cfg.device)
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        if not os.path.exists(path):
+            fail(f"no checkpoint at {path}: train first (python mincut_ocl.py) or set --out_dir")
+        model = MinCutOCL(cfg).to(device)
+        model.load_state_dict(load_checkpoint(path)["model"])
+        metrics = evaluate(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
+        print(f"{cfg.dataset} test: {format_metrics(metrics)}")
+        return metrics
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
