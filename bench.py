@@ -8,6 +8,7 @@ peak of torch.cuda.max_memory_allocated, on CPU the peak resident set size of th
 (ru_maxrss, model + activations + the Python/torch runtime). A step is forward + backward +
 optimiser step on random images, after `warmup` untimed steps; the table gives the median.
 """
+import functools
 import json
 import math
 import os
@@ -41,6 +42,16 @@ class BenchConfig:
     qp_sparse_max: int = 64      # qp: largest side run with the sparse solver (memory grows as P^2)
 
 
+def adam_step(model, opt, x, grad_clip=0.0, **forward_kwargs):
+    """One training step: loss = model(x)["loss"], backward, optional gradient clipping, optimiser step."""
+    loss = model(x, **forward_kwargs)["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
 def boqsa_settings():
     """BO-QSA at the paper's settings (Tab. 9-13): list of (name, make_step).
 
@@ -54,12 +65,7 @@ def boqsa_settings():
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
 
-            def step():
-                loss = model(x, sigma=0.5)["loss"]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
+            step = functools.partial(adam_step, model, opt, x, cfg.grad_clip, sigma=0.5)
             return step, dict(image=cfg.image_size, slots=cfg.num_slots)
         return make_step
 
@@ -77,11 +83,7 @@ def mincut_settings():
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
 
-            def step():
-                loss = model(x)["loss"]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            step = functools.partial(adam_step, model, opt, x)
             return step, dict(image=cfg.image_size, slots=cfg.num_slots)
         return make_step
 
@@ -100,11 +102,7 @@ def ast_settings():
             opt = ast_seg.make_optimizer(ast_seg.set_trainable(model, "joint"), cfg, "joint")
             x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
 
-            def step():
-                loss = model(x)["loss"]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            step = functools.partial(adam_step, model, opt, x)
             return step, dict(image=cfg.image_size, slots=cfg.num_slots)
         return make_step
 
