@@ -73,20 +73,22 @@ class Config:
     transformer_layers: int = 6     # Tab. 6; 0 = no transformer encoder (ablation, Tab. 4)
     transformer_dropout: float = 0.1  # torch default (REFERENCE.md)
     s_min: float = 1.3              # minimum inverse scale (Tab. 6)
-    s_max: float = 24.0             # maximum inverse scale (Tab. 6)
+    s_max: float = 6.0              # maximum inverse scale (Tab. 6: 24 at 128 px; 6 = 24 x 32/128 here, else
+                                    # the first glimpses, at s ~ (s_min + s_max)/2, are 2 px and never learn)
     bg_logit_init: float = 11.0     # log alpha_0 before training (Tab. 6: alpha_0 = e^11)
     glimpse_size: int = 0           # 0 = image_size // 2 (Tab. 7: 32 for 64 px, 64 for 128 px)
     official_activation_bug: bool = False  # read alpha from latent index 4 as the official code (REFERENCE.md)
     # background model (AE-NE, ref. [38])
     bg_complex: bool = False        # AE-NE "complex background" channel schedule (official: all but CLEVR)
     bg_input_scale: float = 255.0   # AE-NE sees images * this (official 255; see Background)
+    bg_norm: str = "batch"          # AE-NE normalisation: group (official) | batch (built-in data; see Background)
     # losses (Sec. 4.2.1, Tab. 6)
     pixel_weight: float = 1e-2      # lambda_pixel (eq. 22)
     pixel_warmup: int = 300         # N_pixel, quadratic warmup of lambda_pixel (Tab. 6: 10k)
     # training scenario (Sec. 4.2.2, Sec. 5.1)
     scenario: str = "curriculum"    # curriculum (CT) | baseline (BT) | frozen (background frozen throughout)
     phase: str = "all"              # all | background (train phase 1 only, then stop)
-    bg_steps: int = 300             # phase 1 steps (Sec. 5.1: 500k, CLEVR 2500)
+    bg_steps: int = 600             # phase 1 steps (Sec. 5.1: 500k, CLEVR 2500)
     bg_batch_size: int = 32         # Tab. 6: 128
     bg_lr: float = 2e-3             # Tab. 6; AdamW, x0.1 at 80% (AE-NE)
     freeze_steps: int = 600         # phase 2 length: foreground with frozen background (Sec. 5.1: 30k)
@@ -114,7 +116,7 @@ class Config:
 # 5k lr warmup, N_pixel 10k, background pretraining 500k steps (CLEVR 2.5k) at batch 128, Segformer B3.
 _PAPER = dict(segformer="mit-b3", batch_size=64, lr=4e-5, max_steps=125000, freeze_steps=30000,
               warmup_steps=5000, pixel_warmup=10000, bg_steps=500000, bg_batch_size=128, bg_complex=True,
-              num_workers=8, eval_interval=5000, eval_items=0, log_interval=50)
+              bg_norm="group", s_max=24.0, num_workers=8, eval_interval=5000, eval_items=0, log_interval=50)
 PRESETS = {
     "synthetic": {},
     "clevrtex": dict(_PAPER, num_slots=10, scaling="anisotropic", image_size=128),
@@ -128,7 +130,7 @@ for _name in ("clevrtex_ood", "clevrtex_camo"):
 PRESETS["clevr6"] = dict(PRESETS["clevr"])
 
 _CHOICES = dict(scaling=("anisotropic", "isotropic"), feature_net=("segformer", "unet"),
-                scenario=("curriculum", "baseline", "frozen"), phase=("all", "background"))
+                scenario=("curriculum", "baseline", "frozen"), phase=("all", "background"), bg_norm=("group", "batch"))
 
 
 def build_config(argv=None):
@@ -452,14 +454,16 @@ def _ae_ne_positions(h, w):
 
 class PosBlock(nn.Module):
     """(Transposed) convolution with the 2 positional channels concatenated to its input, then
-    GroupNorm + CELU unless final. Input [B,Cin,h,w] (h, w = `in_shape`)."""
+    GroupNorm (AE-NE; groups of 16 channels) or BatchNorm (`norm="batch"`) + CELU unless final.
+    Input [B,Cin,h,w] (h, w = `in_shape`)."""
 
     def __init__(self, in_shape, cin, cout, kernel, stride, padding, transpose=False, output_padding=(0, 0),
-                 final=False):
+                 final=False, norm="group"):
         super().__init__()
         conv = (nn.ConvTranspose2d(cin + 2, cout, kernel, stride, padding, output_padding=output_padding, bias=False)
                 if transpose else nn.Conv2d(cin + 2, cout, kernel, stride, padding, bias=False))
-        mods = [conv] if final else [conv, nn.GroupNorm(max(1, cout // 16), cout), nn.CELU()]
+        normalization = nn.GroupNorm(max(1, cout // 16), cout) if norm == "group" else nn.BatchNorm2d(cout)
+        mods = [conv] if final else [conv, normalization, nn.CELU()]
         self.layers = nn.Sequential(*mods)
         self.register_buffer("pos", _ae_ne_positions(*in_shape), persistent=False)
 
@@ -493,10 +497,12 @@ class Background(nn.Module):
     """AE-NE background autoencoder: images [B,3,H,W] in [0,1] -> [B,4,H,W] in (0,1)
     (RGB background + noise estimate). Encoder to a 1x1 code of nz = 16, mirrored transposed-conv
     generator, GroupNorm + CELU, positional channels at every block, sigmoid output (REFERENCE.md).
-    The official code feeds 0-255 images. Its bias-free convolutions + GroupNorm then make the code
-    nearly invariant to the brightness of a plain background (the 2 positional channels are tiny next to
-    255), so `input_scale=1` (images in [0,1]) is offered for data with plain backgrounds of random
-    brightness such as the built-in synthetic set. Raises ValueError for sizes needing other than 5-7 blocks
+    AE-NE was made for the fixed scene of a video; on the built-in set every image has its own plain
+    background colour, and per-image GroupNorm (over 16 channels x all pixels) all but removes that
+    colour: fed 255 * image (official) the bias-free code is invariant to brightness, and even at
+    `input_scale=1` the background stays the dataset's mean colour after 1000 steps. `norm="batch"`
+    (BatchNorm, the default for the built-in data; the paper presets use "group") keeps the
+    per-image differences and learns the colours within ~100 steps. Raises ValueError for sizes needing other than 5-7 blocks
     (AE-NE supports e.g. 32, 64, 128 px)."""
 
     ENC = {5: ([3, 64, 160, 160, 32, 16], [3, 64, 160, 160, 16, 16]),
@@ -506,7 +512,7 @@ class Background(nn.Module):
            6: ([4, 144, 256, 512, 256, 32, 16], [4, 144, 640, 1280, 640, 16, 16]),
            7: ([4, 144, 256, 512, 256, 256, 32, 16], [4, 144, 640, 1280, 640, 320, 16, 16])}
 
-    def __init__(self, image_size, complex_background=False, input_scale=255.0):
+    def __init__(self, image_size, complex_background=False, input_scale=255.0, norm="group"):
         super().__init__()
         self.input_scale = input_scale
         geo, shapes = _ae_ne_geometry(image_size, image_size)
@@ -514,10 +520,11 @@ class Background(nn.Module):
         if n not in self.ENC:
             raise ValueError(f"AE-NE background model: {image_size} px needs {n} blocks, only 5-7 implemented")
         enc, gen = self.ENC[n][complex_background], self.GEN[n][complex_background]
-        self.encoder = nn.Sequential(*[PosBlock(shapes[i], enc[i], enc[i + 1], *geo[i][:3]) for i in range(n)])
+        self.encoder = nn.Sequential(*[PosBlock(shapes[i], enc[i], enc[i + 1], *geo[i][:3], norm=norm)
+                                       for i in range(n)])
         self.generator = nn.Sequential(*[
             PosBlock(shapes[i + 1], gen[i + 1], gen[i], *geo[i][:3], transpose=True, output_padding=geo[i][3],
-                     final=i == 0) for i in reversed(range(n))])
+                     final=i == 0, norm=norm) for i in reversed(range(n))])
 
     def forward(self, images):
         code = self.encoder(images * self.input_scale)                     # [B,16,1,1]
@@ -580,7 +587,7 @@ class ASTSeg(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.renderer = Renderer(cfg)
-        self.background = Background(cfg.image_size, cfg.bg_complex, cfg.bg_input_scale)
+        self.background = Background(cfg.image_size, cfg.bg_complex, cfg.bg_input_scale, cfg.bg_norm)
 
     def foreground_parameters(self):
         return list(self.encoder.parameters()) + list(self.renderer.parameters())
@@ -828,7 +835,7 @@ def format_metrics(m):
 
 _MODEL_KEYS = ("num_slots", "scaling", "feature_net", "segformer", "segformer_sizes", "segformer_depths",
                "decoder_hidden_size", "z_what_dim", "transformer_dim", "transformer_heads", "transformer_ff",
-               "transformer_layers", "image_size", "glimpse_size", "bg_complex", "bg_input_scale")
+               "transformer_layers", "image_size", "glimpse_size", "bg_complex", "bg_input_scale", "bg_norm")
 
 
 def train(cfg):

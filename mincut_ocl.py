@@ -12,20 +12,23 @@ Paper: ../shared/papers/mincut_ocl_pervez2023.md.  Facts from the official code 
                        slots -> spatial broadcast decoder, alpha mixture, MSE (Sec. 6.1)
     4. Training        Adam 4e-4, lr x 0.8^(step / (0.2 total)) (App. D), resume
     5. Matching        the matching QP (eq. 7, App. C), its Cora validation (Sec. 6.2), slot tracking over
-                       videos and the two-frame pair model (Sec. 4 "Matching and motion", Alg. 3, App. A);
-                       library functions with tests, not yet wired into the CLI below
-    6. Evaluation      ARI, ARI-FG, mIoU, MSC-FG, MSE on the test split
+                       videos and the two-frame pair model (Sec. 4 "Matching and motion", Alg. 3, App. A)
+    6. Evaluation      ARI, ARI-FG, mIoU, MSC-FG, MSE on the test split; video: tracked ARI / ARI-FG (Tab. 2)
 
 Run:
     python mincut_ocl.py                                   # built-in synthetic data, CPU-sized model
     python mincut_ocl.py --dataset=clevrtex --data_dir=PATH
     python mincut_ocl.py --eval_only --dataset=clevrtex --data_dir=PATH
     python mincut_ocl.py --qp_solver=sparse                # the paper's solver (slow on CPU)
+    python mincut_ocl.py --task=video                      # Alg. 3 on frame pairs of synthetic_video (Tab. 2)
+    python mincut_ocl.py --task=video --dataset=movi_a --data_dir=PATH
+    python mincut_ocl.py --task=cora --data_dir=PATH       # Sec. 6.2: cora.content, cora.cites (LINQS)
 """
 import functools
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, asdict
 
@@ -54,8 +57,9 @@ class Config:
     Defaults are sized for a 2-core CPU on the built-in `synthetic` dataset; `--dataset=NAME`
     first applies that dataset's paper settings (PRESETS, Sec. 6.1 and App. D), then your flags.
     """
+    task: str = "image"             # image (Sec. 6.1) | video (frame pairs, Alg. 3, Sec. 6.3) | cora (Sec. 6.2)
     # data
-    dataset: str = "synthetic"      # synthetic | clevr | clevr6 | clevrtex | clevrtex_ood | clevrtex_camo | ...
+    dataset: str = "synthetic"      # synthetic | clevr | clevr6 | clevrtex | ... ; video: synthetic_video | movi_a
     data_dir: str = ""              # root of the dataset on disk (not needed for synthetic)
     image_size: int = 32            # input resolution (Sec. 6.1: 128; 32 here for a 2-core CPU)
     num_workers: int = 1            # DataLoader workers
@@ -70,6 +74,7 @@ class Config:
     qp_solver: str = "dct"          # dct (exact, fast) | sparse (the paper's App. B method) | dense (tiny grids)
     obj_temp: float = 0.5           # softmax temperature over the object cuts (Sec. 6.1: 0.5)
     mask_temp: float = 0.1          # softmax temperature of the combined masks (Sec. 6.1: 0.1)
+    match_temp: float = 0.1         # task video: matching softmax temperature (Alg. 3 line 4; not given: 0.1)
     dec_channels: int = 32          # decoder feature maps (official: 64)
     dec_init_size: int = 8          # spatial broadcast resolution (Sec. 6.1: 8x8)
     dec_strides: tuple = (2, 2)     # one ConvT 5x5 per entry; 8 * prod = image_size (official: 2,2,2,2)
@@ -104,13 +109,25 @@ PRESETS = {
 PRESETS["clevr6"] = dict(PRESETS["clevr"])
 for _name in ("clevrtex_ood", "clevrtex_camo"):                          # eval-only sets of Tab. 1
     PRESETS[_name] = dict(PRESETS["clevrtex"])
+# --task=video (Sec. 6.3). eval_items counts test videos. MOVi-A: 128x128 frames, 8 slots per frame; the
+# paper gives no encoder or schedule for it: the CLEVR CNN and the image schedule. Deviation: the full
+# frame, not the paper's centre crop of 0.8 x the side (data.py's movi_a has no crop; Fig. 5 is uncropped).
+PRESETS["synthetic_video"] = dict(eval_items=64, max_steps=1500, out_dir="out/mincut_video")   # CPU-sized
+PRESETS["movi_a"] = dict(PRESETS["clevr"], num_slots=8, out_dir="out/mincut_movi_a")
+
+
+def video_dataset(cfg):
+    """cfg.dataset, except synthetic_video (moving shapes) for --task=video with the image default synthetic."""
+    return "synthetic_video" if cfg.task == "video" and cfg.dataset == "synthetic" else cfg.dataset
 
 
 def build_config(argv=None):
     """Config from the command line: defaults <- PRESETS[--dataset] <- explicit flags."""
     first = parse_args(Config(), argv)          # validates every flag, gives us --dataset
-    cfg = Config(**PRESETS.get(first.dataset, {}))
-    return parse_args(cfg, argv)
+    dataset = video_dataset(first)
+    cfg = parse_args(Config(**PRESETS.get(dataset, {})), argv)
+    cfg.dataset = dataset
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -423,6 +440,9 @@ def sparse_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
     return x_nodes[0], x_nodes[1], x_nodes[2:].T.reshape(N, H, W), d.reshape(N, 6, H, W)
 
 
+CPU_CHUNK = 64   # right-hand sides per solve call on CPU (cache-sized; 0 or less is not allowed)
+
+
 class _SelfAdjointCut(torch.autograd.Function):
     """x = solve(c) for the cut QP with a custom backward (Amos & Kolter 2017; Sec. 3.1):
 
@@ -434,7 +454,17 @@ class _SelfAdjointCut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, solve, gamma, h, c_s, c_t, c_p, c_e):
         ctx.solve, ctx.gamma = solve, gamma
-        return solve(c_s, c_t, c_p, c_e, gamma, h)
+        N, chunk = c_e.shape[0], CPU_CHUNK
+        if c_e.device.type != "cpu" or N <= chunk:
+            return solve(c_s, c_t, c_p, c_e, gamma, h)
+        # CPU: solve CPU_CHUNK right-hand sides at a time into preallocated outputs, so that the FFT
+        # intermediates of a chunk stay in cache (faster than one batched solve of all N; see bench.py)
+        out = (c_e.new_empty(N), c_e.new_empty(N), c_e.new_empty(c_p.shape), c_e.new_empty(c_e.shape))
+        for i in range(0, N, chunk):
+            j = slice(i, i + chunk)
+            for dst, src in zip(out, solve(c_s[j], c_t[j], c_p[j], c_e[j], gamma, h)):
+                dst[j] = src
+        return out
 
     @staticmethod
     def backward(ctx, g_s, g_t, g_p, g_e):
@@ -740,6 +770,23 @@ def load_dataset(cfg, split):
         fail(str(e))
 
 
+def build_model(cfg):
+    """MinCutOCL (task image), or the two-frame MinCutPairModel around it (task video, Alg. 3)."""
+    model = MinCutOCL(cfg)
+    if cfg.task == "video":                         # matching gamma not given (Sec. 6.3): the cut QP's gamma
+        model = MinCutPairModel(model, gamma=cfg.gamma, temperature=cfg.match_temp)
+    return model
+
+
+def batch_loss(model, batch, device, task="image"):
+    """Training loss of one loader batch: images `[B, 3, H, W]` (task image) or videos `[B, T, 3, H, W]`,
+    of which one pair of adjacent frames per video is drawn from torch's global RNG (task video)."""
+    if task == "video":
+        x1, x2 = sample_adjacent_pairs(batch["video"])                    # Sec. 6.3: adjacent frames
+        return model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))["loss"]
+    return model(batch["image"].to(device, non_blocking=True))["loss"]
+
+
 def train_loader(cfg, start_step):
     """Endless shuffled loader of batch cfg.batch_size, resuming at `start_step`."""
     ds = load_dataset(cfg, "train")
@@ -780,29 +827,82 @@ def evaluate(model, cfg, device, num_items=0, image_path=None):
     return {k: nanmean(torch.cat(v)) for k, v in sums.items()}
 
 
+@torch.no_grad()
+def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None):
+    """Tab. 2 on whole test videos: video ARI and ARI-FG with the slots tracked over each video by the
+    matching QP (ours, Alg. 3 lines 2-4) and by the Hungarian algorithm on slot inner products (Slot
+    Attention baseline, Sec. 6.3), side by side; segments = argmax of each frame's partition masks.
+
+    Every adjacent pair (t, t+1) is run through the model (Alg. 3, cfg.batch_size pairs at a time);
+    its per-frame slots S, T give the slots of every frame. MSE: per-frame sum of squared errors over
+    C, H, W (images in [0, 1], as `evaluate`), mean over the 2(T-1) frames reconstructed as pairs.
+
+    Args:
+        model: MinCutPairModel; num_items: first N videos (0 = all);
+        image_path: if set, Fig. 6 pictures of the first video: the pair reconstruction of frames 5 and
+            20 (clamped to T-1) at image_path, the QP matching of their slots at <image_path>_matching.png;
+        videos: dataset of {"video" `[T, 3, H, W]` in [0, 1], "mask" `[T, H, W]`} (default: test split).
+    Returns:
+        dict of floats ari_qp, ari_fg_qp, ari_hungarian, ari_fg_hungarian, mse.
+    """
+    model.eval()
+    videos = load_dataset(cfg, "test") if videos is None else videos
+    errors = []
+
+    def encode(video):                                                    # one video `[T, 3, H, W]`
+        video, slots, masks = video.to(device), [], []
+        for i in range(0, len(video) - 1, cfg.batch_size):
+            j = min(i + cfg.batch_size, len(video) - 1)
+            x1, x2 = video[i:j], video[i + 1:j + 1]                       # pairs (t, t+1), t = i..j-1
+            out = model(x1, x2)
+            errors.append(mse(torch.cat([x1, x2]), torch.cat([out["recon"][:, 0], out["recon"][:, 1]])))
+            slots.append(out["slots1"])                                   # Alg. 3 line 1: S of frames i..j-1
+            masks.append(out["cut_masks"][:, 0])
+        return torch.cat(slots + [out["slots2"][-1:]]), torch.cat(masks + [out["cut_masks"][-1:, 1]])
+
+    res = evaluate_video_tracking(encode, videos, qp=model.matching, num_videos=num_items)
+    metrics = {f"{key}_{method}": v for method, r in res.items() for key, v in r.items()}   # ari_qp, ...
+    metrics["mse"] = nanmean(torch.cat(errors))
+    if image_path:
+        video = torch.as_tensor(videos[0]["video"]).to(device)
+        save_pair_figure(image_path, model, video)                        # App. A, Fig. 6: frames 5 and 20
+        a, b = min(5, len(video) - 1), min(20, len(video) - 1)
+        slots, masks = model.encode_frames(video[[a, b]])
+        masks = F.interpolate(masks, size=video.shape[-2:], mode="bilinear", align_corners=False)
+        root, ext = os.path.splitext(image_path)
+        save_matching_figure(f"{root}_matching{ext}", video[a], video[b], masks[0], masks[1],
+                             model.matching(slot_costs(slots[:1], slots[1:]))[0], names=(f"frame {a}", f"frame {b}"))
+    model.train()
+    return metrics
+
+
 def format_metrics(m):
-    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "miou": "mIoU", "ari": "ARI", "mse": "MSE"}
+    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "miou": "mIoU", "ari": "ARI", "mse": "MSE",
+             "ari_qp": "ARI(QP)", "ari_fg_qp": "ARI-FG(QP)", "ari_hungarian": "ARI(Hungarian)",
+             "ari_fg_hungarian": "ARI-FG(Hungarian)"}
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
 
 
-MODEL_KEYS = ("image_size", "encoder", "enc_channels", "enc_stride", "num_slots", "slot_dim", "mlp_dim",
+MODEL_KEYS = ("task", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots", "slot_dim", "mlp_dim",
               "dec_channels", "dec_init_size", "dec_strides")
 
 
 def train(cfg):
-    """The training loop: resumes from out_dir/ckpt.pt, logs to out_dir/metrics.jsonl, saves PNGs."""
+    """The training loop: resumes from out_dir/ckpt.pt, logs to out_dir/metrics.jsonl, saves PNGs.
+    Task image: MinCutOCL on images (Sec. 6.1); task video: MinCutPairModel on adjacent frames (Alg. 3)."""
     device = get_device(cfg.device)
     seed_everything(cfg.seed)
     torch.set_flush_denormal(True)      # denormal floats make CPU steps several times slower
-    model = MinCutOCL(cfg).to(device)
+    model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)          # App. D: Adam, lr 4e-4
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, ckpt = 0, None
     if cfg.resume and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
         for key in MODEL_KEYS:
-            if type(getattr(cfg, key))(ckpt["config"][key]) != getattr(cfg, key):
-                fail(f"{ckpt_path} was trained with --{key}={ckpt['config'][key]}, not {getattr(cfg, key)}; "
+            saved = ckpt["config"].get(key, getattr(Config, key))           # checkpoints before --task: image
+            if type(getattr(cfg, key))(saved) != getattr(cfg, key):
+                fail(f"{ckpt_path} was trained with --{key}={saved}, not {getattr(cfg, key)}; "
                      f"use another --out_dir or --resume=false")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -817,7 +917,8 @@ def train(cfg):
         rng = get_rng_state()                             # evaluation must not move the training RNG
         save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                         step=step, rng=rng, config=asdict(cfg)))
-        metrics = evaluate(model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"))
+        evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
+        metrics = evaluate_fn(model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"))
         log.log(step, **{f"test_{k}": v for k, v in metrics.items()})
         bar.write(f"step {step}: {format_metrics(metrics)}  (saved {ckpt_path})")
         set_rng_state(rng)
@@ -826,10 +927,10 @@ def train(cfg):
     model.train()
     t0 = time.time()
     while step < cfg.max_steps:
-        images = next(data_iter)["image"].to(device, non_blocking=True)
+        batch = next(data_iter)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)                    # exponential decay (App. D)
-        loss = model(images)["loss"]
+        loss = batch_loss(model, batch, device, cfg.task)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -839,7 +940,7 @@ def train(cfg):
         bar.update()
         if step % cfg.log_interval == 0:
             dt, t0 = time.time() - t0, time.time()
-            img_s = cfg.log_interval * cfg.batch_size / dt
+            img_s = cfg.log_interval * cfg.batch_size / dt                 # task video: frame pairs / s
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
             log.log(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], img_per_s=img_s)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
@@ -1218,7 +1319,9 @@ class EdgeWeightNet(nn.Module):
 
 @dataclass
 class CoraConfig:
-    """Sec. 6.2 Cora matching experiment. Defaults: Wilder et al.'s setup with the paper's gamma."""
+    """Sec. 6.2 Cora matching experiment. Defaults: Wilder et al.'s setup with the paper's gamma.
+    `python mincut_ocl.py --task=cora --key=value ...` sets these fields."""
+    task: str = "cora"            # only so that main() can parse --task=cora with this config
     data_dir: str = ""            # folder with cora.content and cora.cites (LINQS Cora release)
     out_dir: str = "out/mincut_cora"
     n_instances: int = 27         # Wilder et al.: 27 METIS parts of the citation graph
@@ -1232,7 +1335,7 @@ class CoraConfig:
     test_frac: float = 0.2        # 80/20 split of the instances
     n_trials: int = 30            # random splits; the paper reports mean +- std
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"           # cpu | cuda | auto (one small instance per step: the CPU is fast enough)
 
 
 def matching_value(links, cost):
@@ -1304,7 +1407,7 @@ def run_cora(cfg):
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
+    device = get_device(cfg.device)
     xl, xr, links = (inst[key].to(device) for key in ("x_left", "x_right", "links"))
     n, k = links.shape[:2]
     n_test = max(1, int(round(cfg.test_frac * n)))
@@ -1634,26 +1737,53 @@ def checkpoint_config(cfg):
     if os.path.exists(path):
         saved = load_checkpoint(path).get("config")
         if saved:
-            for key in MODEL_KEYS + ("gamma", "obj_temp", "mask_temp"):
-                setattr(cfg, key, type(getattr(cfg, key))(saved[key]))
+            for key in MODEL_KEYS + ("gamma", "obj_temp", "mask_temp", "match_temp"):
+                setattr(cfg, key, type(getattr(cfg, key))(saved.get(key, getattr(Config, key))))
     return cfg
 
 
+TASKS = ("image", "video", "cora")
+
+
+def requested_task(argv):
+    """The last --task=X or --task X in argv (parse_args lets the last one win); Config.task if none."""
+    task = Config.task
+    for i, arg in enumerate(argv):
+        if arg.startswith("--task="):
+            task = arg.partition("=")[2]
+        elif arg == "--task" and i + 1 < len(argv):
+            task = argv[i + 1]
+    return task
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if requested_task(argv) == "cora":                                  # Sec. 6.2: the flags of CoraConfig
+        return run_cora(parse_args(CoraConfig(), argv))
     cfg = build_config(argv)
+    if cfg.task not in TASKS:
+        fail(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if cfg.qp_solver not in STCutQP.SOLVERS:
         fail(f"--qp_solver must be one of {', '.join(STCutQP.SOLVERS)}, got {cfg.qp_solver!r}")
     if cfg.encoder not in ("cnn", "resnet"):
         fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
     if cfg.eval_only:
-        cfg = checkpoint_config(cfg)
+        cfg = checkpoint_config(cfg)                                    # also the task it was trained for
+        cfg.dataset = video_dataset(cfg)
+    info = data.DATASETS.get(cfg.dataset.lower())
+    if info is not None and info.video != (cfg.task == "video"):
+        videos = ", ".join(name for name, i in data.DATASETS.items() if i.video)
+        fail(f"--task={cfg.task} needs {'a video' if cfg.task == 'video' else 'an image'} dataset, got "
+             f"--dataset={cfg.dataset} (video datasets: {videos})")
+    if cfg.eval_only:
         device = get_device(cfg.device)
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         if not os.path.exists(path):
             fail(f"no checkpoint at {path}: train first (python mincut_ocl.py) or set --out_dir")
-        model = MinCutOCL(cfg).to(device)
+        model = build_model(cfg).to(device)
         model.load_state_dict(load_checkpoint(path)["model"])
-        metrics = evaluate(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
+        evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
+        metrics = evaluate_fn(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
         print(f"{cfg.dataset} test: {format_metrics(metrics)}")
         return metrics
     train(cfg)

@@ -1582,6 +1582,26 @@ def test_custom_backward_matches_dense_autograd():
     assert grads["dct"][:, 2, -1].abs().max() == 0 and grads["dct"][:, 5, :, 0].abs().max() == 0
 
 
+def test_chunked_cpu_solve_equals_one_batched_solve(monkeypatch):
+    """STCutQP solves CPU batches in chunks of CPU_CHUNK (cache-sized); a batch of 5 in chunks of 2
+    (last chunk short) gives the values and gradients of one batched solve, for dct and sparse."""
+    torch.manual_seed(7)
+    w = torch.rand(5, 6, 4, 5, dtype=torch.float64)
+    coef = [torch.randn_like(getattr(solve(w, "dct"), f)) for f in FIELDS]
+    for solver in ("dct", "sparse"):
+        results = []
+        for chunk in (64, 2):
+            monkeypatch.setattr(mc, "CPU_CHUNK", chunk)
+            wi = w.clone().requires_grad_(True)
+            out = solve(wi, solver)
+            sum((getattr(out, f) * c).sum() for f, c in zip(FIELDS, coef)).backward()
+            results.append(([getattr(out, f).detach() for f in FIELDS], wi.grad))
+        (v64, g64), (v2, g2) = results
+        for a, b in zip(v64, v2):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        torch.testing.assert_close(g64, g2, atol=1e-12, rtol=0)
+
+
 def test_dct_float32_matches_float64_at_64x64():
     torch.manual_seed(4)
     w = torch.rand(4, 6, 64, 64, dtype=torch.float64) * 3
@@ -2490,6 +2510,32 @@ def test_ast_background_autoencoder_shapes():
     assert Background(32, complex_background=True).generator[1].layers[0].out_channels == 640
 
 
+def test_ast_background_batch_norm_learns_per_image_colours_group_norm_cannot():
+    """Why --bg_norm=batch is the built-in default: on plain backgrounds of different colours the
+    official GroupNorm AE-NE (fed 255 * image) gets codes that ignore brightness, so it cannot
+    reconstruct the colours; BatchNorm keeps them and fits 8 colours within 150 steps."""
+    torch.manual_seed(0)
+    colours = torch.rand(8, 3, 1, 1, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2
+    x = colours.expand(-1, -1, 32, 32).contiguous()
+    bg = Background(32).eval()                                    # norm="group", input_scale=255
+    code_dark, code_bright = bg.encoder(x[:1] * 255 * 0.5), bg.encoder(x[:1] * 255)
+    torch.testing.assert_close(code_dark, code_bright, atol=1e-3, rtol=0)   # brightness is lost
+    errors = {}
+    for norm in ("group", "batch"):
+        torch.manual_seed(0)
+        bg = Background(32, norm=norm)
+        opt = torch.optim.AdamW(bg.parameters(), lr=2e-3)
+        for _ in range(150):
+            loss = ((bg(x)[:, :3] - x) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            errors[norm] = (bg.eval()(x)[:, :3].mean((2, 3)) - colours.flatten(1)).abs().mean().item()
+    spread = (colours - colours.mean(0)).abs().mean().item()     # error of predicting the mean colour
+    assert errors["batch"] < 0.25 * spread < errors["group"], (errors, spread)
+
+
 def test_ast_unet_feature_generator():
     m = ASTSeg(tiny_cfg("--feature_net=unet"))
     out = m(torch.rand(2, 3, 32, 32))
@@ -2924,3 +2970,209 @@ def test_ast_equals_official_forward(scaling):
         cfg.official_activation_bug = False
         with torch.no_grad():
             assert not torch.allclose(m(x)["masks"], w_ref)   # the default reads the logit's own channel
+
+
+# =============================================================================
+# mincut_ocl.py --task=video / --task=cora (issue 5): CLI, training loop, Tab. 2 evaluation
+
+VID_TINY = ["--task=video", "--image_size=16", "--enc_channels=8", "--num_slots=3", "--slot_dim=16",
+            "--mlp_dim=16", "--dec_channels=8", "--dec_strides=2", "--batch_size=4", "--num_workers=0",
+            "--eval_items=3", "--eval_interval=2", "--log_interval=1"]
+
+
+def vid_small_test_split(monkeypatch, n=3):
+    """Let mincut_ocl load only the first n test videos (the full synthetic_video test split has 256)."""
+    def load(cfg, split):
+        return data.build_dataset(cfg.dataset, split, image_size=cfg.image_size, size=n)
+    monkeypatch.setattr(mc, "load_dataset", load)
+
+
+# -----------------------------------------------------------------------------
+# --task=video through main(): checkpoint, PNGs, metrics, exact resume, --eval_only
+
+def test_vid_train_writes_checkpoint_pngs_metrics_and_resumes_exactly(tmp_path, capsys, monkeypatch):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    mc.main(VID_TINY + [f"--out_dir={a}", "--max_steps=2"])
+    for name in ("ckpt.pt", "metrics.jsonl", "samples_0000002.png", "samples_0000002_matching.png"):
+        assert os.path.exists(os.path.join(a, name)), name
+    capsys.readouterr()
+    mc.main(VID_TINY + [f"--out_dir={a}", "--max_steps=4"])              # resumes at step 2
+    assert "at step 2" in capsys.readouterr().out
+    mc.main(VID_TINY + [f"--out_dir={b}", "--max_steps=4"])              # straight through
+    la = [json.loads(x) for x in open(os.path.join(a, "metrics.jsonl"))]
+    lb = [json.loads(x) for x in open(os.path.join(b, "metrics.jsonl"))]
+    losses_a = {x["step"]: x["loss"] for x in la if "loss" in x}
+    losses_b = {x["step"]: x["loss"] for x in lb if "loss" in x}
+    assert sorted(losses_a) == [1, 2, 3, 4] and losses_a == losses_b      # same pairs, same steps 3 and 4
+    evals = [x for x in la if "test_ari_qp" in x]
+    assert [x["step"] for x in evals] == [2, 4]
+    for x in evals:
+        assert {"test_ari_qp", "test_ari_fg_qp", "test_ari_hungarian", "test_ari_fg_hungarian"} <= set(x)
+        assert np.isfinite(x["test_mse"]) and x["test_mse"] > 0
+    sa = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)
+    sb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)
+    assert sa["step"] == sb["step"] == 4 and sa["config"]["task"] == "video"
+    assert sa["config"]["dataset"] == "synthetic_video"                 # the video default of --task=video
+    for k in sa["model"]:
+        torch.testing.assert_close(sa["model"][k], sb["model"][k], atol=0, rtol=0)
+    assert any(k.startswith("matching") or k.startswith("pair_mlp") for k in sa["model"])
+
+    # --eval_only: both matchers side by side, with or without --task (taken from the checkpoint)
+    vid_small_test_split(monkeypatch)
+    capsys.readouterr()
+    for args in (VID_TINY, [a for a in VID_TINY if a != "--task=video"]):
+        metrics = mc.main(args + [f"--out_dir={a}", "--eval_only"])
+        assert set(metrics) == {"ari_qp", "ari_fg_qp", "ari_hungarian", "ari_fg_hungarian", "mse"}
+        out = capsys.readouterr().out
+        assert "synthetic_video test:" in out and "ARI(QP)" in out and "ARI-FG(Hungarian)" in out
+    assert os.path.exists(os.path.join(a, "eval_samples.png"))
+    assert os.path.exists(os.path.join(a, "eval_samples_matching.png"))
+
+    # a video checkpoint is not resumed as an image model
+    with pytest.raises(SystemExit):
+        mc.main([x for x in VID_TINY if x != "--task=video"] + [f"--out_dir={a}", "--max_steps=6"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--task=video" in err
+
+
+# -----------------------------------------------------------------------------
+# Tab. 2 metrics on a hand-made case, against sklearn
+
+class VidFakePair(nn.Module):
+    """Stands in for MinCutPairModel: per-frame slots and one-hot masks looked up by a frame id that is
+    written into the frame's pixel values (frame value = (id + 1) / 100); reconstruction = frame / 2."""
+
+    def __init__(self, table, K):
+        super().__init__()
+        self.table, self.matching = table, mc.MatchingQP(K)
+
+    def forward(self, x1, x2):
+        look = lambda x: [self.table[int(round(v * 100)) - 1] for v in x[:, 0, 0, 0].tolist()]
+        s1, m1 = zip(*look(x1))
+        s2, m2 = zip(*look(x2))
+        return dict(slots1=torch.stack(s1), slots2=torch.stack(s2),
+                    cut_masks=torch.stack([torch.stack(m1), torch.stack(m2)], dim=1),
+                    recon=torch.stack([x1, x2], dim=1) / 2)
+
+
+def vid_hand_made(slot_mode, n_videos=2, T=4, K=3, H=8, W=8, D=6):
+    """Videos of 2 moving squares on background 0; object o of frame t sits in slot perm[t][o] (a random
+    permutation per frame); a few pixels of frame 1 are put in the wrong slot (so ARI < 1).
+    slot_mode "object": slot vector = object's vector (tracking possible); "index": slot vector = slot
+    index's vector (both matchers must then keep slot indices: no tracking).
+    Returns (videos, table, expected) with expected[mode] = per-video sklearn (ari, ari_fg)."""
+    rng = np.random.default_rng(0)
+    basis = torch.eye(D)[:K] * 3                                           # orthogonal: <b_k, b_k> largest
+    videos, table, expected = [], {}, {"tracked": [], "untracked": []}
+    for v in range(n_videos):
+        true = torch.zeros(T, H, W, dtype=torch.long)
+        for t in range(T):
+            true[t, 1:4, t + v:t + v + 3] = 1
+            true[t, 5:7, 5 - t:7 - t] = 2
+        perms = [torch.from_numpy(rng.permutation(K)) for _ in range(T)]
+        slot_of = torch.stack([perms[t][true[t]] for t in range(T)])          # [T,H,W] slot id per pixel
+        slot_of[1, 0, :3] = perms[1][1]                                       # background pixels -> object 1's slot
+        obj_of = torch.stack([torch.argsort(perms[t])[slot_of[t]] for t in range(T)])   # tracked labels
+        frames = torch.zeros(T, 3, H, W)
+        for t in range(T):
+            fid = v * T + t
+            frames[t] = (fid + 1) / 100
+            masks = torch.nn.functional.one_hot(slot_of[t], K).permute(2, 0, 1).float()
+            slots = torch.zeros(K, D)
+            for o in range(K):
+                slots[perms[t][o]] = basis[o] if slot_mode == "object" else basis[perms[t][o]]
+            table[fid] = (slots, masks)
+        videos.append({"video": frames, "mask": true})
+        fg = true.flatten() > 0
+        for key, pred in (("tracked", obj_of), ("untracked", slot_of)):
+            expected[key].append((adjusted_rand_score(true.flatten(), pred.flatten()),
+                                  adjusted_rand_score(true.flatten()[fg], pred.flatten()[fg])))
+    return videos, table, expected
+
+
+def test_vid_evaluate_video_equals_sklearn_on_hand_made_videos():
+    cfg = mc.Config(task="video", batch_size=2)                          # 3 pairs per video: chunks 2 + 1
+    for slot_mode, key in (("object", "tracked"), ("index", "untracked")):
+        videos, table, expected = vid_hand_made(slot_mode)
+        m = mc.evaluate_video(VidFakePair(table, 3), cfg, torch.device("cpu"), videos=videos)
+        ari, ari_fg = np.mean(expected[key], axis=0)
+        for method in ("qp", "hungarian"):
+            assert m[f"ari_{method}"] == pytest.approx(ari, abs=1e-9), (slot_mode, method)
+            assert m[f"ari_fg_{method}"] == pytest.approx(ari_fg, abs=1e-9), (slot_mode, method)
+        # per-frame MSE: frames 0..T-2 (first of each pair) and 1..T-1 (second), recon = frame / 2
+        errs = [3 * 8 * 8 * (float(f[0, 0, 0]) / 2) ** 2 for vid in videos
+                for f in list(vid["video"][:-1]) + list(vid["video"][1:])]
+        assert m["mse"] == pytest.approx(np.mean(errs), rel=1e-9)
+    _, _, expected = vid_hand_made("object")
+    tracked, untracked = np.mean(expected["tracked"], axis=0), np.mean(expected["untracked"], axis=0)
+    assert 0.5 < tracked[0] < 1 and untracked[0] < tracked[0] - 0.2      # the case separates the two
+
+
+# -----------------------------------------------------------------------------
+# CLI: defaults, presets and one-line errors
+
+def test_vid_task_defaults_and_presets():
+    cfg = mc.build_config(["--task=video"])
+    assert cfg.dataset == "synthetic_video" and cfg.image_size == 32 and cfg.batch_size == 16
+    assert cfg.out_dir == "out/mincut_video"                            # not the image model's checkpoint
+    assert cfg.eval_items == mc.PRESETS["synthetic_video"]["eval_items"]
+    cfg = mc.build_config(["--task=video", "--dataset=movi_a", "--data_dir=/x"])
+    assert (cfg.dataset, cfg.image_size, cfg.num_slots) == ("movi_a", 128, 8)   # Sec. 6.3
+    assert mc.build_config([]).dataset == "synthetic" and mc.build_config([]).task == "image"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--task=foo"], "--task must be one of image, video, cora, got 'foo'"),
+    (["--task=video", "--dataset=clevr"], "--task=video needs a video dataset"),
+    (["--dataset=synthetic_video"], "--task=image needs an image dataset"),
+])
+def test_vid_bad_task_or_dataset_is_one_line_error(tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as e:
+        mc.main(args + [f"--out_dir={tmp_path / 'o'}", "--max_steps=1", "--num_workers=0"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and needle in err
+
+
+# -----------------------------------------------------------------------------
+# --task=cora through main() on a small random graph in the LINQS format
+
+def vid_write_cora(root, n_nodes=64, n_words=12, n_edges=150, seed=3):
+    """cora.content (<paper_id> <word indicators> <class_label>) and cora.cites (<cited> <citing>), tab-separated."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(10 ** 6, size=n_nodes, replace=False) + 35
+    feats = (rng.random((n_nodes, n_words)) < 0.2).astype(int)
+    edges = set()
+    while len(edges) < n_edges:
+        a, b = rng.integers(0, n_nodes, 2)
+        if a != b and (b, a) not in edges:
+            edges.add((int(a), int(b)))
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "cora.content"), "w") as f:
+        for i in range(n_nodes):
+            f.write("\t".join([str(ids[i])] + [str(v) for v in feats[i]] + [f"Class_{i % 7}"]) + "\n")
+    with open(os.path.join(root, "cora.cites"), "w") as f:
+        for a, b in sorted(edges):
+            f.write(f"{ids[a]}\t{ids[b]}\n")
+
+
+def test_vid_cora_task_through_main(tmp_path, capsys):
+    vid_write_cora(tmp_path / "cora")
+    res = mc.main(["--task=cora", f"--data_dir={tmp_path / 'cora'}", f"--out_dir={tmp_path / 'out'}",
+                   "--n_instances=5", "--instance_size=12", "--hidden=16", "--epochs=2", "--n_trials=2",
+                   "--test_frac=0.4"])
+    out = capsys.readouterr().out
+    assert f"{res['qp_mean']:.2f} +- {res['qp_std']:.2f}" in out
+    saved = json.load(open(tmp_path / "out" / "cora_results.json"))
+    assert saved["qp_mean"] == pytest.approx(res["qp_mean"]) and len(saved["per_trial"]) == 2
+    assert res["qp_std"] == pytest.approx(np.std(res["per_trial"])) and 0 <= res["qp_mean"] <= res["optimum"] + 1e-9
+    # missing files: one line naming both expected files; the "--task cora" form works too
+    with pytest.raises(SystemExit) as e:
+        mc.main(["--task", "cora", f"--data_dir={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'o2'}"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cora.content" in err and "cora.cites" in err
+    # the image flags are not Cora flags
+    with pytest.raises(SystemExit) as e:
+        mc.main(["--task=cora", "--max_steps=3"])
+    assert e.value.code == 2 and "--max_steps" in capsys.readouterr().err
