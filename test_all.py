@@ -2513,19 +2513,21 @@ def test_ast_background_autoencoder_shapes():
 def test_ast_background_batch_norm_learns_per_image_colours_group_norm_cannot():
     """Why --bg_norm=batch is the built-in default: on plain backgrounds of different colours the
     official GroupNorm AE-NE (fed 255 * image) gets codes that ignore brightness, so it cannot
-    reconstruct the colours; BatchNorm keeps them and fits 8 colours within 150 steps."""
+    reconstruct the colours; BatchNorm keeps them and fits 8 colours within 75 steps."""
     torch.manual_seed(0)
     colours = torch.rand(8, 3, 1, 1, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2
     x = colours.expand(-1, -1, 32, 32).contiguous()
     bg = Background(32).eval()                                    # norm="group", input_scale=255
-    code_dark, code_bright = bg.encoder(x[:1] * 255 * 0.5), bg.encoder(x[:1] * 255)
-    torch.testing.assert_close(code_dark, code_bright, atol=1e-3, rtol=0)   # brightness is lost
+    code_dark, code_bright, code_other = (bg.encoder(v * 255) for v in (x[:1] * 0.5, x[:1], x[1:2]))
+    brightness_change = (code_dark - code_bright).abs().max()        # only the tiny positional channels
+    colour_change = (code_other - code_bright).abs().max()
+    assert brightness_change < 0.05 * colour_change, (brightness_change, colour_change)   # brightness is lost
     errors = {}
     for norm in ("group", "batch"):
         torch.manual_seed(0)
         bg = Background(32, norm=norm)
         opt = torch.optim.AdamW(bg.parameters(), lr=2e-3)
-        for _ in range(150):
+        for _ in range(75):
             loss = ((bg(x)[:, :3] - x) ** 2).mean()
             opt.zero_grad()
             loss.backward()
