@@ -589,8 +589,17 @@ class ASTSeg(nn.Module):
         self.renderer = Renderer(cfg)
         self.background = Background(cfg.image_size, cfg.bg_complex, cfg.bg_input_scale, cfg.bg_norm)
 
+    background_frozen = False   # set by set_trainable: phase 2 of the curriculum (Sec. 4.2.2)
+
     def foreground_parameters(self):
         return list(self.encoder.parameters()) + list(self.renderer.parameters())
+
+    def train(self, mode=True):
+        """nn.Module.train, except that a frozen background stays in eval mode (fixed BatchNorm statistics)."""
+        super().train(mode)
+        if mode and self.background_frozen:
+            self.background.eval()
+        return self
 
     def forward(self, images, pixel_weight=None):
         H, W = images.shape[-2:]
@@ -754,7 +763,9 @@ def lr_at(step, cfg, phase):
 
 def set_trainable(model, phase):
     """Freeze / unfreeze for a phase and return the parameters to optimise (Sec. 4.2.2):
-    background: AE-NE only; foreground: encoder + renderer (AE-NE frozen); joint: everything."""
+    background: AE-NE only; foreground: encoder + renderer (AE-NE frozen); joint: everything.
+    A frozen AE-NE also stays in eval mode (ASTSeg.train), so --bg_norm=batch uses its running statistics."""
+    model.background_frozen = phase == "foreground"
     fg = {id(p) for p in model.foreground_parameters()}
     for p in model.parameters():
         is_fg = id(p) in fg

@@ -2703,6 +2703,9 @@ def test_ast_curriculum_freezes_and_unfreezes_the_right_parameters():
             assert all(p.requires_grad == (name in trainable) for p in ps), (phase, name)
         assert {id(p) for p in params} == {id(p) for n in trainable for p in groups[n]}
         before = {n: [p.detach().clone() for p in ps] for n, ps in groups.items()}
+        stats = [b.clone() for b in m.background.buffers() if b.is_floating_point()]   # BatchNorm running stats
+        m.train()
+        assert m.background.training == (phase != "foreground") and m.encoder.training   # frozen AE-NE: eval mode
         opt = ast_seg.make_optimizer(params, cfg, phase)
         for group in opt.param_groups:
             group["lr"] = 1e-2
@@ -2713,6 +2716,9 @@ def test_ast_curriculum_freezes_and_unfreezes_the_right_parameters():
         for name, ps in groups.items():
             changed = any(not torch.equal(a, p) for a, p in zip(before[name], ps))
             assert changed == (name in trainable), (phase, name)
+        stats_changed = any(not torch.equal(a, b) for a, b in
+                            zip(stats, [b for b in m.background.buffers() if b.is_floating_point()]))
+        assert cfg.bg_norm == "batch" and stats_changed == (phase != "foreground"), phase
     assert isinstance(ast_seg.make_optimizer(params, cfg, "background"), torch.optim.AdamW)
     opt = ast_seg.make_optimizer(params, cfg, "joint")
     assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-9          # Tab. 6
