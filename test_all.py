@@ -3143,29 +3143,10 @@ def test_vid_bad_task_or_dataset_is_one_line_error(tmp_path, capsys, args, needl
 
 
 # -----------------------------------------------------------------------------
-# --task=cora through main() on a small random graph in the LINQS format
-
-def vid_write_cora(root, n_nodes=64, n_words=12, n_edges=150, seed=3):
-    """cora.content (<paper_id> <word indicators> <class_label>) and cora.cites (<cited> <citing>), tab-separated."""
-    rng = np.random.default_rng(seed)
-    ids = rng.choice(10 ** 6, size=n_nodes, replace=False) + 35
-    feats = (rng.random((n_nodes, n_words)) < 0.2).astype(int)
-    edges = set()
-    while len(edges) < n_edges:
-        a, b = rng.integers(0, n_nodes, 2)
-        if a != b and (b, a) not in edges:
-            edges.add((int(a), int(b)))
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "cora.content"), "w") as f:
-        for i in range(n_nodes):
-            f.write("\t".join([str(ids[i])] + [str(v) for v in feats[i]] + [f"Class_{i % 7}"]) + "\n")
-    with open(os.path.join(root, "cora.cites"), "w") as f:
-        for a, b in sorted(edges):
-            f.write(f"{ids[a]}\t{ids[b]}\n")
-
+# --task=cora through main() on a small random graph in the LINQS format (write_cora above)
 
 def test_vid_cora_task_through_main(tmp_path, capsys):
-    vid_write_cora(tmp_path / "cora")
+    write_cora(tmp_path / "cora", n_nodes=64, n_edges=150, seed=3)
     res = mc.main(["--task=cora", f"--data_dir={tmp_path / 'cora'}", f"--out_dir={tmp_path / 'out'}",
                    "--n_instances=5", "--instance_size=12", "--hidden=16", "--epochs=2", "--n_trials=2",
                    "--test_frac=0.4"])
