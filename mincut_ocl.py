@@ -22,6 +22,7 @@ Run:
     python mincut_ocl.py --qp_solver=sparse                # the paper's solver (slow on CPU)
     python mincut_ocl.py --task=video                      # Alg. 3 on frame pairs of synthetic_video (Tab. 2)
     python mincut_ocl.py --task=video --dataset=movi_a --data_dir=PATH
+    python mincut_ocl.py --task=video --video_model=slot_attention   # Tab. 2 baseline (Hungarian tracking)
     python mincut_ocl.py --task=cora --data_dir=PATH       # Sec. 6.2: cora.content, cora.cites (LINQS)
 """
 import functools
@@ -75,6 +76,8 @@ class Config:
     obj_temp: float = 0.5           # softmax temperature over the object cuts (Sec. 6.1: 0.5)
     mask_temp: float = 0.1          # softmax temperature of the combined masks (Sec. 6.1: 0.1)
     match_temp: float = 0.1         # task video: matching softmax temperature (Alg. 3 line 4; not given: 0.1)
+    video_model: str = "mincut"     # task video: mincut (Alg. 3 on frame pairs) | slot_attention (Tab. 2 baseline)
+    sa_iters: int = 3               # slot_attention baseline: iterations (Locatello et al. 2020: 3)
     dec_channels: int = 32          # decoder feature maps (official: 64)
     dec_init_size: int = 8          # spatial broadcast resolution (Sec. 6.1: 8x8)
     dec_strides: tuple = (2, 2)     # one ConvT 5x5 per entry; 8 * prod = image_size (official: 2,2,2,2)
@@ -121,11 +124,19 @@ def video_dataset(cfg):
     return "synthetic_video" if cfg.task == "video" and cfg.dataset == "synthetic" else cfg.dataset
 
 
+VIDEO_MODELS = ("mincut", "slot_attention")
+
+
 def build_config(argv=None):
-    """Config from the command line: defaults <- PRESETS[--dataset] <- explicit flags."""
+    """Config from the command line: defaults <- PRESETS[--dataset] <- explicit flags. The Slot Attention
+    baseline of a video preset gets its own default out_dir (<preset out_dir>_sa)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     first = parse_args(Config(), argv)          # validates every flag, gives us --dataset
     dataset = video_dataset(first)
-    cfg = parse_args(Config(**PRESETS.get(dataset, {})), argv)
+    preset = dict(PRESETS.get(dataset, {}))
+    if first.video_model == "slot_attention" and "out_dir" in preset:
+        preset["out_dir"] += "_sa"
+    cfg = parse_args(Config(**preset), argv)
     cfg.dataset = dataset
     return cfg
 
@@ -771,7 +782,10 @@ def load_dataset(cfg, split):
 
 
 def build_model(cfg):
-    """MinCutOCL (task image), or the two-frame MinCutPairModel around it (task video, Alg. 3)."""
+    """MinCutOCL (task image), or the two-frame MinCutPairModel around it (task video, Alg. 3), or the
+    Slot Attention baseline (task video with --video_model=slot_attention, Sec. 6.3)."""
+    if cfg.task == "video" and cfg.video_model == "slot_attention":
+        return SlotAttentionModel(cfg)
     model = MinCutOCL(cfg)
     if cfg.task == "video":                         # matching gamma not given (Sec. 6.3): the cut QP's gamma
         model = MinCutPairModel(model, gamma=cfg.gamma, temperature=cfg.match_temp)
@@ -783,6 +797,8 @@ def batch_loss(model, batch, device, task="image"):
     of which one pair of adjacent frames per video is drawn from torch's global RNG (task video)."""
     if task == "video":
         x1, x2 = sample_adjacent_pairs(batch["video"])                    # Sec. 6.3: adjacent frames
+        if isinstance(model, SlotAttentionModel):                         # baseline: the 2B frames one by one
+            return model(torch.cat([x1, x2]).to(device, non_blocking=True))["loss"]
         return model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))["loss"]
     return model(batch["image"].to(device, non_blocking=True))["loss"]
 
@@ -848,6 +864,8 @@ def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None
     model.eval()
     videos = load_dataset(cfg, "test") if videos is None else videos
     errors = []
+    if isinstance(model, SlotAttentionModel):
+        return _evaluate_video_baseline(model, cfg, device, num_items, image_path, videos)
 
     def encode(video):                                                    # one video `[T, 3, H, W]`
         video, slots, masks = video.to(device), [], []
@@ -876,6 +894,44 @@ def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None
     return metrics
 
 
+@torch.no_grad()
+def _evaluate_video_baseline(model, cfg, device, num_items, image_path, videos):
+    """evaluate_video for the Slot Attention baseline (Sec. 6.3): every frame is encoded on its own
+    (segments = argmax of the decoder masks), slots are tracked by the Hungarian algorithm (the paper's
+    baseline) and, for reference, by the (parameter-free) matching QP; same keys as evaluate_video.
+    The slot initialisation is drawn from torch's RNG seeded with cfg.seed (reproducible metrics)."""
+    torch.manual_seed(cfg.seed)
+    errors = []
+
+    def encode(video):
+        video, slots, masks = video.to(device), [], []
+        for i in range(0, len(video), cfg.batch_size):
+            out = model(video[i:i + cfg.batch_size])
+            errors.append(mse(video[i:i + cfg.batch_size], out["recon"]))
+            slots.append(out["slots"])
+            masks.append(out["masks"])
+        return torch.cat(slots), torch.cat(masks)
+
+    qp = MatchingQP(cfg.num_slots, gamma=cfg.gamma, temperature=cfg.match_temp)
+    res = evaluate_video_tracking(encode, videos, qp=qp, num_videos=num_items)
+    metrics = {f"{key}_{method}": v for method, r in res.items() for key, v in r.items()}
+    metrics["mse"] = nanmean(torch.cat(errors))
+    if image_path:                                                        # frames of video 0, slots, Fig. 6
+        video = torch.as_tensor(videos[0]["video"]).to(device)
+        out = model(video)
+        true = torch.as_tensor(videos[0]["mask"])
+        save_slot_grid(image_path, video.cpu(), out["recon"].cpu().clamp(0, 1), out["masks"].argmax(1).cpu() + 1,
+                       true, (out["masks"].unsqueeze(2) * out["rgb"]).cpu().clamp(0, 1))
+        a, b = min(5, len(video) - 1), min(20, len(video) - 1)
+        slot_images = (out["masks"].unsqueeze(2) * out["rgb"]).clamp(0, 1)
+        root, ext = os.path.splitext(image_path)
+        save_matching_figure(f"{root}_matching{ext}", video[a], video[b], out["masks"][a], out["masks"][b],
+                             hungarian_slot_matching(out["slots"][a:a + 1], out["slots"][b:b + 1])[0],
+                             slot_images[a], slot_images[b], names=(f"frame {a}", f"frame {b}"))
+    model.train()
+    return metrics
+
+
 def format_metrics(m):
     names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "miou": "mIoU", "ari": "ARI", "mse": "MSE",
              "ari_qp": "ARI(QP)", "ari_fg_qp": "ARI-FG(QP)", "ari_hungarian": "ARI(Hungarian)",
@@ -883,8 +939,8 @@ def format_metrics(m):
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
 
 
-MODEL_KEYS = ("task", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots", "slot_dim", "mlp_dim",
-              "dec_channels", "dec_init_size", "dec_strides")
+MODEL_KEYS = ("task", "video_model", "sa_iters", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots",
+              "slot_dim", "mlp_dim", "dec_channels", "dec_init_size", "dec_strides")
 
 
 def train(cfg):
@@ -1728,6 +1784,96 @@ def save_pair_figure(path, model, video, a=5, b=20):
 
 
 # -----------------------------------------------------------------------------
+# The Slot Attention baseline of Tab. 2 (Sec. 6.3): "we train slot attention on individual frames. Next,
+# during evaluation, we match sets of slots for consecutive frames using the Hungarian algorithm, using
+# inter slot inner product as the similarity score." Slot Attention as in Locatello et al. (2020), Alg. 1,
+# with the same encoder and decoder as the min-cut model, so only the grouping module differs.
+
+
+class SlotAttention(nn.Module):
+    """Slot Attention (Locatello et al. 2020, Alg. 1): iterative attention with a softmax over slots.
+
+    Args:
+        num_slots: K; dim: slot size D; in_dim: input feature size C; iters: iterations (3);
+        hidden: slot MLP width; eps: added to the attention before its per-slot normalisation (1e-8).
+    forward(inputs `[B, N, C]` float, slots_init `[B, K, D]` or None) -> (slots `[B, K, D]`,
+        attn `[B, K, N]` of the last iteration: softmax over the K slots, so it sums to 1 over K at
+        every input). Without slots_init the slots are drawn from N(mu, sigma^2) (learned mu, sigma),
+        also at test time, so their order is arbitrary per image: videos need slot tracking.
+    """
+
+    def __init__(self, num_slots, dim, in_dim, iters=3, hidden=128, eps=1e-8):
+        super().__init__()
+        self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
+        self.mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        self.log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(in_dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(in_dim, dim, bias=False)
+        self.to_v = nn.Linear(in_dim, dim, bias=False)
+        self.gru = nn.GRUCell(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    def forward(self, inputs, slots_init=None):
+        B, N, _ = inputs.shape
+        K, D = self.num_slots, self.dim
+        inputs = self.norm_inputs(inputs)
+        k, v = self.to_k(inputs), self.to_v(inputs)                           # [B, N, D]
+        if slots_init is None:
+            slots_init = self.mu + self.log_sigma.exp() * torch.randn(B, K, D, device=inputs.device,
+                                                                       dtype=inputs.dtype)
+        slots = slots_init
+        for _ in range(self.iters):
+            prev = slots
+            q = self.to_q(self.norm_slots(slots))
+            attn = torch.einsum("bkd,bnd->bkn", q, k).mul(D ** -0.5).softmax(dim=1)   # softmax over slots
+            weights = (attn + self.eps) / (attn + self.eps).sum(dim=2, keepdim=True)  # weighted mean
+            updates = torch.einsum("bkn,bnd->bkd", weights, v)
+            slots = self.gru(updates.reshape(B * K, D), prev.reshape(B * K, D)).reshape(B, K, D)
+            slots = slots + self.mlp(self.norm_mlp(slots))
+        return slots, attn
+
+
+class SlotAttentionModel(nn.Module):
+    """Tab. 2 baseline: encoder -> Slot Attention -> spatial broadcast decoder, trained on single frames.
+
+    The encoder and decoder are the min-cut model's (Encoder, Decoder of cfg); the features get the
+    position embedding, a LayerNorm and a 2-layer MLP (Locatello et al. 2020) before Slot Attention.
+    forward(images `[B, 3, H, W]` float in [0, 1]) -> dict
+        loss   scalar MSE between reconstruction and input, both in [-1, 1] (as MinCutOCL)
+        recon  `[B, 3, H, W]` in [0, 1];  masks `[B, K, H, W]` decoder alpha masks (softmax over slots)
+        slots  `[B, K, D]`;  rgb `[B, K, 3, H, W]` in [0, 1];  attn `[B, K, h, w]` last attention
+    Raises ValueError if the image size differs from cfg.image_size.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.image_size % cfg.enc_stride:
+            raise ValueError(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}")
+        C, side = cfg.enc_channels, cfg.image_size // cfg.enc_stride
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.pos = SoftPositionEmbed(C, side, side)
+        self.mlp = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C))
+        self.slot_attention = SlotAttention(cfg.num_slots, cfg.slot_dim, C, cfg.sa_iters, cfg.mlp_dim)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, images):
+        H, W = images.shape[-2:]
+        if (H, W) != (self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {H}x{W}")
+        x = images * 2.0 - 1.0
+        feats = self.pos(self.encoder(x))                                    # [B, C, h, w]
+        h, w = feats.shape[-2:]
+        slots, attn = self.slot_attention(self.mlp(feats.flatten(2).transpose(1, 2)))
+        rgb, logits = self.decoder(slots)
+        masks = logits.softmax(dim=1)                                        # alpha mixture over slots
+        recon = (masks * rgb).sum(dim=1)
+        return dict(loss=F.mse_loss(recon, x), recon=(recon + 1) / 2, masks=masks.squeeze(2), slots=slots,
+                    rgb=(rgb + 1) / 2, attn=attn.reshape(*attn.shape[:2], h, w))
+
+
+# -----------------------------------------------------------------------------
 # 6. Evaluation
 
 
@@ -1767,6 +1913,10 @@ def main(argv=None):
         fail(f"--qp_solver must be one of {', '.join(STCutQP.SOLVERS)}, got {cfg.qp_solver!r}")
     if cfg.encoder not in ("cnn", "resnet"):
         fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
+    if cfg.video_model not in VIDEO_MODELS:
+        fail(f"--video_model must be one of {', '.join(VIDEO_MODELS)}, got {cfg.video_model!r}")
+    if cfg.video_model != "mincut" and cfg.task != "video":
+        fail(f"--video_model={cfg.video_model} is the Tab. 2 video baseline: add --task=video")
     if cfg.eval_only:
         cfg = checkpoint_config(cfg)                                    # also the task it was trained for
         cfg.dataset = video_dataset(cfg)
