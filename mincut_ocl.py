@@ -854,7 +854,8 @@ def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None
     C, H, W (images in [0, 1], as `evaluate`), mean over the 2(T-1) frames reconstructed as pairs.
 
     Args:
-        model: MinCutPairModel; num_items: first N videos (0 = all);
+        model: MinCutPairModel, or a SlotAttentionModel (the baseline: each frame encoded alone, see
+            _evaluate_video_baseline); num_items: first N videos (0 = all);
         image_path: if set, Fig. 6 pictures of the first video: the pair reconstruction of frames 5 and
             20 (clamped to T-1) at image_path, the QP matching of their slots at <image_path>_matching.png;
         videos: dataset of {"video" `[T, 3, H, W]` in [0, 1], "mask" `[T, H, W]`} (default: test split).
@@ -863,9 +864,9 @@ def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None
     """
     model.eval()
     videos = load_dataset(cfg, "test") if videos is None else videos
-    errors = []
-    if isinstance(model, SlotAttentionModel):
+    if isinstance(model, SlotAttentionModel):                             # the Tab. 2 baseline: frame by frame
         return _evaluate_video_baseline(model, cfg, device, num_items, image_path, videos)
+    errors = []
 
     def encode(video):                                                    # one video `[T, 3, H, W]`
         video, slots, masks = video.to(device), [], []
