@@ -1392,14 +1392,18 @@ class MoviA(_Base):
     {root}/{split}/<video_id>/rgba_00000.png ... and segmentation_00000.png (split folder
     'validation' or 'val' for val). MOVi-A publishes no test split: test falls back to validation
     with a warning. Frames: frame_offset, frame_offset + frame_stride, ... (num_frames of them;
-    None = as many as fit). Items: "video" float32 [T,3,H,W] in [0,1], "mask" int64 [T,H,W].
+    None = as many as fit). crop: centre square crop of crop x the short side before the resize
+    (Min-cut OCL Sec. 6.3: 0.8; None = the whole frame). Items: "video" float32 [T,3,H,W] in [0,1],
+    "mask" int64 [T,H,W].
     """
     name, video = "movi_a", True
 
     def __init__(self, split="train", root=None, image_size=None, num_frames=None, frame_stride=1,
-                 frame_offset=0, max_items=None, check_crc=True):
+                 frame_offset=0, max_items=None, check_crc=True, crop=None):
         _check_split(self.name, split)
-        self.split, self.image_size = split, _size2(image_size, 128)
+        if crop is not None and not 0 < crop <= 1:
+            raise DatasetError(f"{self.name}: crop must be a fraction in (0, 1], got {crop}")
+        self.split, self.image_size, self.crop = split, _size2(image_size, 128), crop
         self.num_frames, self.frame_stride, self.frame_offset = num_frames, int(frame_stride), int(frame_offset)
         root = _need_root(self.name, root, "movi_a-<split>.tfrecord-* shards or <split>/<video>/rgba_00000.png")
         self.shards, self.videos = [], []
@@ -1478,8 +1482,10 @@ class MoviA(_Base):
             frames = self._frames(len(ex["video"]))
             rgb = [_rgb(_open_image(ex["video"][t], f"{path} record {r} video frame {t}")) for t in frames]
             seg = [_png_labels(ex["segmentations"][t], f"{path} record {r} segmentation frame {t}") for t in frames]
-        rgb = np.stack([_resize_rgb(a, self.image_size) for a in rgb])
-        seg = np.stack([_resize_labels(a[..., 0] if a.ndim == 3 else a, self.image_size) for a in seg])
+        seg = [a[..., 0] if a.ndim == 3 else a for a in seg]
+        box = _centre_box(rgb[0].shape[1], rgb[0].shape[0], self.crop) if self.crop else None
+        rgb = np.stack([_resize_rgb(_crop(a, box), self.image_size) for a in rgb])
+        seg = np.stack([_resize_labels(_crop(a, box), self.image_size) for a in seg])
         return {"video": torch.from_numpy(rgb.transpose(0, 3, 1, 2).copy()).float().div_(255.0),
                 "mask": torch.from_numpy(seg.astype(np.int64))}
 

@@ -659,6 +659,12 @@ def test_data_movi_png_sequence(tmp_path):
     it = ds[0]                                                       # sorted: vid_a first
     assert np.array_equal(it["mask"].numpy(), truth["vid_a"][1])
     assert np.allclose(it["video"].numpy(), truth["vid_a"][0].transpose(0, 3, 1, 2) / 255.0)
+    # Min-cut OCL Sec. 6.3: centre crop of 0.5 x 32 = 16 px, box (8, 8, 24, 24); at 16 px no resize
+    it = build_dataset("movi_a", "val", root=str(tmp_path), image_size=16, crop=0.5)[0]
+    assert np.array_equal(it["mask"].numpy(), truth["vid_a"][1][:, 8:24, 8:24])
+    assert np.allclose(it["video"].numpy(), truth["vid_a"][0][:, 8:24, 8:24].transpose(0, 3, 1, 2) / 255.0)
+    with pytest.raises(DatasetError, match="crop must be a fraction"):
+        build_dataset("movi_a", "val", root=str(tmp_path), crop=1.5)
 
 
 # -----------------------------------------------------------------------------
@@ -3125,7 +3131,7 @@ def test_vid_task_defaults_and_presets():
     assert cfg.out_dir == "out/mincut_video"                            # not the image model's checkpoint
     assert cfg.eval_items == mc.PRESETS["synthetic_video"]["eval_items"]
     cfg = mc.build_config(["--task=video", "--dataset=movi_a", "--data_dir=/x"])
-    assert (cfg.dataset, cfg.image_size, cfg.num_slots) == ("movi_a", 128, 8)   # Sec. 6.3
+    assert (cfg.dataset, cfg.image_size, cfg.num_slots, cfg.crop) == ("movi_a", 128, 8, 0.8)   # Sec. 6.3
     assert mc.build_config([]).dataset == "synthetic" and mc.build_config([]).task == "image"
 
 
@@ -3133,6 +3139,7 @@ def test_vid_task_defaults_and_presets():
     (["--task=foo"], "--task must be one of image, video, cora, got 'foo'"),
     (["--task=video", "--dataset=clevr"], "--task=video needs a video dataset"),
     (["--dataset=synthetic_video"], "--task=image needs an image dataset"),
+    (["--task=video", "--crop=0.8"], "--dataset=synthetic_video: synthetic_video: unknown option(s) crop"),
 ])
 def test_vid_bad_task_or_dataset_is_one_line_error(tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as e:
