@@ -12,7 +12,8 @@ Paper: ../shared/papers/mincut_ocl_pervez2023.md.  Facts from the official code 
                        slots -> spatial broadcast decoder, alpha mixture, MSE (Sec. 6.1)
     4. Training        Adam 4e-4, lr x 0.8^(step / (0.2 total)) (App. D), resume
     5. Matching        the matching QP (eq. 7, App. C), its Cora validation (Sec. 6.2), slot tracking over
-                       videos and the two-frame pair model (Sec. 4 "Matching and motion", Alg. 3, App. A)
+                       videos, the two-frame pair model (Sec. 4 "Matching and motion", Alg. 3, App. A) and
+                       its Slot Attention baseline (Sec. 6.3, Tab. 2)
     6. Evaluation      ARI, ARI-FG, mIoU, MSC-FG, MSE on the test split; video: tracked ARI / ARI-FG (Tab. 2)
 
 Run:
