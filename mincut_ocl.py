@@ -856,11 +856,14 @@ def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None
 
     Every adjacent pair (t, t+1) is run through the model (Alg. 3, cfg.batch_size pairs at a time);
     its per-frame slots S, T give the slots of every frame. MSE: per-frame sum of squared errors over
-    C, H, W (images in [0, 1], as `evaluate`), mean over the 2(T-1) frames reconstructed as pairs.
+    C, H, W (images in [0, 1], as `evaluate`), mean over the 2(T-1) frames reconstructed as pairs (baseline:
+    the T frames).
 
     Args:
-        model: MinCutPairModel, or a SlotAttentionModel (the baseline: each frame encoded alone, see
-            _evaluate_video_baseline); num_items: first N videos (0 = all);
+        model: MinCutPairModel, or SlotAttentionModel (the Sec. 6.3 baseline: each frame is encoded alone,
+            segments = argmax of its decoder masks, its random slot initialisation seeded with cfg.seed;
+            its "qp" columns use a parameter-free MatchingQP(gamma, match_temp));
+        num_items: first N videos (0 = all);
         image_path: if set, Fig. 6 pictures of the first video: the pair reconstruction of frames 5 and
             20 (clamped to T-1) at image_path, the QP matching of their slots at <image_path>_matching.png;
         videos: dataset of {"video" `[T, 3, H, W]` in [0, 1], "mask" `[T, H, W]`} (default: test split).
@@ -869,11 +872,10 @@ def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None
     """
     model.eval()
     videos = load_dataset(cfg, "test") if videos is None else videos
-    if isinstance(model, SlotAttentionModel):                             # the Tab. 2 baseline: frame by frame
-        return _evaluate_video_baseline(model, cfg, device, num_items, image_path, videos)
+    baseline = isinstance(model, SlotAttentionModel)
     errors = []
 
-    def encode(video):                                                    # one video `[T, 3, H, W]`
+    def encode_pairs(video):                                              # one video `[T, 3, H, W]`
         video, slots, masks = video.to(device), [], []
         for i in range(0, len(video) - 1, cfg.batch_size):
             j = min(i + cfg.batch_size, len(video) - 1)
@@ -884,56 +886,42 @@ def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None
             masks.append(out["cut_masks"][:, 0])
         return torch.cat(slots + [out["slots2"][-1:]]), torch.cat(masks + [out["cut_masks"][-1:, 1]])
 
-    res = evaluate_video_tracking(encode, videos, qp=model.matching, num_videos=num_items)
-    metrics = {f"{key}_{method}": v for method, r in res.items() for key, v in r.items()}   # ari_qp, ...
-    metrics["mse"] = nanmean(torch.cat(errors))
-    if image_path:
-        video = torch.as_tensor(videos[0]["video"]).to(device)
-        save_pair_figure(image_path, model, video)                        # App. A, Fig. 6: frames 5 and 20
-        a, b = min(5, len(video) - 1), min(20, len(video) - 1)
-        slots, masks = model.encode_frames(video[[a, b]])
-        masks = F.interpolate(masks, size=video.shape[-2:], mode="bilinear", align_corners=False)
-        root, ext = os.path.splitext(image_path)
-        save_matching_figure(f"{root}_matching{ext}", video[a], video[b], masks[0], masks[1],
-                             model.matching(slot_costs(slots[:1], slots[1:]))[0], names=(f"frame {a}", f"frame {b}"))
-    model.train()
-    return metrics
-
-
-@torch.no_grad()
-def _evaluate_video_baseline(model, cfg, device, num_items, image_path, videos):
-    """evaluate_video for the Slot Attention baseline (Sec. 6.3): every frame is encoded on its own
-    (segments = argmax of the decoder masks), slots are tracked by the Hungarian algorithm (the paper's
-    baseline) and, for reference, by the (parameter-free) matching QP; same keys as evaluate_video.
-    The slot initialisation is drawn from torch's RNG seeded with cfg.seed (reproducible metrics)."""
-    torch.manual_seed(cfg.seed)
-    errors = []
-
-    def encode(video):
+    def encode_frames(video):                                             # baseline: each frame on its own
         video, slots, masks = video.to(device), [], []
         for i in range(0, len(video), cfg.batch_size):
             out = model(video[i:i + cfg.batch_size])
             errors.append(mse(video[i:i + cfg.batch_size], out["recon"]))
             slots.append(out["slots"])
-            masks.append(out["masks"])
+            masks.append(out["masks"])                                    # segments: decoder masks
         return torch.cat(slots), torch.cat(masks)
 
-    qp = MatchingQP(cfg.num_slots, gamma=cfg.gamma, temperature=cfg.match_temp)
+    if baseline:                                                          # the baseline's matcher is parameter-free
+        torch.manual_seed(cfg.seed)                                       # its random slot init: seeded metrics
+        qp, encode = MatchingQP(cfg.num_slots, gamma=cfg.gamma, temperature=cfg.match_temp), encode_frames
+    else:
+        qp, encode = model.matching, encode_pairs
     res = evaluate_video_tracking(encode, videos, qp=qp, num_videos=num_items)
-    metrics = {f"{key}_{method}": v for method, r in res.items() for key, v in r.items()}
+    metrics = {f"{key}_{method}": v for method, r in res.items() for key, v in r.items()}   # ari_qp, ...
     metrics["mse"] = nanmean(torch.cat(errors))
-    if image_path:                                                        # frames of video 0, slots, Fig. 6
+    if image_path:
         video = torch.as_tensor(videos[0]["video"]).to(device)
-        out = model(video)
-        true = torch.as_tensor(videos[0]["mask"])
-        save_slot_grid(image_path, video.cpu(), out["recon"].cpu().clamp(0, 1), out["masks"].argmax(1).cpu() + 1,
-                       true, (out["masks"].unsqueeze(2) * out["rgb"]).cpu().clamp(0, 1))
         a, b = min(5, len(video) - 1), min(20, len(video) - 1)
-        slot_images = (out["masks"].unsqueeze(2) * out["rgb"]).clamp(0, 1)
         root, ext = os.path.splitext(image_path)
-        save_matching_figure(f"{root}_matching{ext}", video[a], video[b], out["masks"][a], out["masks"][b],
-                             hungarian_slot_matching(out["slots"][a:a + 1], out["slots"][b:b + 1])[0],
-                             slot_images[a], slot_images[b], names=(f"frame {a}", f"frame {b}"))
+        names = (f"frame {a}", f"frame {b}")
+        if baseline:                                                      # every frame of video 0, its slots
+            out = model(video)
+            slot_images = (out["masks"].unsqueeze(2) * out["rgb"]).clamp(0, 1)
+            save_slot_grid(image_path, video.cpu(), out["recon"].cpu().clamp(0, 1), out["masks"].argmax(1).cpu() + 1,
+                           torch.as_tensor(videos[0]["mask"]), slot_images.cpu())
+            save_matching_figure(f"{root}_matching{ext}", video[a], video[b], out["masks"][a], out["masks"][b],
+                                 hungarian_slot_matching(out["slots"][a:a + 1], out["slots"][b:b + 1])[0],
+                                 slot_images[a], slot_images[b], names=names)
+        else:
+            save_pair_figure(image_path, model, video)                    # App. A, Fig. 6: frames 5 and 20
+            slots, masks = model.encode_frames(video[[a, b]])
+            masks = F.interpolate(masks, size=video.shape[-2:], mode="bilinear", align_corners=False)
+            save_matching_figure(f"{root}_matching{ext}", video[a], video[b], masks[0], masks[1],
+                                 model.matching(slot_costs(slots[:1], slots[1:]))[0], names=names)
     model.train()
     return metrics
 
