@@ -1,6 +1,7 @@
 """Benchmarks: training-step time and peak memory, side by side in one run.
 
-    python bench.py                          # BO-QSA at the paper's ShapeStacks and ObjectsRoom settings
+    python bench.py                          # all settings (BO-QSA, min-cut OCL, AST-Seg)
+    python bench.py --group=boqsa            # BO-QSA at the paper's ShapeStacks and ObjectsRoom settings
     python bench.py --batch_size=32 --steps=5 --device=cuda
 
 Each setting runs in its own subprocess so that its peak memory is its own: on CUDA the
@@ -42,9 +43,11 @@ class BenchConfig:
     qp_sparse_max: int = 64      # qp: largest side run with the sparse solver (memory grows as P^2)
 
 
-def adam_step(model, opt, x, grad_clip=0.0, **forward_kwargs):
-    """One training step: loss = model(x)["loss"], backward, optional gradient clipping, optimiser step."""
-    loss = model(x, **forward_kwargs)["loss"]
+def adam_step(model, opt, x, grad_clip=0.0, bf16=False, **forward_kwargs):
+    """One training step: loss = model(x)["loss"] (under bf16 autocast if `bf16`), backward, optional
+    gradient clipping, optimiser step."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(x, **forward_kwargs)["loss"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -53,7 +56,7 @@ def adam_step(model, opt, x, grad_clip=0.0, **forward_kwargs):
 
 
 def boqsa_settings():
-    """BO-QSA at the paper's settings (Tab. 9-13): list of (name, make_step).
+    """BO-QSA at the paper's settings (Tab. 9-13), float32 and --dtype=bfloat16: list of (name, make_step).
 
     make_step(bc, device) builds model, optimiser and a random batch and returns (step, info): `step()` runs one
     forward + backward + optimiser step; `info` gives the table's image size and slot count."""
@@ -65,11 +68,12 @@ def boqsa_settings():
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
 
-            step = functools.partial(adam_step, model, opt, x, cfg.grad_clip, sigma=0.5)
+            step = functools.partial(adam_step, model, opt, x, cfg.grad_clip, cfg.dtype == "bfloat16", sigma=0.5)
             return step, dict(image=cfg.image_size, slots=cfg.num_slots)
         return make_step
 
-    return [(f"boqsa {ds}", maker(boqsa.build_config([f"--dataset={ds}"]))) for ds in ("shapestacks", "objectsroom")]
+    return [(f"boqsa {ds} {dt}", maker(boqsa.build_config([f"--dataset={ds}", f"--dtype={dt}"])))
+            for ds in ("shapestacks", "objectsroom") for dt in ("float32", "bfloat16")]
 
 
 def mincut_settings():

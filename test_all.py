@@ -1276,6 +1276,31 @@ def test_boqsa_model_outputs():
         model(torch.rand(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("decoder", ["mixture", "transformer"])
+def test_boqsa_bfloat16_autocast_matches_float32(decoder):
+    """--dtype=bfloat16 (the training default) runs the forward under bf16 autocast: same loss and
+    masks as float32 to bf16 rounding, masks composited in float32, gradients in the same direction."""
+    torch.manual_seed(0)
+    kw = dict(decoder="transformer", vocab_size=16, dvae_hid=8, d_model=16, dec_heads=2, dec_dropout=0.0) \
+        if decoder == "transformer" else {}
+    model = BOQSA(tiny_config(**kw)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    grads = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, tau=1.0)
+        out["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if not bf16:
+            ref = out
+    assert out["loss"].dtype == torch.float32 and out["masks"].dtype == torch.float32
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=2e-2, atol=0)
+    torch.testing.assert_close(out["masks"], ref["masks"], rtol=0, atol=3e-2)
+    torch.testing.assert_close(out["masks"].sum(1), torch.ones(2, 16, 16))
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.98
+
+
 # ---------------------------------------------------------------- official checkpoints
 
 def _official_state_dict(K=4, D=16, C=8, M=16, enc_hw=16, gen=None):
@@ -1406,6 +1431,8 @@ def test_boqsa_cli_errors(tmp_path):
     assert len(lines) == 1 and str(missing) in lines[0] and "Traceback" not in r.stderr
     r = run_script("--eval_only", f"--out_dir={tmp_path / 'none'}")
     assert r.returncode != 0 and "no checkpoint" in r.stderr
+    r = run_script("--dtype=float16", f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode != 0 and r.stderr.strip() == "error: --dtype must be float32 or bfloat16, got 'float16'"
 
 
 # ---------------------------------------------------------------- training, resume, eval, predict
