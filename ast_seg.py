@@ -110,6 +110,7 @@ class Config:
     init_from: str = ""             # official AST-Seg checkpoint (.pth) or one of ours to start from
     eval_only: bool = False         # evaluate out_dir/ckpt.pt (or init_from) on the test split and exit
     predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
+    dtype: str = "float32"          # float32 | bfloat16: autocast of the training forward (U-Net: about 2x faster on CPU)
 
 
 # Tab. 6 and Sec. 5.1: batch 64, lr 4e-5, 125k steps (30k of them with the background frozen),
@@ -130,7 +131,8 @@ for _name in ("clevrtex_ood", "clevrtex_camo"):
 PRESETS["clevr6"] = dict(PRESETS["clevr"])
 
 _CHOICES = dict(scaling=("anisotropic", "isotropic"), feature_net=("segformer", "unet"),
-                scenario=("curriculum", "baseline", "frozen"), phase=("all", "background"), bg_norm=("group", "batch"))
+                scenario=("curriculum", "baseline", "frozen"), phase=("all", "background"), bg_norm=("group", "batch"),
+                dtype=("float32", "bfloat16"))
 
 
 def build_config(argv=None):
@@ -919,7 +921,8 @@ def train(cfg):
                 extra = {}
             else:
                 lam = pixel_weight_at(step - fg_start(cfg), cfg)                  # eq. (22) warmup
-                out = net(images, pixel_weight=lam)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                    out = net(images, pixel_weight=lam)
                 loss = out["loss"]
                 extra = dict(rec_loss=out["rec_loss"].item(), pixel_loss=out["pixel_loss"].item(), pixel_weight=lam)
             optimizer.zero_grad(set_to_none=True)

@@ -2578,6 +2578,31 @@ def test_ast_unet_feature_generator():
     torch.testing.assert_close(out["masks"].sum(1), torch.ones(2, 32, 32))
 
 
+@pytest.mark.parametrize("feature_net", ["segformer", "unet"])
+def test_ast_bfloat16_autocast_matches_float32(feature_net):
+    """--dtype=bfloat16 runs the training forward under bf16 autocast: same loss and layer weights as
+    float32 to bf16 rounding, weights still summing to 1 per pixel, gradients in the same direction."""
+    torch.manual_seed(0)
+    m = ASTSeg(tiny_cfg(f"--feature_net={feature_net}", "--transformer_layers=0")).eval()
+    x = torch.rand(2, 3, 32, 32)
+    grads, outs = [], []
+    for bf16 in (False, True):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m(x)
+        out["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.foreground_parameters() if p.grad is not None]))
+        outs.append(out)
+    ref, out = outs
+    assert out["loss"].dtype == torch.float32
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=3e-2, atol=0)
+    torch.testing.assert_close(out["masks"].float(), ref["masks"], rtol=0, atol=3e-2)
+    torch.testing.assert_close(out["masks"].float().sum(1), torch.ones(2, 32, 32), rtol=0, atol=1e-2)
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.95
+    with pytest.raises(SystemExit):
+        build_config(["--dtype=float16"])
+
+
 def test_ast_no_transformer_ablation_uses_soft_argmax_directly():
     m = ASTSeg(tiny_cfg("--transformer_layers=0")).eval()
     enc = m.encoder(torch.rand(2, 3, 32, 32))
