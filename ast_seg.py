@@ -110,7 +110,7 @@ class Config:
     init_from: str = ""             # official AST-Seg checkpoint (.pth) or one of ours to start from
     eval_only: bool = False         # evaluate out_dir/ckpt.pt (or init_from) on the test split and exit
     predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
-    dtype: str = "float32"          # float32 | bfloat16: autocast of the training forward (U-Net: about 2x faster on CPU)
+    dtype: str = "float32"          # float32 | bfloat16: autocast of the foreground training forward
 
 
 # Tab. 6 and Sec. 5.1: batch 64, lr 4e-5, 125k steps (30k of them with the background frozen),
