@@ -67,6 +67,8 @@ class Config:
     slot_dim: int = 64              # Tab. 11 "Slot Dim"
     mlp_dim: int = 128              # Tab. 11 "MLP Hidden Dim"
     hid_dim: int = 32               # encoder / decoder channels (Tab. 9, 10: 64)
+    enc_kernel: int = 5             # encoder conv kernel (Tab. 9: 5x5)
+    dec_kernel: int = 5             # decoder ConvTranspose kernel (Tab. 10: 5x5; the output layer stays 3x3)
     enc_strides: tuple = (1, 1, 1, 1)   # Tab. 9: first stride 2 at 128 px (ShapeStacks, ClevrTex), 1 at 64 px
     dec_strides: tuple = (2, 2, 1, 1)   # Tab. 10: (2,2,2,2) at 128 px, (2,2,2,1) at 64 px; 8 * prod = image_size
     dec_init_size: int = 8          # spatial broadcast resolution (App. A.3.2, Locatello et al.)
@@ -163,8 +165,11 @@ def build_config(argv=None):
     preset = dict(PRESETS.get(first.dataset, {}))
     if first.decoder == "transformer":
         preset.update(SLATE_PRESETS.get(first.dataset, _SLATE))
-    cfg = Config(**preset)
-    return parse_args(cfg, argv)
+    cfg = parse_args(Config(**preset), argv)
+    for name in ("enc_kernel", "dec_kernel"):
+        if getattr(cfg, name) < 1 or getattr(cfg, name) % 2 == 0:   # 'same' padding needs an odd kernel
+            fail(f"--{name} must be an odd kernel size (3, 5, ...), got {getattr(cfg, name)}")
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +207,7 @@ class Encoder(nn.Module):
         super().__init__()
         chans = [3] + [cfg.hid_dim] * len(cfg.enc_strides)
         self.convs = nn.ModuleList(
-            nn.Conv2d(cin, cout, 5, stride=s, padding=2)                  # Tab. 9: 5x5, pad 2, ReLU
+            nn.Conv2d(cin, cout, cfg.enc_kernel, stride=s, padding=cfg.enc_kernel // 2)  # Tab. 9: 5x5, pad 2, ReLU
             for cin, cout, s in zip(chans[:-1], chans[1:], cfg.enc_strides))
         size = cfg.image_size // math.prod(cfg.enc_strides)
         self.pos = SoftPositionEmbed(cfg.hid_dim, size, size)
@@ -288,7 +293,7 @@ class MixtureDecoder(nn.Module):
 
     slots [B,K,D] -> rgb [B,K,3,H,W] (no activation), mask logits [B,K,1,H,W].
     Each slot is broadcast to dec_init_size^2, gets a position embedding, then 5 ConvTranspose
-    5x5 + ReLU layers (strides dec_strides then 1) and a final ConvTranspose 3x3 to 4 channels.
+    5x5 (dec_kernel) + ReLU layers (strides dec_strides then 1) and a final ConvTranspose 3x3 to 4 channels.
     """
 
     def __init__(self, cfg):
@@ -299,7 +304,8 @@ class MixtureDecoder(nn.Module):
         chans = [cfg.slot_dim] + [cfg.hid_dim] * (len(cfg.dec_strides) + 1)
         strides = list(cfg.dec_strides) + [1]
         self.layers = nn.ModuleList(
-            nn.ConvTranspose2d(cin, cout, 5, stride=s, padding=2, output_padding=1 if s == 2 else 0)
+            nn.ConvTranspose2d(cin, cout, cfg.dec_kernel, stride=s, padding=cfg.dec_kernel // 2,  # Tab. 10: 5x5
+                               output_padding=1 if s == 2 else 0)
             for cin, cout, s in zip(chans[:-1], chans[1:], strides))
         self.out = nn.ConvTranspose2d(cfg.hid_dim, 4, 3, stride=1, padding=1)   # RGB + mask logit
         if s0 * math.prod(cfg.dec_strides) != cfg.image_size:

@@ -1276,6 +1276,32 @@ def test_boqsa_model_outputs():
         model(torch.rand(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_boqsa_encoder_kernel_sets_the_receptive_field(kernel, capsys):
+    """--enc_kernel: the 4-layer stride-1 encoder sees (4 (k-1) + 1)^2 pixels (9 px for k=3, 17 for k=5),
+    so a pixel 4 (k-1)/2 away from a feature changes it and one a pixel further does not; the mixture
+    decoder's --dec_kernel keeps the output size."""
+    torch.manual_seed(0)
+    cfg = tiny_config(image_size=32, enc_strides=(1, 1, 1, 1), dec_strides=(2, 2), enc_kernel=kernel,
+                      dec_kernel=kernel)
+    model = BOQSA(cfg).eval()
+    assert model.encoder.convs[0].weight.shape[-2:] == (kernel, kernel)
+    assert model.decoder.layers[0].weight.shape[-2:] == (kernel, kernel)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    reach = 4 * (kernel - 1) // 2
+    with torch.no_grad():
+        base = model.encoder(x).reshape(32, 32, -1)[16, 16]
+        for dist, changes in ((reach, True), (reach + 1, False)):
+            y = x.clone()
+            y[0, :, 16, 16 + dist] += 1.0
+            assert (not torch.equal(model.encoder(y).reshape(32, 32, -1)[16, 16], base)) == changes, dist
+        out = model(x)
+    assert out["masks"].shape == (1, 4, 32, 32)
+    with pytest.raises(SystemExit):
+        boqsa.build_config([f"--enc_kernel={kernel + 1}"])
+    assert "--enc_kernel must be an odd kernel size" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("decoder", ["mixture", "transformer"])
 def test_boqsa_bfloat16_autocast_matches_float32(decoder):
     """--dtype=bfloat16 (the training default) runs the forward under bf16 autocast: same loss and
