@@ -2240,6 +2240,12 @@ def test_dvae_shapes_and_temperature_schedule():
     assert boqsa.tau_schedule(30000, 30000) == pytest.approx(0.1) and boqsa.tau_schedule(10 ** 6, 30000) == pytest.approx(0.1)
     cfg = boqsa.build_config(["--decoder=transformer", "--dataset=birds"])
     assert (cfg.tau_start, cfg.tau_final, cfg.tau_steps, cfg.vocab_size) == (1.0, 0.1, 30000, 1024)
+    # the built-in data's CPU setting of the README's result; flags still override it
+    cfg = boqsa.build_config(["--decoder=transformer"])
+    assert (cfg.num_slots, cfg.hid_dim, cfg.enc_kernel, cfg.dec_kernel, cfg.tau_steps, cfg.max_steps, cfg.lr) == \
+        (8, 64, 3, 5, 5500, 8000, 3e-4)
+    assert boqsa.build_config(["--decoder=transformer", "--enc_kernel=5", "--num_slots=10"]).enc_kernel == 5
+    assert boqsa.build_config([]).enc_kernel == 5 and boqsa.build_config([]).hid_dim == 32   # mixture unchanged
 
 
 def test_transformer_model_outputs_and_losses():
@@ -2368,6 +2374,12 @@ def test_checkpoint_config_keeps_explicit_iters(tmp_path):
     assert boqsa.checkpoint_config(bx_tiny_config(out_dir=str(tmp_path), iters=7)).iters == 3
     assert boqsa.checkpoint_config(bx_tiny_config(out_dir=str(tmp_path), iters=7), {"iters"}).iters == 7
     assert boqsa.explicit_flags(["--iters=5", "--eval_only", "--out-dir", "x"]) == {"iters", "eval_only", "out_dir"}
+    # a model trained with the non-default kernels loads for --eval_only without flags
+    trained = BOQSA(bx_tiny_config(enc_kernel=3, dec_kernel=3))
+    torch.save({"config": boqsa.asdict(trained.cfg)}, tmp_path / "ckpt.pt")
+    cfg = boqsa.checkpoint_config(boqsa.build_config([f"--out_dir={tmp_path}", "--eval_only"]))
+    assert (cfg.enc_kernel, cfg.dec_kernel, cfg.decoder) == (3, 3, "transformer")
+    BOQSA(cfg).load_state_dict(trained.state_dict())
 
 
 def test_test_time_iterations_change_the_slots():
