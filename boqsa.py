@@ -170,8 +170,9 @@ def build_config(argv=None):
         preset.update(SLATE_PRESETS.get(first.dataset, _SLATE))
     cfg = parse_args(Config(**preset), argv)
     for name in ("enc_kernel", "dec_kernel"):
-        if getattr(cfg, name) < 1 or getattr(cfg, name) % 2 == 0:   # 'same' padding needs an odd kernel
-            fail(f"--{name} must be an odd kernel size (3, 5, ...), got {getattr(cfg, name)}")
+        k = getattr(cfg, name)
+        if k < 1 or k % 2 == 0:                                     # 'same' padding needs an odd kernel
+            fail(f"--{name} must be an odd kernel size (3, 5, ...), got {k}")
     return cfg
 
 
