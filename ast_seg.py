@@ -12,7 +12,7 @@ to bottom:
                        background autoencoder (AE-NE, ref. [38]) and its robust loss; losses (eq. 19-22)
     3. Official ckpt   key conversion from the official checkpoints (incl. transformers 4.x <-> 5.x Segformer keys)
     4. Training        scenarios of Sec. 4.2.2: curriculum (3 phases), baseline, frozen background; resume
-    5. Evaluation      mIoU, ARI-FG, MSC-FG, MSE on the test split; --predict on a folder
+    5. Evaluation      mIoU, ARI-FG, MSC-FG, mBO, MSE on the test split; --predict on a folder
 
 Run:
     python ast_seg.py                                  # curriculum on the built-in synthetic data (CPU-sized)
@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from common import (ResumableSampler, MetricsLog, ddp_cleanup, ddp_setup, fail, get_device, get_rng_state,
+from common import (DTYPES, ResumableSampler, MetricsLog, ddp_cleanup, ddp_setup, fail, get_device, get_rng_state,
                     labels_to_rgb, load_checkpoint, mse, nanmean, parse_args, progress, save_checkpoint,
-                    save_image_grid, save_slot_grid, seed_everything, segmentation_metrics, set_rng_state)
+                    save_image_grid, save_slot_grid, seed_everything, segmentation_metrics, set_rng_state,
+                    train_autocast)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -77,7 +78,8 @@ class Config:
                                     # the first glimpses, at s ~ (s_min + s_max)/2, are 2 px and never learn)
     bg_logit_init: float = 11.0     # log alpha_0 before training (Tab. 6: alpha_0 = e^11)
     glimpse_size: int = 0           # 0 = image_size // 2 (Tab. 7: 32 for 64 px, 64 for 128 px)
-    official_activation_bug: bool = False  # read alpha from latent index 4 as the official code (REFERENCE.md)
+    official_activation_bug: bool = False  # read alpha from latent index 4 as the official renderer
+                                    # (MF_models_renderer.py); switched on when an isotropic official checkpoint loads
     # background model (AE-NE, ref. [38])
     bg_complex: bool = False        # AE-NE "complex background" channel schedule (official: all but CLEVR)
     bg_input_scale: float = 255.0   # AE-NE sees images * this (official 255; see Background)
@@ -117,7 +119,8 @@ class Config:
 # 5k lr warmup, N_pixel 10k, background pretraining 500k steps (CLEVR 2.5k) at batch 128, Segformer B3.
 _PAPER = dict(segformer="mit-b3", batch_size=64, lr=4e-5, max_steps=125000, freeze_steps=30000,
               warmup_steps=5000, pixel_warmup=10000, bg_steps=500000, bg_batch_size=128, bg_complex=True,
-              bg_norm="group", s_max=24.0, num_workers=8, eval_interval=5000, eval_items=0, log_interval=50)
+              bg_norm="group", s_max=24.0, num_workers=8, eval_interval=5000, eval_items=0, log_interval=50,
+              dtype="float32")                    # float32 as the official code
 PRESETS = {
     "synthetic": {},
     "clevrtex": dict(_PAPER, num_slots=10, scaling="anisotropic", image_size=128),
@@ -132,7 +135,7 @@ PRESETS["clevr6"] = dict(PRESETS["clevr"])
 
 _CHOICES = dict(scaling=("anisotropic", "isotropic"), feature_net=("segformer", "unet"),
                 scenario=("curriculum", "baseline", "frozen"), phase=("all", "background"), bg_norm=("group", "batch"),
-                dtype=("float32", "bfloat16"))
+                dtype=DTYPES)
 
 
 def build_config(argv=None):
@@ -720,6 +723,12 @@ def load_official(model, path):
     if missing or unexpected:
         fail(f"{path}: does not match this config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
              f"set --dataset/--num_slots/--image_size/--scaling/--segformer to the checkpoint's settings")
+    # The official renderer reads alpha's logit at latent index 4; with isotropic scaling that is z_what[0],
+    # not the logit's own channel 3. Its weights were trained that way, so render them that way.
+    if model.cfg.scaling == "isotropic" and not model.cfg.official_activation_bug:
+        model.cfg.official_activation_bug = True
+        print(f"{path}: official isotropic checkpoint, rendering as the official code "
+              f"(--official_activation_bug switched on: alpha's logit read at latent index 4)")
 
 
 # -----------------------------------------------------------------------------
@@ -805,7 +814,7 @@ def train_loader(cfg, ddp, batch_size, start_step, seed):
 
 @torch.no_grad()
 def evaluate(model, cfg, device, num_items=0, image_path=None):
-    """Metrics on the test split: dict of means (ARI, ARI-FG, mIoU, MSC-FG, MSE).
+    """Metrics on the test split: dict of means (ARI, ARI-FG, mIoU, MSC-FG, mBO, MSE).
 
     Segmentation = argmax of the layer weights (0 = background, Sec. 4.1). MSE is the per-image sum
     of squared errors over C,H,W with images in [0,1] (ClevrTex convention, as the paper's tables).
@@ -842,7 +851,7 @@ def evaluate(model, cfg, device, num_items=0, image_path=None):
 
 
 def format_metrics(m):
-    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "miou": "mIoU", "ari": "ARI", "mse": "MSE"}
+    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "mbo": "mBO", "miou": "mIoU", "ari": "ARI", "mse": "MSE"}
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
 
 
@@ -921,7 +930,7 @@ def train(cfg):
                 extra = {}
             else:
                 lam = pixel_weight_at(step - fg_start(cfg), cfg)                  # eq. (22) warmup
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                with train_autocast(device, cfg.dtype):                       # --dtype
                     out = net(images, pixel_weight=lam)
                 loss = out["loss"]
                 extra = dict(rec_loss=out["rec_loss"].item(), pixel_loss=out["pixel_loss"].item(), pixel_weight=lam)

@@ -117,11 +117,12 @@ def ast_settings():
 SETTINGS = {"boqsa": boqsa_settings, "mincut": mincut_settings, "ast": ast_settings}
 
 
-# --- suite=qp: forward + backward of mincut_ocl.STCutQP, dct vs sparse ---------------------------------
+# --- suite=qp: forward + backward of mincut_ocl.STCutQP, dct (full, official edges) vs sparse ---------
 
-def run_qp(solver, side, rhs, bc):
-    """Time one forward + backward of STCutQP(side, side, solver) on `rhs` float32 right-hand sides (in this
-    process), with peak memory above the process baseline and the max abs error against float64 (dct)."""
+def run_qp(solver, side, rhs, bc, edges="full"):
+    """Time one forward + backward of STCutQP(side, side, solver, edges=edges) on `rhs` float32 right-hand
+    sides (in this process), with peak memory above the process baseline and the max abs error against
+    float64 (dct, same edges). Official dct up to qp_sparse_max: also the float64 dct vs sparse difference."""
     import mincut_ocl
     device = get_device(bc.device)
     if bc.threads:
@@ -132,11 +133,15 @@ def run_qp(solver, side, rhs, bc):
     coef = [torch.randn(rhs, *s, device=device) for s in [(side, side), (), (), (side, side), (side, side),
                                                           (4, side, side)]]
     fields = ("p", "p_s", "p_t", "d_s", "d_t", "d_grid")
-    qp = mincut_ocl.STCutQP(side, side, solver=solver)
+    qp = mincut_ocl.STCutQP(side, side, solver=solver, edges=edges)
     setup = 0.0
     if solver == "sparse":                       # factor AA^T once (cached), not part of the step
         t = time.perf_counter()
-        mincut_ocl.sparse_factor(side, side)
+        mincut_ocl.sparse_factor(side, side, edges)
+        setup = time.perf_counter() - t
+    if solver == "dct" and edges == "official":  # the Woodbury tables (cached), not part of the step
+        t = time.perf_counter()
+        mincut_ocl._official_woodbury(side, side, torch.float32, device)
         setup = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -163,45 +168,58 @@ def run_qp(solver, side, rhs, bc):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     # accuracy: float64 dct (checked against a dense KKT solve in test_all.py) as the reference
     w64 = w.detach().double().requires_grad_(True)
-    ref = mincut_ocl.STCutQP(side, side, solver="dct")(w64)
+    ref = mincut_ocl.STCutQP(side, side, solver="dct", edges=edges)(w64)
     sum((getattr(ref, f) * c.double()).sum() for f, c in zip(fields, coef)).backward()
     err = max((getattr(out, f).detach().double() - getattr(ref, f).detach()).abs().max().item() for f in fields)
     gerr = (w.grad.double() - w64.grad).abs().max().item()
+    sparse_err = None                            # official float64 dct vs sparse on 8 RHS (the Woodbury path)
+    if solver == "dct" and edges == "official" and side <= bc.qp_sparse_max:
+        with torch.no_grad():
+            sp = mincut_ocl.STCutQP(side, side, solver="sparse", edges=edges)(w64[:8].detach().cpu())
+        sparse_err = max((getattr(ref, f)[:8].detach().cpu() - getattr(sp, f)).abs().max().item() for f in fields)
     return dict(solver=solver, side=side, rhs=rhs, device=str(device), step_s=statistics.median(times),
-                setup_s=setup, peak_mib=peak, err=err, grad_err=gerr)
+                setup_s=setup, peak_mib=peak, err=err, grad_err=gerr, edges=edges, sparse_err=sparse_err)
 
 
 def qp_main(bc):
     """suite=qp: every (solver, side, rhs) in its own subprocess; prints two markdown tables."""
-    def measure(solver, side, rhs):
-        args = [sys.executable, os.path.abspath(__file__), f"--only=qp {solver} {side} {rhs}",
-                f"--steps={bc.steps}", f"--warmup={bc.warmup}", f"--device={bc.device}", f"--threads={bc.threads}"]
+    def measure(solver, side, rhs, edges="full"):
+        args = [sys.executable, os.path.abspath(__file__), f"--only=qp {solver} {side} {rhs} {edges}",
+                f"--steps={bc.steps}", f"--warmup={bc.warmup}", f"--device={bc.device}", f"--threads={bc.threads}",
+                f"--qp_sparse_max={bc.qp_sparse_max}"]
         r = subprocess.run(args, capture_output=True, text=True)
         if r.returncode != 0:
-            print(f"qp {solver} {side} {rhs}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
+            print(f"qp {solver} {side} {rhs} {edges}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
             return None
-        print(f"done: qp {solver} {side}x{side}, {rhs} rhs", file=sys.stderr)
+        print(f"done: qp {solver} {edges} {side}x{side}, {rhs} rhs", file=sys.stderr)
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    def row(side, rhs, d, s):
+    def row(side, rhs, d, s, o):
+        """d, s, o: dct, sparse (full edge set) and official-edge-set dct results (None: not run)."""
         P = side * side
         f = lambda v, fmt: "-" if v is None else format(v, fmt)     # noqa: E731
         ratio = f"{s['step_s'] / d['step_s']:.0f}x" if d and s else "-"
+        o_ratio = f"{o['step_s'] / d['step_s']:.2f}x" if d and o else "-"
         return (f"| {side}x{side} | {P} | {rhs} | {f(d and d['step_s'], '.3f')} | {f(s and s['step_s'], '.2f')} | "
-                f"{ratio} | {f(d and 1e9 * d['step_s'] / (rhs * P * math.log2(P)), '.2f')} | "
+                f"{ratio} | {f(o and o['step_s'], '.3f')} | {o_ratio} | "
+                f"{f(d and 1e9 * d['step_s'] / (rhs * P * math.log2(P)), '.2f')} | "
                 f"{f(d and d['peak_mib'], '.0f')} | {f(s and s['peak_mib'], '.0f')} | {f(s and s['setup_s'], '.1f')} | "
                 f"{f(d and d['err'], '.1e')} | {f(s and s['err'], '.1e')} | {f(d and d['grad_err'], '.1e')} | "
-                f"{f(s and s['grad_err'], '.1e')} |")
+                f"{f(s and s['grad_err'], '.1e')} | {f(o and o['err'], '.1e')} | {f(o and o['sparse_err'], '.1e')} |")
 
-    header = ("| grid | P | RHS | dct fwd+bwd (s) | sparse fwd+bwd (s) | sparse / dct | dct ns per RHS*P*log2(P) | "
+    header = ("| grid | P | RHS | dct fwd+bwd (s) | sparse fwd+bwd (s) | sparse / dct | dct official fwd+bwd (s) | "
+              "official / full dct | dct ns per RHS*P*log2(P) | "
               "dct peak (MiB) | sparse peak (MiB) | sparse factor (s) | dct f32 max err | sparse f32 max err | "
-              "dct f32 grad err | sparse f32 grad err |\n|" + "---|" * 14)
-    main_row = row(bc.qp_side, bc.qp_rhs, measure("dct", bc.qp_side, bc.qp_rhs), measure("sparse", bc.qp_side, bc.qp_rhs))
+              "dct f32 grad err | sparse f32 grad err | dct official f32 max err | official dct - sparse (f64) |\n|"
+              + "---|" * 18)
+    main_row = row(bc.qp_side, bc.qp_rhs, measure("dct", bc.qp_side, bc.qp_rhs), measure("sparse", bc.qp_side, bc.qp_rhs),
+                   measure("dct", bc.qp_side, bc.qp_rhs, "official"))
     sweep = []
     for side in [int(v) for v in bc.qp_sweep.split(",")]:
         d = measure("dct", side, bc.qp_sweep_rhs)
         s = measure("sparse", side, bc.qp_sweep_rhs) if side <= bc.qp_sparse_max else None
-        sweep.append(row(side, bc.qp_sweep_rhs, d, s))
+        o = measure("dct", side, bc.qp_sweep_rhs, "official")
+        sweep.append(row(side, bc.qp_sweep_rhs, d, s, o))
     print(f"\ntorch {torch.__version__}, {bc.threads or torch.get_num_threads()} threads, float32 input, median of {bc.steps} "
           f"(sparse: 1 run each, no warmup); peak = resident memory above the process baseline (CPU)\n")
     print(header)
@@ -247,8 +265,8 @@ def run_one(name, bc):
 def main():
     bc = parse_args(BenchConfig())
     if bc.only.startswith("qp "):
-        _, solver, side, rhs = bc.only.split()
-        print(json.dumps(run_qp(solver, int(side), int(rhs), bc)))
+        _, solver, side, rhs, *edges = bc.only.split()              # qp SOLVER SIDE RHS [EDGES]
+        print(json.dumps(run_qp(solver, int(side), int(rhs), bc, *edges)))
         return
     if bc.only:
         print(json.dumps(run_one(bc.only, bc)))

@@ -9,7 +9,7 @@ Paper: ../shared/papers/boqsa_jia2023.md.  Facts from the official code (YuLiu-L
                        or dVAE + autoregressive transformer decoder (SLATE; App. A.1, A.3.3, Tab. 12)
     3. Official ckpt   key conversion from the official Lightning checkpoints
     4. Training        Adam, warmup + exponential decay, grad clipping (Tab. 11), DDP, resume
-    5. Evaluation      ARI-FG, MSC-FG, mIoU, MSE (synthetic); foreground IoU / Dice (Birds, Dogs, Cars,
+    5. Evaluation      ARI-FG, MSC-FG, mBO, mIoU, MSE (synthetic); foreground IoU / Dice (Birds, Dogs, Cars,
                        Flowers; Tab. 5); AP / PQ / precision / recall (YCB, ScanNet, COCO; Tab. 4);
                        zero-shot transfer (Tab. 8, 15); query attention maps (Sec. 5.4); --predict
 
@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from common import (ObjectSegMetrics, ResumableSampler, MetricsLog, ddp_cleanup, ddp_setup, fail, fg_iou_dice,
-                    get_device, get_rng_state, labels_to_rgb, load_checkpoint, mse, nanmean, parse_args, progress,
-                    save_checkpoint, save_image_grid, save_slot_grid, seed_everything, segmentation_metrics,
-                    set_rng_state)
+from common import (DTYPES, ObjectSegMetrics, ResumableSampler, MetricsLog, ddp_cleanup, ddp_setup, fail,
+                    fg_iou_dice, get_device, get_rng_state, labels_to_rgb, load_checkpoint, mse, nanmean, parse_args,
+                    progress, resolve_dtype, save_checkpoint, save_image_grid, save_slot_grid, seed_everything,
+                    segmentation_metrics, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -96,7 +96,7 @@ class Config:
     lr: float = 4e-4
     warmup_steps: int = 300         # Tab. 11: 5k
     decay_steps: int = 20000        # lr factor 0.5 ** (step / decay_steps) (Tab. 11: 50k)
-    max_steps: int = 6000           # about 30 min on 2 CPU cores with --dtype=bfloat16 (Tab. 11: 250k)
+    max_steps: int = 6000           # 30 min on 2 CPU cores with native bf16, 90 min in float32 (Tab. 11: 250k)
     grad_clip: float = 1.0
     # run
     out_dir: str = "out/boqsa"
@@ -111,13 +111,15 @@ class Config:
     predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
     concept_maps: bool = False      # with --eval_only: save each query's attention map (Sec. 5.4, Fig. 4)
     compile: bool = False           # torch.compile the model
-    dtype: str = "bfloat16"         # float32 | bfloat16: autocast of the training forward (1.75x faster steps here)
+    dtype: str = "auto"             # float32 | bfloat16 (autocast of the training forward) | auto: bfloat16 where
+                                    # the CPU/GPU runs it natively, else float32; the paper presets: float32
 
 
 # Paper settings per dataset: slots and image size (Tab. 13), encoder strides (Tab. 9), decoder
 # strides (Tab. 10), batch 128 and the full schedule (Tab. 11). ClevrTex: 11 slots (App. A.3.4).
+# Precision: float32, as the official Trainer (bf16 autocast stays a speed option: --dtype=bfloat16).
 _PAPER = dict(batch_size=128, warmup_steps=5000, decay_steps=50000, max_steps=250000, sigma_steps=30000,
-              hid_dim=64, num_workers=8, eval_interval=5000, eval_items=0)
+              hid_dim=64, num_workers=8, eval_interval=5000, eval_items=0, dtype="float32")
 PRESETS = {
     "synthetic": {},
     "shapestacks": dict(_PAPER, num_slots=8, image_size=128, enc_strides=(2, 1, 1, 1), dec_strides=(2, 2, 2, 2)),
@@ -138,7 +140,7 @@ for _name, _k in (("birds", 3), ("dogs", 2), ("cars", 2), ("flowers", 2), ("ycb"
 # Official code: encoder strides 1 everywhere (attention maps at full resolution), slot and MLP size 256.
 _SLATE = dict(slot_dim=256, mlp_dim=256, vocab_size=1024, d_model=256, dec_layers=4, dec_heads=4, dec_dropout=0.1,
               lr=1e-4, lr_dvae=3e-4, warmup_steps=10000, decay_steps=50000, max_steps=250000, tau_steps=30000,
-              batch_size=128, enc_strides=(1, 1, 1, 1), recon_items=64)
+              batch_size=128, enc_strides=(1, 1, 1, 1), recon_items=64, dtype="float32")
 SLATE_PRESETS = {
     # CPU-sized: a faster schedule for a 30-minute run on 2 cores (bf16, 8000 steps); the paper's 64
     # channels (Tab. 9) with 3x3 encoder kernels, which keep the paper's receptive field relative to the
@@ -163,8 +165,8 @@ def build_config(argv=None):
     first = parse_args(Config(), argv)          # validates every flag, gives us --dataset and --decoder
     if first.decoder not in ("mixture", "transformer"):
         fail(f"--decoder must be mixture or transformer, got {first.decoder!r}")
-    if first.dtype not in ("float32", "bfloat16"):
-        fail(f"--dtype must be float32 or bfloat16, got {first.dtype!r}")
+    if first.dtype not in DTYPES:
+        fail(f"--dtype must be one of {', '.join(DTYPES)}, got {first.dtype!r}")
     preset = dict(PRESETS.get(first.dataset, {}))
     if first.decoder == "transformer":
         preset.update(SLATE_PRESETS.get(first.dataset, _SLATE))
@@ -263,6 +265,18 @@ class SlotAttention(nn.Module):
         self.to_v = nn.Linear(in_dim, slot_dim, bias=False)
         self.gru = nn.GRUCell(slot_dim, slot_dim)
         self.mlp = nn.Sequential(nn.Linear(slot_dim, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, slot_dim))
+        # Initialisation as the official code (models/slot_attn.py with methods/utils.py `linear`, `gru_cell`);
+        # the encoder, position embeddings, pre-slot MLP and decoder keep PyTorch's defaults there too.
+        for lin in (self.to_q, self.to_k, self.to_v):
+            nn.init.xavier_uniform_(lin.weight)                            # linear(..., bias=False)
+        nn.init.xavier_uniform_(self.gru.weight_ih)                        # gru_cell
+        nn.init.orthogonal_(self.gru.weight_hh)
+        nn.init.zeros_(self.gru.bias_ih)
+        nn.init.zeros_(self.gru.bias_hh)
+        nn.init.kaiming_uniform_(self.mlp[0].weight, nonlinearity="relu")  # linear(..., weight_init='kaiming')
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.xavier_uniform_(self.mlp[2].weight)                        # linear(...)
+        nn.init.zeros_(self.mlp[2].bias)
 
     def step(self, slots, k, v):
         """One refinement s <- h(s, f_attn(s, x)) (eq. 1, eq. 5). Returns (slots, attn [B,K,N])."""
@@ -726,11 +740,11 @@ def batch_metrics(dataset, true, masks):
 def evaluate(model, cfg, device, num_items=0, image_path=None):
     """Metrics on the test split: dict of means.
 
-    Synthetic sets: ARI, ARI-FG, MSC-FG, mIoU. Birds / Dogs / Cars / Flowers: IoU and Dice
+    Synthetic sets: ARI, ARI-FG, MSC-FG, mBO, mIoU. Birds / Dogs / Cars / Flowers: IoU and Dice
     (batch_metrics). YCB / ScanNet / COCO: AP, PQ, precision, recall over the whole split
     (common.ObjectSegMetrics; confidence = the max slot probability per pixel, official code).
     MSE is the per-image sum of squared errors over C,H,W with images in [0,1] (ClevrTex
-    convention); `mse_paper` is BO-QSA's F.mse_loss * H * W in [-1,1] (REFERENCE.md, Metrics).
+    convention); `mse_paper` is BO-QSA's F.mse_loss * H * W in [-1,1] (official `test_step`).
     Transformer decoder: MSE of the slots' autoregressive reconstruction on the first
     cfg.recon_items images, and `mse_dvae` of the dVAE's own reconstruction on all of them.
     Datasets without instance masks report MSE only. Writes the PNG grid to `image_path`.
@@ -809,7 +823,7 @@ def save_concept_maps(model, cfg, device, path, num_images=8):
 
 
 def format_metrics(m):
-    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "miou": "mIoU", "ari": "ARI", "mse": "MSE", "mse_paper": "MSE(paper)",
+    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "mbo": "mBO", "miou": "mIoU", "ari": "ARI", "mse": "MSE", "mse_paper": "MSE(paper)",
              "mse_dvae": "MSE(dVAE)", "iou": "IoU", "dice": "Dice", "ap": "AP", "pq": "PQ", "precision": "Pre",
              "recall": "Rec"}
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
@@ -839,6 +853,10 @@ def train(cfg):
     if cfg.batch_size % ddp.world_size:
         fail(f"--batch_size={cfg.batch_size} must be divisible by the number of processes {ddp.world_size}")
 
+    dtype = resolve_dtype(device, cfg.dtype)
+    if cfg.dtype == "auto" and ddp.is_main:
+        print(f"--dtype=auto: training in {dtype} ({'native' if dtype == 'bfloat16' else 'no native'} bf16 "
+              f"on {device.type})")
     model = BOQSA(cfg).to(device)
     optimizer = torch.optim.Adam(param_groups(model, cfg))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -886,7 +904,7 @@ def train(cfg):
             group["lr"] = group_lr(group.get("name", "main"), step, cfg)  # Tab. 11 / 12 schedules
         sigma = sigma_schedule(step, cfg.sigma_steps)                      # App. A.3.1
         tau = tau_schedule(step, cfg.tau_steps, cfg.tau_start, cfg.tau_final)  # Tab. 12 (transformer)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        with train_autocast(device, dtype):                                # --dtype (float32 in the presets)
             out = model(images, sigma=sigma, tau=tau)
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)

@@ -1,13 +1,15 @@
 """Shared utilities for the object-centric learning reference implementations.
 
 Plain, dependency-light helpers used by every model script (torch, numpy, scipy,
-scikit-learn, Pillow and tqdm only). Metric conventions follow
-`/work/shared/REFERENCE.md`, section "Metrics (reference behaviour)".
+scikit-learn, Pillow and tqdm only). Metric conventions: the README's "Metric conventions"
+table; each metric equals an official evaluator (sklearn `adjusted_rand_score`, ClevrTex
+`clevrtex_eval.py`, GENESIS `average_segcover`, BO-QSA `methods/utils.py` and
+`methods/seg_metrics.py`), named in its docstring.
 
 Contents
 --------
 1. Metrics (per image, computed on CPU with numpy / sklearn / scipy)
-   ari, miou, msc, mse, fg_iou_dice, segmentation_metrics, nanmean, ObjectSegMetrics (AP/PQ/Pre/Rec)
+   ari, miou, msc, mbo, mse, fg_iou_dice, segmentation_metrics, nanmean, ObjectSegMetrics (AP/PQ/Pre/Rec)
 2. Config / CLI (nanoGPT style `--key=value` overrides of a dataclass)
    parse_args, apply_overrides, config_to_dict, ConfigError
 3. Runtime
@@ -53,11 +55,12 @@ from tqdm import tqdm
 
 __all__ = [
     # metrics
-    "ari", "miou", "msc", "mse", "fg_iou_dice", "segmentation_metrics", "nanmean",
+    "ari", "miou", "msc", "mbo", "mse", "fg_iou_dice", "segmentation_metrics", "nanmean",
     # config
     "parse_args", "apply_overrides", "config_to_dict", "ConfigError",
     # runtime
-    "seed_everything", "get_device", "DDPInfo", "ddp_setup", "ddp_cleanup", "all_reduce_mean",
+    "seed_everything", "get_device", "DTYPES", "native_bf16", "resolve_dtype", "train_autocast", "DDPInfo",
+    "ddp_setup", "ddp_cleanup", "all_reduce_mean",
     # checkpoints
     "save_checkpoint", "load_checkpoint", "CheckpointError", "get_rng_state", "set_rng_state",
     # logging
@@ -111,18 +114,22 @@ def _iou_table(t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 def ari(true, pred, foreground_only: bool = False) -> torch.Tensor:
     """Adjusted Rand Index per image (sklearn `adjusted_rand_score`).
 
+    Equals the official evaluators: BO-QSA `methods/utils.py` `average_ari`, ClevrTex
+    `clevrtex_eval.py` `CLEVRTEX_Evaluator.ari` (skip_0 = ARI-FG), both per image with sklearn.
+
     Args:
         true: int label map `[B, H, W]` (0 = background; `[B, 1, H, W]` also accepted).
         pred: int label map of the same shape (e.g. argmax over slot masks).
         foreground_only: ARI-FG, i.e. only the pixels whose true label is > 0.
     Returns:
-        float64 tensor `[B]` on CPU, values in [-1, 1] (1 = identical partitions).
+        float64 tensor `[B]` on CPU, values in [-1, 1] (1 = identical partitions); never NaN.
     Edge cases:
         * sklearn convention: when both partitions are constant (a single segment each,
           e.g. an image that is all background and predicted as one slot) the score is
-          1.0. DeepMind's TF implementation returns NaN there (REFERENCE.md, Metrics).
-        * foreground_only and the image has no foreground pixel: NaN (the score is
-          undefined); `nanmean` skips such images.
+          1.0. DeepMind's TF implementation returns NaN there.
+        * foreground_only and the image has no foreground pixel: 1.0, as sklearn's
+          `adjusted_rand_score([], [])` and every official evaluator (BO-QSA, ClevrTex,
+          AST); the image counts in the mean like any other.
     Raises:
         TypeError for floating-point inputs, ValueError for mismatched shapes.
     """
@@ -132,10 +139,7 @@ def ari(true, pred, foreground_only: bool = False) -> torch.Tensor:
         tb, pb = t[b], p[b]
         if foreground_only:
             keep = tb > 0
-            if not keep.any():
-                out[b] = float("nan")
-                continue
-            tb, pb = tb[keep], pb[keep]
+            tb, pb = tb[keep], pb[keep]                  # may be empty: sklearn gives 1.0
         out[b] = adjusted_rand_score(tb, pb)
     return out
 
@@ -149,7 +153,7 @@ def miou(true, pred) -> torch.Tensor:
     every segment is matched: a true segment matched to a padded (empty) predicted segment
     counts with IoU 0, and so does a surplus predicted segment matched to a padded true one.
     The score is the sum of matched IoUs divided by the number of matched pairs where the
-    true or the predicted segment is non-empty (REFERENCE.md, Metrics), which here is
+    true or the predicted segment is non-empty (ClevrTex `clevrtex_eval.py`, `num_pairs`), which here is
     max(Kt, Kp): extra slots that claim pixels and missed objects are both penalised.
 
     Args:
@@ -201,6 +205,31 @@ def msc(true, pred, foreground_only: bool = True) -> torch.Tensor:
     return out
 
 
+def mbo(true, pred) -> torch.Tensor:
+    """Mean best overlap (mBO), as in OCLF, VideoSAUR and SPOT.
+
+    For each true object (labels > 0; the background label 0 is excluded) take its best IoU
+    over all predicted segments (the one covering the background included), then the
+    unweighted mean over the image's objects. The same per-object quantity as MSC-FG; only
+    the image without objects differs (NaN here, 0.0 in MSC-FG).
+
+    Args:
+        true, pred: int label maps `[B, H, W]` (0 = background, labels need not be contiguous).
+    Returns:
+        float64 tensor `[B]` on CPU, values in [0, 1]; NaN for an image without any object,
+        which `nanmean` skips.
+    Raises:
+        TypeError for floating-point inputs, ValueError for mismatched shapes.
+    """
+    t, p = _label_maps(true, pred)
+    out = torch.empty(t.shape[0], dtype=torch.float64)
+    for b in range(t.shape[0]):
+        t_labels, _, iou = _iou_table(t[b], p[b])
+        best = iou[t_labels > 0].max(1)                  # per object; every image has >= 1 pred segment
+        out[b] = best.mean() if best.size else float("nan")
+    return out
+
+
 def mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Per-image sum of squared errors (ClevrTex convention).
 
@@ -209,7 +238,8 @@ def mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     Returns:
         float64 tensor `[B]` on CPU: sum over C, H, W of (target - recon)^2.
         Note BO-QSA reports F.mse_loss * H * W on [-1, 1] images, which is 4/3 of this
-        value for 3 channels (REFERENCE.md, Metrics): convert before comparing.
+        value for 3 channels (BO-QSA `methods/method_mixture_dec.py` test_step): convert
+        before comparing. This value equals ClevrTex `clevrtex_eval.py` ('MSE').
     Raises:
         ValueError when shapes differ or are not 4-D.
     """
@@ -234,15 +264,22 @@ def fg_iou_dice(true_fg, slot_masks) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground IoU and Dice (Birds / Dogs / Cars / Flowers protocol).
 
     Each slot mask is compared with the true foreground; for each image the best slot is
-    taken, separately for IoU and for Dice (REFERENCE.md, Metrics).
+    taken, separately for IoU and for Dice, with the official formula (BO-QSA
+    `methods/utils.py` `iou_and_dice`, eps = 1e-8, here in float64):
+    IoU = (inter + eps) / (union + eps), Dice = (2 inter + eps) / (|slot| + |fg| + eps).
 
     Args:
         true_fg: bool or int tensor `[B, H, W]`; foreground = value > 0.
         slot_masks: `[B, K, H, W]`, bool/int (non-zero = in the slot) or float soft masks
-            (probabilities), which are binarised as the one-hot argmax over slots.
+            (probabilities), which are binarised as the one-hot argmax over slots (the
+            official code's one-hot argmax).
     Returns:
-        (iou, dice): two float64 tensors `[B]` on CPU, values in [0, 1]. A slot whose mask
-        and the foreground are both empty scores 0 (as `inter / (union + eps)` would).
+        (iou, dice): two float64 tensors `[B]` on CPU, values in [0, 1].
+    Edge cases (per slot, before the max over slots):
+        * empty slot and empty foreground: IoU = Dice = eps / eps = 1.
+        * disjoint slot and foreground (inter = 0, union = n > 0): IoU = eps / (n + eps)
+          and Dice = eps / (n + eps), about 1e-8 / n, i.e. 0 up to 1e-8.
+        * otherwise inter / union and 2 inter / (|slot| + |fg|) up to a relative 1e-8.
     Raises:
         ValueError when the shapes do not match.
     """
@@ -256,10 +293,16 @@ def fg_iou_dice(true_fg, slot_masks) -> tuple[torch.Tensor, torch.Tensor]:
     inter = (fg * slots).sum(-1)
     fg_area, slot_area = fg.sum(-1), slots.sum(-1)
     union = fg_area + slot_area - inter
-    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
-    denom = fg_area + slot_area
-    dice = torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.zeros_like(inter))
+    eps = 1e-8                                                  # official: "to prevent NaN"
+    iou = (inter + eps) / (union + eps)
+    dice = (2 * inter + eps) / (fg_area + slot_area + eps)
     return iou.max(1).values, dice.max(1).values
+
+
+def _iou_f32(inter, union) -> np.float32:
+    """IoU of two pixel counts as BO-QSA `methods/seg_metrics.py` computes it: float32
+    inter / (union + 1e-6). Decides ties: exactly 0.5 stays 0.5 only for union >= 32."""
+    return np.float32(inter) / (np.float32(union) + np.float32(1e-6))
 
 
 class ObjectSegMetrics:
@@ -267,12 +310,17 @@ class ObjectSegMetrics:
     recall (BO-QSA Tab. 4, 8, 14; the official BO-QSA `Segmentation_Metrics_Calculator`).
 
     Dataset-level: call `update` per batch, then `compute`. Per image:
-      1. valid = conf > 0.5 (confident pixels). A predicted segment (its valid pixels) whose IoU
-         with the true background is >= 0.5 is the predicted background and is dropped.
+      1. valid = conf > 0.5 (confident pixels; strict, as the official `confidence_mask`). A
+         predicted segment (its valid pixels) whose IoU with the true background is >= 0.5 is
+         the predicted background and is dropped.
       2. True objects = labels > 0; predicted objects = the remaining labels on the remaining
          valid pixels. IoU matrix [G, P]; Hungarian matching maximising IoU (scipy). An object's
          score is the IoU with its match (0 if unmatched); TP = predictions with score >= 0.5,
          FP = P - TP, FN = G - TP. A prediction's confidence = mean conf over its pixels.
+    Every IoU (steps 1 and 2) is computed as the official code does, in float32:
+    inter / (union + 1e-6). So an IoU of exactly 0.5 is a match (>= 0.5) when the union has
+    >= 32 pixels, where the 1e-6 vanishes in float32 (e.g. 16 / 32 -> 0.5); below 32 pixels
+    the 1e-6 pushes it just under 0.5 (1 / 2 -> 0.49999976, no match), as in the official code.
     Over the dataset: precision = TP / (TP + FP), recall = TP / (TP + FN),
     PQ = sum of TP IoUs / (TP + FP/2 + FN/2), AP@0.5 = area under the precision-recall curve of
     all predictions ranked by confidence (recall denominator = all true objects; COCO-style
@@ -300,16 +348,16 @@ class ObjectSegMetrics:
             for label in np.unique(p[valid]):                  # drop the predicted background
                 seg = (p == label) & valid
                 inter = (seg & bg).sum()
-                if inter / (seg.sum() + bg.sum() - inter + 1e-6) >= 0.5:
+                if _iou_f32(inter, seg.sum() + bg.sum() - inter) >= 0.5:
                     valid &= ~seg
             gts = [t == g for g in np.unique(t[t > 0])]
             preds = [(p == q) & valid for q in np.unique(p[valid])]
-            iou = np.zeros((len(gts), len(preds)))
+            iou = np.zeros((len(gts), len(preds)), dtype=np.float32)
             for i, g in enumerate(gts):
                 for j, q in enumerate(preds):
                     inter = (g & q).sum()
-                    iou[i, j] = inter / (g.sum() + q.sum() - inter + 1e-6)
-            score = np.zeros(len(preds))
+                    iou[i, j] = _iou_f32(inter, g.sum() + q.sum() - inter)
+            score = np.zeros(len(preds), dtype=np.float32)
             if iou.size:
                 rows, cols = linear_sum_assignment(iou, maximize=True)
                 score[cols] = iou[rows, cols]
@@ -342,14 +390,17 @@ def segmentation_metrics(true, pred) -> dict[str, torch.Tensor]:
         true, pred: int label maps `[B, H, W]` (0 = background).
     Returns:
         dict with float64 tensors `[B]`: "ari" (all pixels), "ari_fg" (true label > 0;
-        NaN for images without foreground), "miou" (ClevrTex), "msc_fg" (GENESIS, fg only).
-        Average over a dataset with `nanmean(torch.cat(per_batch_values))`.
+        1.0 for images without foreground), "miou" (ClevrTex), "msc_fg" (GENESIS, fg only;
+        0.0 without foreground), "mbo" (mean best overlap; NaN for images without objects).
+        Average over a dataset with `nanmean(torch.cat(per_batch_values))`: a per-image mean
+        that skips only mBO's NaN images.
     """
     return {
         "ari": ari(true, pred),
         "ari_fg": ari(true, pred, foreground_only=True),
         "miou": miou(true, pred),
         "msc_fg": msc(true, pred, foreground_only=True),
+        "mbo": mbo(true, pred),
     }
 
 
@@ -597,6 +648,46 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # numpy only accepts 32-bit seeds
     torch.manual_seed(seed)  # also seeds every CUDA / MPS device
+
+
+DTYPES = ("float32", "bfloat16", "auto")  # the --dtype values of every script
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matrix products run natively: a CUDA GPU with bf16, or a CPU that oneDNN runs bf16
+    on (AVX512-BF16 / AMX). On an AVX2-only CPU bf16 autocast is emulated: a BO-QSA step measured 14x
+    slower than float32 (README, Command line)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_dtype(device: torch.device, dtype: str) -> str:
+    """--dtype for this device: "auto" -> "bfloat16" where `native_bf16(device)`, else "float32".
+    Raises ValueError for a value not in DTYPES."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return dtype
+
+
+def train_autocast(device: torch.device, dtype: str):
+    """The --dtype rule shared by the three scripts: a context manager for the TRAINING forward.
+
+    dtype "bfloat16": torch.autocast(device.type, bfloat16) (matrix products and convolutions in bf16;
+    each script keeps its losses, softmaxes and solvers in float32). "float32": autocast disabled (as the
+    official code of all three papers, and every --dataset preset). "auto": bfloat16 where the device runs
+    it natively, else float32 (`resolve_dtype`). Evaluation always runs in float32.
+    Raises ValueError for any other value.
+    """
+    dtype = resolve_dtype(device, dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def _mps_available() -> bool:

@@ -14,7 +14,7 @@ Paper: ../shared/papers/mincut_ocl_pervez2023.md.  Facts from the official code 
     5. Matching        the matching QP (eq. 7, App. C), its Cora validation (Sec. 6.2), slot tracking over
                        videos, the two-frame pair model (Sec. 4 "Matching and motion", Alg. 3, App. A) and
                        its Slot Attention baseline (Sec. 6.3, Tab. 2)
-    6. Evaluation      ARI, ARI-FG, mIoU, MSC-FG, MSE on the test split; video: tracked ARI / ARI-FG (Tab. 2)
+    6. Evaluation      ARI, ARI-FG, mIoU, MSC-FG, mBO, MSE on the test split; video: tracked ARI / ARI-FG (Tab. 2)
 
 Run:
     python mincut_ocl.py                                   # built-in synthetic data, CPU-sized model
@@ -44,9 +44,9 @@ import torch.nn.functional as F
 import data
 from scipy.optimize import linear_sum_assignment, linprog
 
-from common import (MetricsLog, ResumableSampler, ari, fail, get_device, get_rng_state, labels_to_rgb, load_checkpoint,
-                    mse, nanmean, parse_args, progress, save_checkpoint, save_image_grid, save_slot_grid,
-                    seed_everything, segmentation_metrics, set_rng_state)
+from common import (DTYPES, MetricsLog, ResumableSampler, ari, fail, get_device, get_rng_state, labels_to_rgb,
+                    load_checkpoint, mse, nanmean, parse_args, progress, save_checkpoint, save_image_grid, save_slot_grid,
+                    seed_everything, segmentation_metrics, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -75,6 +75,7 @@ class Config:
     mlp_dim: int = 128              # hidden width of the slot MLPs (official: 128; input MLP 2x this)
     gamma: float = 0.5              # QP regulariser (Sec. 6.1: 0.5)
     qp_solver: str = "dct"          # dct (exact, fast) | sparse (the paper's App. B method) | dense (tiny grids)
+    edges: str = "full"             # QP grid edges: full (Sec. 3.1 text, all in-image) | official (cut/st.py: interior pixels)
     obj_temp: float = 0.5           # softmax temperature over the object cuts (Sec. 6.1: 0.5)
     mask_temp: float = 0.1          # softmax temperature of the combined masks (Sec. 6.1: 0.1)
     match_temp: float = 0.1         # task video: matching softmax temperature (Alg. 3 line 4; not given: 0.1)
@@ -99,13 +100,16 @@ class Config:
     eval_items: int = 256           # test images used for the periodic evaluation (0 = whole split)
     resume: bool = True             # continue from out_dir/ckpt.pt when it exists
     eval_only: bool = False         # evaluate out_dir/ckpt.pt on the test split and exit
+    dtype: str = "float32"          # float32 | bfloat16: autocast of the training forward's CNNs (the QP layers
+                                    # always solve in float32); float32 as the official code
 
 
 # Paper settings (Sec. 6.1, App. D; REFERENCE.md): 128x128 input, first layer stride 2 -> 64x64 QP grid,
 # 12 slots of size 64, Adam 4e-4, batch 64, decoder 8 -> 128 with 64 channels. max_steps: the official
 # 500 epochs of the 40k ClevrTex training images at batch 64 (the paper gives only "1.5 days", App. D).
 _PAPER = dict(image_size=128, enc_stride=2, num_slots=12, slot_dim=64, batch_size=64, dec_channels=64,
-              dec_strides=(2, 2, 2, 2), max_steps=312500, num_workers=8, eval_interval=5000, eval_items=0)
+              dec_strides=(2, 2, 2, 2), max_steps=312500, num_workers=8, eval_interval=5000, eval_items=0,
+              dtype="float32")                                           # float32 as the official code
 PRESETS = {
     "synthetic": {},
     "clevr": dict(_PAPER, encoder="cnn", enc_channels=64),                # Sec. 6.1: CNN, 64 maps
@@ -140,6 +144,8 @@ def build_config(argv=None):
         preset["out_dir"] += "_sa"
     cfg = parse_args(Config(**preset), argv)
     cfg.dataset = dataset
+    if cfg.dtype not in DTYPES:
+        fail(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     return cfg
 
 
@@ -149,15 +155,28 @@ def build_config(argv=None):
 # Variables x = [p_s, p_t, p (P pixels, row-major), d (E edges), slack (E edges)].
 # Edges, in this order: the s-edge s -> v of every pixel, the t-edge v -> t of every pixel, then for
 # each direction down, right, up, left the edges v -> neighbour of the pixels whose neighbour is in
-# the image. Row e: d_e - p_tail + p_head - slack_e = 0; last row: p_s - p_t = 10 (no slack).
+# the image (edges="full"; edges="official": of the interior pixels only, see STCutQP).
+# Row e: d_e - p_tail + p_head - slack_e = 0; last row: p_s - p_t = 10 (no slack).
 
 EDGE_OFFSETS = ((1, 0), (0, 1), (-1, 0), (0, -1))      # down, right, up, left = channels 2..5 of w
 SEPARATION = 10.0                                        # p_s - p_t (official "distance of 10")
+EDGE_SETS = ("full", "official")                         # grid-edge rows of the QP (STCutQP's `edges`)
 
 
-def grid_edge_mask(height, width):
-    """Bool numpy array [4,H,W]: True where the grid edge (down, right, up, left) of pixel (i,j) exists."""
+def check_edges(edges):
+    """ValueError unless `edges` names an edge set of EDGE_SETS."""
+    if edges not in EDGE_SETS:
+        raise ValueError(f"STCutQP: edges must be one of {', '.join(EDGE_SETS)}, got {edges!r}")
+
+
+def grid_edge_mask(height, width, edges="full"):
+    """Bool numpy array [4,H,W]: True where the grid edge (down, right, up, left) of pixel (i,j) is a row
+    of the QP: every in-image edge (edges="full"), or the edges of interior pixels (edges="official")."""
+    check_edges(edges)
     m = np.zeros((4, height, width), dtype=bool)
+    if edges == "official":                              # official cut/st.py, make_constraints
+        m[:, 1:-1, 1:-1] = True
+        return m
     m[0, :-1, :] = True
     m[1, :, :-1] = True
     m[2, 1:, :] = True
@@ -166,8 +185,8 @@ def grid_edge_mask(height, width):
 
 
 @functools.lru_cache(maxsize=8)
-def cut_structure(height, width):
-    """The constraint matrix of the s-t cut QP on an HxW grid (scipy, float64).
+def cut_structure(height, width, edges="full"):
+    """The constraint matrix of the s-t cut QP on an HxW grid (scipy, float64), for the edge set `edges`.
 
     Returns a dict:
       A        CSR [E+1, 2+P+2E]: the full constraint matrix (columns p_s, p_t, pixels, d, slack)
@@ -182,7 +201,7 @@ def cut_structure(height, width):
     heads = [2 + pix.ravel(), np.ones(P, np.int64)]
     index = [pix.ravel(), P + pix.ravel()]
     for k, (di, dj) in enumerate(EDGE_OFFSETS):
-        i, j = np.nonzero(grid_edge_mask(height, width)[k])
+        i, j = np.nonzero(grid_edge_mask(height, width, edges)[k])
         tails.append(2 + pix[i, j])
         heads.append(2 + pix[i + di, j + dj])
         index.append((2 + k) * P + pix[i, j])
@@ -279,15 +298,16 @@ def _shift(x, di, dj):
     return F.pad(y, (max(-dj, 0), max(dj, 0), max(-di, 0), max(di, 0)))
 
 
-def dct_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
+def dct_cut_solve(c_s, c_t, c_p, c_e, gamma, h, edges="full"):
     """Exact solve of the s-t cut QP (eq. 2 in the official form, see STCutQP) by a node-sized system.
 
     c_s, c_t [N]: costs on p_s, p_t;  c_p [N,H,W]: costs on the pixel potentials;  c_e [N,6,H,W]: costs
-    on the edge variables d (channels as STCutQP; out-of-image grid edges are ignored); slack costs are 0.
+    on the edge variables d (channels as STCutQP; grid edges not in the edge set `edges`, "full" or
+    "official", are ignored and their d is 0); slack costs are 0.
     h: right-hand side of the hard row p_s - p_t = h. Returns (p_s [N], p_t [N], p [N,H,W], d [N,6,H,W]).
     Pure torch: differentiable by autograd as well (STCutQP uses the self-adjoint backward instead).
 
-    Derivation (REFERENCE.md). KKT of min c^T x + (gamma/2)|x|^2 s.t. Ax = b: gamma x + c + A^T lam = 0.
+    Derivation: KKT of min c^T x + (gamma/2)|x|^2 s.t. Ax = b: gamma x + c + A^T lam = 0.
     Each edge row e = (u -> v) owns d_e (+1) and slack_e (-1); with N_e p = p_v - p_u its row reads
     d_e - slack_e + N_e p = 0, so d_e = -(c_e + lam_e)/gamma, slack_e = lam_e/gamma and
         lam_e = (gamma N_e p - c_e) / 2,        d_e = -(c_e + gamma N_e p) / (2 gamma).
@@ -300,9 +320,22 @@ def dct_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
         p_s = (sigma + h)/2,  p_t = (sigma - h)/2   (the 3x3 Schur complement in p_s, p_t, nu, solved by hand),
     and M^{-1} = IDCT2 diag(1 / (2 + lam_j + lam_k)) DCT2 with lam_j = 2 - 2cos(pi j/H), lam_k = 2 - 2cos(pi k/W)
     (the orthonormal 2-D DCT-II diagonalises the Neumann Laplacian). Cost: one DCT2 + one IDCT2 + O(P).
+
+    edges="official" (grid edges only out of interior pixels): the neighbour pair (u, v) keeps weight
+    ([u interior] + [v interior]) / 2 in L4, so C_pp = M - B D B^T with B the incidence of the m ~ 4(H+W)
+    pairs that touch the outer ring and D their weight reductions (1/2 or 1). Woodbury, still exact:
+        C_pp^{-1} r = M^{-1} (r + B z),  z = K^{-1} B^T M^{-1} r,  K = D^{-1} - B^T M^{-1} B (m x m, SPD;
+    its inverse cached by _ring_tables). The reduced weights keep C_pp 1 = 2, so C_pp^{-1} 1 = 1/2 and the
+    Schur complement above is unchanged; absent edges carry no cost in r. B touches only the two outermost
+    rows and columns on each side, so M^{-1} r is read there and B z is transformed from there by thin
+    DCT-basis matmuls: extra cost O(P) (_ring_correction).
     """
+    check_edges(edges)
     N, _, H, W = c_e.shape
     P, k2 = H * W, 1.0 / (2.0 * gamma)
+    official = edges == "official"
+    if official:                                                         # absent grid edges: no cost
+        c_e = c_e * _official_cost_mask(H, W, c_e.dtype, c_e.device)
     cs, ct, c_dn, c_rt, c_up, c_lt = c_e.unbind(1)
     # node right-hand side r = (1/2gamma) sum_e c_e (e_head - e_tail) - c_nodes/gamma; grid edges by slices
     # (in place on fresh tensors, to keep the memory traffic low; autograd still works through it)
@@ -322,7 +355,11 @@ def dct_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
     sigma = (r_s + r_t + 0.5 * r_p.sum((1, 2))) / (1.0 + P / 4.0)
     p_s, p_t = (sigma + h) / 2, (sigma - h) / 2
     # pixel block (2I + L4)^{-1} by the 2-D DCT
-    p = idct2(dct2(r_p) / _dct_eigenvalues(H, W, c_e.dtype, c_e.device)) + sigma[:, None, None] / 4
+    eig = _dct_eigenvalues(H, W, c_e.dtype, c_e.device)
+    Y = dct2(r_p) / eig
+    if official:                                                         # Woodbury correction on the rings
+        Y = Y + _ring_correction(Y, eig, *_official_woodbury(H, W, c_e.dtype, c_e.device))
+    p = idct2(Y) + sigma[:, None, None] / 4
     # edge variables d_e = -c_e/(2 gamma) - (p_head - p_tail)/2
     d = c_e * -k2
     d[:, 0] -= (p - p_s[:, None, None]) / 2
@@ -336,6 +373,11 @@ def dct_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
     d[:, 3, :, -1] = 0
     d[:, 4, 0, :] = 0
     d[:, 5, :, 0] = 0
+    if official:                                                         # no grid edges out of the outer ring
+        d[:, 2:, 0] = 0
+        d[:, 2:, -1] = 0
+        d[:, 2:, :, 0] = 0
+        d[:, 2:, :, -1] = 0
     return p_s, p_t, p, d
 
 
@@ -348,13 +390,92 @@ def _dct_eigenvalues(H, W, dtype, device):
     return eig.to(device, dtype)
 
 
+@functools.lru_cache(maxsize=32)
+def _official_cost_mask(H, W, dtype, device):
+    """[6,H,W]: 1 on the s- and t-edges and on the grid edges of the official edge set, 0 elsewhere."""
+    mask = np.concatenate([np.ones((2, H, W), dtype=bool), grid_edge_mask(H, W, "official")])
+    return torch.as_tensor(mask).to(device, dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _ring_tables(H, W):
+    """The Woodbury terms of the official edge set (dct_cut_solve), float64 on the CPU, cached.
+
+    The m neighbour pairs (u, v) whose weight is below 1 (they touch the outer ring) have both ends on
+    the rows a = {0, 1, H-2, H-1} or the columns b = {0, 1, W-2, W-1}. Ring coordinates: those pixels as
+    [rows a (all columns), then columns b of every row (rows a unused)]. Returns iu, iv int64 [m] (the
+    pairs' ends in ring coordinates), K^{-1} [m,m] with K = D^{-1} - B^T M^{-1} B, and the DCT-II basis
+    columns phi_a = Phi_H[:, a] [H,|a|], phi_b = Phi_W[:, b] [W,|b|] (dct_ortho(x) = Phi x).
+    """
+    pix = np.arange(H * W).reshape(H, W)
+    interior = np.zeros((H, W))
+    interior[1:-1, 1:-1] = 1
+    u = np.r_[pix[:-1, :].ravel(), pix[:, :-1].ravel()]                  # vertical, then horizontal pairs
+    v = np.r_[pix[1:, :].ravel(), pix[:, 1:].ravel()]
+    reduction = 1 - (interior.ravel()[u] + interior.ravel()[v]) / 2       # 1 - weight of the pair
+    keep = reduction > 0
+    u, v, reduction = torch.as_tensor(u[keep]), torch.as_tensor(v[keep]), torch.as_tensor(reduction[keep])
+    a = sorted({0, 1, H - 2, H - 1} & set(range(H)))
+    b = sorted({0, 1, W - 2, W - 1} & set(range(W)))
+    pos = torch.full((H, W), -1, dtype=torch.int64)                      # pixel -> ring coordinate
+    pos[a] = torch.arange(len(a) * W).reshape(len(a), W)
+    others = torch.tensor([i for i in range(H) if i not in a], dtype=torch.int64)
+    pos[others[:, None], torch.tensor(b)] = len(a) * W + torch.arange(H * len(b)).reshape(H, len(b))[others]
+    iu, iv = pos.reshape(-1)[u], pos.reshape(-1)[v]
+    assert (iu >= 0).all() and (iv >= 0).all()
+    phi_a = dct_ortho(torch.eye(H, dtype=torch.float64), 0)[:, a]
+    phi_b = dct_ortho(torch.eye(W, dtype=torch.float64), 0)[:, b]
+    eig = _dct_eigenvalues(H, W, torch.float64, torch.device("cpu"))
+    m, n_ring = len(iu), len(a) * W + H * len(b)
+    BtMB = torch.empty(m, m, dtype=torch.float64)
+    for i in range(0, m, 32):                                            # B^T M^{-1} B, 32 columns at a time
+        j = torch.arange(i, min(i + 32, m))
+        x = torch.zeros(len(j), n_ring, dtype=torch.float64)             # columns of B in ring coordinates
+        x[torch.arange(len(j)), iu[j]] = 1.0
+        x[torch.arange(len(j)), iv[j]] = -1.0
+        y = _ring_idct(_ring_dct(x, H, W, phi_a, phi_b) / eig, phi_a, phi_b)
+        BtMB[j] = y[:, iu] - y[:, iv]
+    K = torch.diag(1 / reduction) - (BtMB + BtMB.T) / 2
+    return iu, iv, torch.cholesky_inverse(torch.linalg.cholesky(K)), phi_a, phi_b
+
+
+@functools.lru_cache(maxsize=32)
+def _official_woodbury(H, W, dtype, device):
+    """_ring_tables(H, W) on `device` in `dtype` (cached)."""
+    iu, iv, K_inv, phi_a, phi_b = _ring_tables(H, W)
+    return iu.to(device), iv.to(device), K_inv.to(device, dtype), phi_a.to(device, dtype), phi_b.to(device, dtype)
+
+
+def _ring_idct(X, phi_a, phi_b):
+    """idct2(X) [N,H,W] on the ring coordinates only (see _ring_tables) -> [N, n_ring]:
+    rows a = idct_W(phi_a^T X), columns b = idct_H(X phi_b); two thin matmuls, O(4 P (|a| + |b|)) per item."""
+    N = X.shape[0]
+    return torch.cat([idct_ortho(phi_a.T @ X, -1).reshape(N, -1), idct_ortho(X @ phi_b, -2).reshape(N, -1)], dim=1)
+
+
+def _ring_dct(x, H, W, phi_a, phi_b):
+    """dct2 [N,H,W] of the image that is x [N, n_ring] on the ring coordinates and 0 elsewhere (its
+    column block must be 0 on the rows a): phi_a dct_W(rows) + dct_H(columns) phi_b^T."""
+    N, na, nb = x.shape[0], phi_a.shape[1], phi_b.shape[1]
+    rows, cols = x[:, :na * W].reshape(N, na, W), x[:, na * W:].reshape(N, H, nb)
+    return phi_a @ dct_ortho(rows, -1) + dct_ortho(cols, -2) @ phi_b.T
+
+
+def _ring_correction(Y, eig, iu, iv, K_inv, phi_a, phi_b):
+    """The Woodbury term of dct_cut_solve's official edge set in the DCT domain: dct2(B z) / eig with
+    z = K^{-1} B^T M^{-1} r, Y = dct2(r) / eig (so M^{-1} r = idct2(Y)); B touches ring coordinates only."""
+    y = _ring_idct(Y, phi_a, phi_b)                                      # M^{-1} r on the ring coordinates
+    z = (y[:, iu] - y[:, iv]) @ K_inv                                    # K^{-1} B^T M^{-1} r (K symmetric)
+    x = y.new_zeros(y.shape).index_add(1, iu, z).index_add(1, iv, -z)   # B z
+    return _ring_dct(x, *Y.shape[1:], phi_a, phi_b) / eig
+
 # --- "sparse": the paper's method (Sec. 3.1, App. B) ------------------------------------------------
 
-_SPARSE_FACTORS = {}   # (H, W) -> SuperLU of AA^T (CPU, float64); (H, W, dtype, device) -> CuPy factors
+_SPARSE_FACTORS = {}   # (H, W, edges) -> SuperLU of AA^T (CPU, float64); (H, W, edges, dtype, device) -> CuPy
 
 
-def sparse_factor(height, width):
-    """Factor AA^T once per grid size (cached): SuperLU with a symmetric fill-reducing ordering.
+def sparse_factor(height, width, edges="full"):
+    """Factor AA^T once per grid size and edge set (cached): SuperLU, symmetric fill-reducing ordering.
 
     CHOLMOD (the official `cholesky_AAt(A, ordering_method='nesdis')`) is not a SciPy dependency, so
     this uses SciPy's SuperLU in symmetric mode: minimum-degree ordering of A+A^T applied to rows and
@@ -362,9 +483,9 @@ def sparse_factor(height, width):
     Pr = Pc^T and U = D L^T. The s and t columns couple every pixel row, so nnz(L) grows as about P^2
     (36M at 64x64, 27 s to factor on 2 CPU cores): see README, Benchmark.
     """
-    key = (height, width)
+    key = (height, width, edges)
     if key not in _SPARSE_FACTORS:
-        st = cut_structure(height, width)
+        st = cut_structure(height, width, edges)
         E = st["E"]
         AAt = st["A_nodes"] @ st["A_nodes"].T + scipy.sparse.diags(np.r_[np.full(E, 2.0), 0.0])  # + d, slack
         _SPARSE_FACTORS[key] = scipy.sparse.linalg.splu(
@@ -404,8 +525,8 @@ def _import_cupy():
     return cupy, cupyx
 
 
-def sparse_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
-    """The same QP as dct_cut_solve by the paper's closed form (eq. 6) with the cached sparse factor:
+def sparse_cut_solve(c_s, c_t, c_p, c_e, gamma, h, edges="full"):
+    """The same QP as dct_cut_solve (same `edges`) by the paper's closed form (eq. 6) with the cached sparse factor:
 
         x = -(1/gamma) (c - A^T (AA^T)^{-1} (A c + gamma b)),   b = [0, ..., 0, h]
           = -(1/gamma) (c - A^T (AA^T)^{-1} A c) + A^T (AA^T)^{-1} b.
@@ -415,18 +536,18 @@ def sparse_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
     No autograd here: STCutQP wraps it in the self-adjoint Function.
     """
     N, _, H, W = c_e.shape
-    st = cut_structure(H, W)
+    st = cut_structure(H, W, edges)
     E, dtype, device = st["E"], c_e.dtype, c_e.device
     idx = torch.as_tensor(st["edge_index"], device=device)
     c_nodes = torch.cat([c_s[:, None], c_t[:, None], c_p.reshape(N, -1)], dim=1).T     # [P+2, N]
     c_d = c_e.reshape(N, -1)[:, idx].T                                                  # [E, N]
     if device.type == "cuda":
         cupy, cupyx = _import_cupy()
-        key = (H, W, dtype, device)
+        key = (H, W, edges, dtype, device)
         if key not in _SPARSE_FACTORS:
             np_dtype = np.float32 if dtype == torch.float32 else np.float64
             with cupy.cuda.Device(device.index or 0):
-                fac = triangular_factors(sparse_factor(H, W), cupy, cupyx.scipy.sparse, np_dtype)
+                fac = triangular_factors(sparse_factor(H, W, edges), cupy, cupyx.scipy.sparse, np_dtype)
                 fac["A_nodes"] = cupyx.scipy.sparse.csr_matrix(st["A_nodes"].astype(np_dtype))
             _SPARSE_FACTORS[key] = fac
         fac = _SPARSE_FACTORS[key]
@@ -445,7 +566,7 @@ def sparse_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
         r = A_nodes @ cn                                                # A c
         r[:E] += cd
         r[E] += gamma * h                                               # + gamma b
-        y = sparse_factor(H, W).solve(r)                                # (AA^T)^{-1}: two triangular solves
+        y = sparse_factor(H, W, edges).solve(r)                         # (AA^T)^{-1}: two triangular solves
         x_nodes = torch.from_numpy(-(cn - A_nodes.T @ y) / gamma).to(dtype)
         x_d = torch.from_numpy(-(cd - y[:E]) / gamma).to(dtype)
     d = torch.zeros(N, 6 * H * W, dtype=dtype, device=device)
@@ -489,13 +610,13 @@ class _SelfAdjointCut(torch.autograd.Function):
 DENSE_MAX_PIXELS = 1024
 
 
-def dense_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
-    """The same QP from the KKT system (eq. 5) solved densely with torch.linalg (eq. 6: Cholesky of AA^T).
-
-    Differentiable by plain autograd (an independent check of the custom backward). Small grids only.
+def dense_cut_solve(c_s, c_t, c_p, c_e, gamma, h, edges="full"):
+    """The same QP (same `edges`) from the KKT system (eq. 5) solved densely with torch.linalg (eq. 6:
+    Cholesky of AA^T). Differentiable by plain autograd (an independent check of the custom backward).
+    Small grids only.
     """
     N, _, H, W = c_e.shape
-    st = cut_structure(H, W)
+    st = cut_structure(H, W, edges)
     E, P, n = st["E"], st["P"], st["A"].shape[1]
     A = torch.as_tensor(st["A"].toarray(), dtype=c_e.dtype, device=c_e.device)
     b = torch.as_tensor(st["b"], dtype=c_e.dtype, device=c_e.device) * (h / SEPARATION)
@@ -512,7 +633,8 @@ def dense_cut_solve(c_s, c_t, c_p, c_e, gamma, h):
 @dataclass
 class CutSolution:
     """Output of STCutQP: potentials p [B,H,W], p_s [B], p_t [B]; edge variables d_s (s -> pixel) [B,H,W],
-    d_t (pixel -> t) [B,H,W], d_grid [B,4,H,W] (down, right, up, left; 0 where the edge leaves the image)."""
+    d_t (pixel -> t) [B,H,W], d_grid [B,4,H,W] (down, right, up, left; 0 where the edge leaves the image,
+    and with edges="official" on every edge out of the outer pixel ring)."""
     p: torch.Tensor
     p_s: torch.Tensor
     p_t: torch.Tensor
@@ -524,46 +646,52 @@ class CutSolution:
 class STCutQP(nn.Module):
     """Regularised equality-constrained QP proxy of the minimum s-t cut LP (eq. 1 -> eq. 2, Sec. 3.1).
 
-    STCutQP(height, width, gamma=0.5, solver="dct"|"sparse"|"dense")
+    STCutQP(height, width, gamma=0.5, solver="dct"|"sparse"|"dense", edges="full"|"official")
     forward(w [B,6,H,W] float32/float64, any device) -> CutSolution (fields as w's dtype and device).
     w: edge weights (the CNN output; >= 0 in the model, any real value accepted), channels: s-edge into
     the pixel, t-edge out of the pixel, grid edges out of pixel (i,j) to (i+1,j) down, (i,j+1) right,
-    (i-1,j) up, (i,j-1) left. Weights of grid edges that leave the image are ignored (zero gradient).
+    (i-1,j) up, (i,j-1) left. Weights of grid edges not in the edge set are ignored (zero gradient, d = 0).
 
     The QP (this is what all three solvers compute, to round-off):
         minimise  c^T x + (gamma/2) |x|^2     subject to  A x = b
     x = [p_s, p_t, p_v for every pixel, d_uv for every edge, slack_uv for every edge], c = w on the d's and
-    0 elsewhere. Edges: s -> v and v -> t for every pixel, v -> u for every in-image 4-neighbour u (both
-    directions between neighbours, boundary pixels included). Rows: d_uv - p_u + p_v - slack_uv = 0 for
-    every edge (d_uv >= p_u - p_v of eq. 1 with the slack of eq. 2), and p_s - p_t = 10 with no slack.
-    Eq. (2) of the paper writes gamma (d^2 + s^2 + p^2) and p_s - p_t - s_st = 1; we follow the official code
-    (REFERENCE.md): (gamma/2)|x|^2 and a hard separation of 10 (with a slack the separation collapses).
-    Official deviation: its grid edges are the outgoing edges of interior pixels only; here every in-image
-    neighbour pair has both directed edges, which makes the pixel block exactly 2I + L4 (see dct_cut_solve).
+    0 elsewhere. Edges: s -> v and v -> t for every pixel, and the grid edges of `edges`. Rows:
+    d_uv - p_u + p_v - slack_uv = 0 for every edge (d_uv >= p_u - p_v of eq. 1 with the slack of eq. 2), and
+    p_s - p_t = 10 with no slack. Eq. (2) of the paper writes gamma (d^2 + s^2 + p^2) and p_s - p_t - s_st = 1;
+    we follow the official code (cut/st.py, cut/qp.py): (gamma/2)|x|^2 and a hard separation of 10 (with a
+    slack the separation collapses).
+    Edge sets: "full" follows the paper's text (Sec. 3.1, "each vertex is connected with 4 neighbouring
+    vertices and s and t"): every in-image directed grid edge, so the pixel block is exactly 2I + L4;
+    "official" follows the official code (cut/st.py, make_constraints): only the 4 outgoing edges of interior
+    pixels (1 <= i <= H-2, 1 <= j <= W-2). The solutions differ on the outer pixel rings only. Use "official"
+    to reproduce or compare with the official code or to load its checkpoints faithfully, "full" otherwise.
 
     Solvers:
       "dct"     exact node-sized solve by the 2-D DCT, O(P log P) per right-hand side, batched, CPU and GPU
                 (dct_cut_solve). Backward: the same solve with cost = the incoming gradient and b = 0
                 (_SelfAdjointCut); measured 1.3x faster than autograd through the FFTs at 64x64 on CPU.
-      "sparse"  the paper's method: AA^T factored once per (H, W) and cached (sparse_factor), per batch two
+                "official" adds an exact Woodbury correction on the outer rings (O(P) more).
+      "sparse"  the paper's method: AA^T factored once per (H, W, edges) and cached (sparse_factor), per batch two
                 sparse triangular solves (SciPy on CPU, CuPy/cuSPARSE on CUDA; CuPy is imported lazily and
                 a CUDA input without it raises RuntimeError). Same self-adjoint backward (Amos & Kolter).
       "dense"   dense KKT with torch.linalg, autograd backward; raises ValueError above 1024 pixels.
-    Raises ValueError for an unknown solver or a w of the wrong shape/dtype.
+    Raises ValueError for an unknown solver or edge set or a w of the wrong shape/dtype.
     """
 
     SOLVERS = {"dct": dct_cut_solve, "sparse": sparse_cut_solve, "dense": dense_cut_solve}
 
-    def __init__(self, height, width, gamma=0.5, solver="dct"):
+    def __init__(self, height, width, gamma=0.5, solver="dct", edges="full"):
         super().__init__()
         if solver not in self.SOLVERS:
             raise ValueError(f"STCutQP: solver must be one of {', '.join(self.SOLVERS)}, got {solver!r}")
+        check_edges(edges)
         if solver == "dense" and height * width > DENSE_MAX_PIXELS:
             raise ValueError(f"STCutQP(solver='dense') is for tests on small grids: {height}x{width} = "
                              f"{height * width} pixels > {DENSE_MAX_PIXELS}; use solver='dct' or 'sparse'")
         if gamma <= 0:
             raise ValueError(f"STCutQP: gamma must be > 0, got {gamma}")
         self.height, self.width, self.gamma, self.solver = height, width, float(gamma), solver
+        self.edges = edges
 
     def forward(self, w):
         if w.dim() != 4 or tuple(w.shape[1:]) != (6, self.height, self.width):
@@ -573,14 +701,14 @@ class STCutQP(nn.Module):
         zero_n = w.new_zeros(w.shape[0])
         zero_p = w.new_zeros(w.shape[0], self.height, self.width)          # no cost on the potentials
         if self.solver == "dense":
-            p_s, p_t, p, d = dense_cut_solve(zero_n, zero_n, zero_p, w, self.gamma, SEPARATION)
+            p_s, p_t, p, d = dense_cut_solve(zero_n, zero_n, zero_p, w, self.gamma, SEPARATION, self.edges)
         else:
-            p_s, p_t, p, d = _SelfAdjointCut.apply(self.SOLVERS[self.solver], self.gamma, SEPARATION,
-                                                   zero_n, zero_n, zero_p, w)
+            solve = functools.partial(self.SOLVERS[self.solver], edges=self.edges)
+            p_s, p_t, p, d = _SelfAdjointCut.apply(solve, self.gamma, SEPARATION, zero_n, zero_n, zero_p, w)
         return CutSolution(p=p, p_s=p_s, p_t=p_t, d_s=d[:, 0], d_t=d[:, 1], d_grid=d[:, 2:])
 
     def extra_repr(self):
-        return f"{self.height}x{self.width}, gamma={self.gamma}, solver={self.solver!r}"
+        return f"{self.height}x{self.width}, gamma={self.gamma}, solver={self.solver!r}, edges={self.edges!r}"
 
 
 # -----------------------------------------------------------------------------
@@ -651,6 +779,11 @@ class Encoder(nn.Module):
         return self.net(images)
 
 
+def full_precision(t):
+    """t in float32 unless it is float32 or float64 already (--dtype=bfloat16: the QP layers solve in float32)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 class KPartition(nn.Module):
     """k-partition with a background partition (Alg. 1, Alg. 2, Sec. 4 "Background slot").
 
@@ -674,10 +807,26 @@ class KPartition(nn.Module):
                                  nn.Conv2d(C, 6 * cuts, 3, padding=1), nn.ReLU())
         self.weights_obj = weight_net(K - 1)                               # k-1 object cuts
         self.weights_fg = weight_net(1)                                    # 1 foreground cut
-        self.qp = STCutQP(height, width, cfg.gamma, cfg.qp_solver)
-        self.norm = nn.LayerNorm(C)
-        self.mlp_in = nn.Sequential(nn.Linear(C, 2 * cfg.mlp_dim), nn.ReLU(), nn.Linear(2 * cfg.mlp_dim, D))
-        self.mlp_out = nn.Sequential(nn.Linear(D, cfg.mlp_dim), nn.ReLU(), nn.Linear(cfg.mlp_dim, D))
+        self.qp = STCutQP(height, width, cfg.gamma, cfg.qp_solver, cfg.edges)
+        self.norm = nn.LayerNorm(C)                                        # official norm_inputs
+        # Three slot branches (official SlotCut): input MLPs f_x (Alg. 1 line 2; official k_net2, k_net2_2,
+        # k_net2_3, each Linear(C, 2 mlp_dim)-ReLU-Linear(2 mlp_dim, D)) and output MLPs f (Alg. 2 line 4;
+        # official mlp, mlp2, mlp3, each Linear(D, mlp_dim)-ReLU-Linear(mlp_dim, D)).
+        self.mlp_in = nn.ModuleList(
+            nn.Sequential(nn.Linear(C, 2 * cfg.mlp_dim), nn.ReLU(), nn.Linear(2 * cfg.mlp_dim, D)) for _ in range(3))
+        self.mlp_out = nn.ModuleList(
+            nn.Sequential(nn.Linear(D, cfg.mlp_dim), nn.ReLU(), nn.Linear(cfg.mlp_dim, D)) for _ in range(3))
+
+    def pool_slots(self, x, masks):
+        """Slots from position-embedded features x [B,C,h,w] and partition masks [B,K,h,w] -> [B,K,D].
+
+        Official SlotCut: f_j = mlp_in[j](LayerNorm(x)), s_j = mean over pixels of masks * f_j (Alg. 1 line 5,
+        Alg. 2 line 3; all three branches use the same K masks), slots = s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
+        (Alg. 2 line 4)."""
+        h, w = x.shape[-2:]
+        xn = self.norm(x.permute(0, 2, 3, 1))                              # [B,h,w,C]
+        s = [torch.einsum("bkhw,bhwd->bkd", masks, f_x(xn)) / (h * w) for f_x in self.mlp_in]
+        return s[0] + sum(f(s_j) for f, s_j in zip(self.mlp_out, s))     # s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
 
     def forward(self, feats):
         B, C, h, w = feats.shape
@@ -685,15 +834,14 @@ class KPartition(nn.Module):
         x = self.pos(feats)                                                # Alg. 2 line 1
         w_obj = self.weights_obj(x).reshape(B, K - 1, 6, h, w)            # Alg. 1 line 1
         w_fg = self.weights_fg(x).reshape(B, 1, 6, h, w)
-        cuts = self.qp(torch.cat([w_obj, w_fg], dim=1).reshape(B * K, 6, h, w))   # Alg. 1 line 3 (eq. 2)
+        with torch.autocast(x.device.type, enabled=False):              # --dtype=bfloat16: the QP stays float32
+            cuts = self.qp(full_precision(torch.cat([w_obj, w_fg], dim=1).reshape(B * K, 6, h, w)))   # Alg. 1 l. 3
         p = cuts.p.reshape(B, K, h, w)
         objects = (p[:, :K - 1] / self.obj_temp).softmax(dim=1)           # Alg. 1 line 4, temperature 0.5
         fg = torch.sigmoid(cuts.d_s - cuts.d_t).reshape(B, K, h, w)[:, K - 1]   # foreground cut (official)
         masks = torch.cat([1 - fg[:, None], fg[:, None] * objects], dim=1)      # Sec. 4: background slot
         masks = (masks / self.mask_temp).softmax(dim=1)                   # Sec. 6.1: temperature 0.1
-        f = self.mlp_in(self.norm(x.permute(0, 2, 3, 1)))                 # Alg. 1 line 2: x_f = f_x(x) [B,h,w,D]
-        slots = torch.einsum("bkhw,bhwd->bkd", masks, f) / (h * w)        # Alg. 1 line 5, Alg. 2 line 3: mean
-        slots = slots + self.mlp_out(slots)                               # Alg. 2 line 4 (residual, official)
+        slots = self.pool_slots(x, masks)                                 # Alg. 1 lines 2, 5; Alg. 2 lines 3-4
         return dict(slots=slots, cut_masks=masks, fg=fg, cuts=cuts)
 
 
@@ -758,7 +906,7 @@ class MinCutOCL(nn.Module):
             raise ValueError(f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {H}x{W}")
         x = images * 2.0 - 1.0                                             # [0,1] -> [-1,1]
         part = self.partition(self.encoder(x))
-        rgb, logits = self.decoder(part["slots"])
+        rgb, logits = (t.to(x.dtype) for t in self.decoder(part["slots"]))   # compositing and loss in x's dtype
         masks = logits.softmax(dim=1)                                      # alpha mixture over slots
         recon = (masks * rgb).sum(dim=1)
         loss = F.mse_loss(recon, x)
@@ -818,7 +966,7 @@ def train_loader(cfg, start_step):
 
 @torch.no_grad()
 def evaluate(model, cfg, device, num_items=0, image_path=None):
-    """Metrics on the test split: dict of means (ARI, ARI-FG, mIoU, MSC-FG, MSE).
+    """Metrics on the test split: dict of means (ARI, ARI-FG, mIoU, MSC-FG, mBO, MSE).
 
     Segments = argmax of the decoder alpha masks (as the official evaluation). MSE is the per-image sum
     of squared errors over C,H,W with images in [0,1] (ClevrTex convention, Tab. 1).
@@ -927,7 +1075,7 @@ def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None
 
 
 def format_metrics(m):
-    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "miou": "mIoU", "ari": "ARI", "mse": "MSE",
+    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "mbo": "mBO", "miou": "mIoU", "ari": "ARI", "mse": "MSE",
              "ari_qp": "ARI(QP)", "ari_fg_qp": "ARI-FG(QP)", "ari_hungarian": "ARI(Hungarian)",
              "ari_fg_hungarian": "ARI-FG(Hungarian)"}
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
@@ -980,7 +1128,8 @@ def train(cfg):
         batch = next(data_iter)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)                    # exponential decay (App. D)
-        loss = batch_loss(model, batch, device, cfg.task)
+        with train_autocast(device, cfg.dtype):                            # --dtype
+            loss = batch_loss(model, batch, device, cfg.task)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -1282,7 +1431,8 @@ def split_max_crossing(adj, rng, max_swaps=10000):
 
 
 def grow_partition(adj, n_parts, part_size):
-    """Cut a graph into `n_parts` disjoint blocks of `part_size` densely linked nodes (METIS stand-in).
+    """Cut a graph into `n_parts` disjoint blocks of `part_size` densely linked nodes: the fallback of
+    cora_blocks when pymetis is not installed (a METIS stand-in, not METIS).
 
     Greedy graph growing (the initial partitioning of METIS): start a block at the unassigned node with
     the fewest unassigned neighbours, then repeatedly add the unassigned node with the most edges into
@@ -1310,17 +1460,95 @@ def grow_partition(adj, n_parts, part_size):
     return np.asarray(parts, dtype=np.int64)
 
 
-def make_cora_instances(features, adj, n_instances=27, instance_size=100, seed=0):
+def metis_partition(adj, n_parts):
+    """METIS k-way partition (pymetis.part_graph, METIS' default seed: deterministic) of a graph.
+
+    Args:
+        adj: scipy sparse `[N, N]` symmetric; its diagonal is ignored.
+    Returns:
+        int64 numpy `[N]` part id in [0, n_parts) per node (parts have about N / n_parts nodes).
+    Raises:
+        ImportError when pymetis is not installed (pip install pymetis).
+    """
+    try:
+        import pymetis
+    except ImportError:
+        raise ImportError("the METIS partition needs pymetis: pip install pymetis") from None
+    adj = scipy.sparse.csr_matrix(adj, copy=True)
+    adj.setdiag(0)
+    adj.eliminate_zeros()
+    if n_parts == 1:
+        return np.zeros(adj.shape[0], dtype=np.int64)
+    neighbours = [adj.indices[adj.indptr[i]:adj.indptr[i + 1]].tolist() for i in range(adj.shape[0])]
+    _, membership = pymetis.part_graph(n_parts, adjacency=neighbours)
+    return np.asarray(membership, dtype=np.int64)
+
+
+def blocks_from_parts(adj, membership, n_parts, part_size):
+    """Exact-size blocks from a partition, as Wilder et al.'s data script does with its 27 METIS parts.
+
+    Each part larger than part_size gives up its nodes of lowest degree inside the part (stable order),
+    which go, part by part, into a pool; then each part smaller than part_size, in part order, is filled up
+    from the front of the pool. Needs n_parts * part_size <= N (then the pool is large enough).
+
+    Args:
+        adj: scipy sparse `[N, N]` symmetric 0/1; membership: int `[N]` part ids in [0, n_parts).
+    Returns:
+        int64 numpy `[n_parts, part_size]` node indices (disjoint; left-over pool nodes are unused).
+    """
+    adj = scipy.sparse.csr_matrix(adj)
+    membership = np.asarray(membership)
+    parts, pool = [], []
+    for i in range(n_parts):
+        nodes = np.flatnonzero(membership == i)
+        degree = np.asarray(adj[nodes][:, nodes].sum(axis=1)).ravel()  # degree inside the part
+        order = np.argsort(degree, kind="stable")                        # lowest degree first
+        n_drop = max(0, len(nodes) - part_size)
+        pool.extend(nodes[order[:n_drop]].tolist())
+        parts.append(nodes[np.sort(order[n_drop:])].tolist())
+    for part in parts:
+        need = part_size - len(part)
+        part.extend(pool[:need])
+        pool = pool[need:]
+    return np.asarray(parts, dtype=np.int64)
+
+
+def cora_blocks(adj, n_parts, part_size, partitioner="auto"):
+    """Sec. 6.2 / Wilder et al.: `n_parts` disjoint blocks of `part_size` densely linked papers.
+
+    partitioner: "metis" (pymetis.part_graph into n_parts, then blocks_from_parts), "greedy"
+    (grow_partition) or "auto" (METIS when pymetis imports, else the greedy fallback with a one-line notice).
+    Returns (blocks int64 `[n_parts, part_size]`, name of the partitioner used: "metis" | "greedy").
+    Raises ImportError for "metis" without pymetis, ValueError for another name.
+    """
+    if partitioner not in ("auto", "metis", "greedy"):
+        raise ValueError(f"partitioner must be auto|metis|greedy, got {partitioner!r}")
+    if partitioner == "auto":
+        try:
+            import pymetis  # noqa: F401
+            partitioner = "metis"
+        except ImportError:                                             # explicit fallback: greedy growing
+            print("cora: pymetis is not installed, using the greedy partition instead of METIS "
+                  "(pip install pymetis)", flush=True)
+            partitioner = "greedy"
+    if partitioner == "greedy":
+        return grow_partition(adj, n_parts, part_size), "greedy"
+    return blocks_from_parts(adj, metis_partition(adj, n_parts), n_parts, part_size), "metis"
+
+
+def make_cora_instances(features, adj, n_instances=27, instance_size=100, seed=0, partitioner="auto"):
     """Cut the citation graph into bipartite matching instances (Sec. 6.2 / Wilder et al.).
 
     Args:
         features: `[N, F]` node features; adj: scipy sparse `[N, N]` symmetric 0/1.
         n_instances, instance_size: Wilder et al. use 27 instances of 100 papers (50 per side).
         seed: seed of the side split.
+        partitioner: "auto" | "metis" | "greedy", see cora_blocks (auto: METIS if pymetis imports).
     Returns:
         dict of tensors: "x_left", "x_right" float32 `[n_instances, instance_size/2, F]`,
         "links" float32 `[n_instances, k, k]` (P_ij = 1 when paper i of the left side and paper j of
-        the right side are linked by a citation), "nodes_left", "nodes_right" int64 `[n_instances, k]`.
+        the right side are linked by a citation), "nodes_left", "nodes_right" int64 `[n_instances, k]`;
+        and "partitioner", the name of the partitioner used ("metis" | "greedy").
     Raises:
         ValueError when the graph has fewer than n_instances * instance_size nodes or the size is odd.
     """
@@ -1328,7 +1556,8 @@ def make_cora_instances(features, adj, n_instances=27, instance_size=100, seed=0
     if instance_size % 2 or n_instances * instance_size > N:
         raise ValueError(f"need an even instance_size and n_instances * instance_size <= {N} papers, got "
                          f"{n_instances} x {instance_size}")
-    blocks = grow_partition(adj, n_instances, instance_size)             # METIS stand-in
+    # METIS into n_instances parts, each cut or filled up to instance_size nodes as Wilder et al. do
+    blocks, used = cora_blocks(adj, n_instances, instance_size, partitioner)
     rng = np.random.default_rng(seed)
     lefts, rights = [], []
     for block in blocks:
@@ -1340,7 +1569,7 @@ def make_cora_instances(features, adj, n_instances=27, instance_size=100, seed=0
     links = np.stack([adj[l][:, r].toarray() for l, r in zip(nl, nr)])
     return {"x_left": torch.from_numpy(features[nl]), "x_right": torch.from_numpy(features[nr]),
             "links": torch.from_numpy(links).float(), "nodes_left": torch.from_numpy(nl),
-            "nodes_right": torch.from_numpy(nr)}
+            "nodes_right": torch.from_numpy(nr), "partitioner": used}
 
 
 class EdgeWeightNet(nn.Module):
@@ -1376,6 +1605,7 @@ class CoraConfig:
     out_dir: str = "out/mincut_cora"
     n_instances: int = 27         # Wilder et al.: 27 METIS parts of the citation graph
     instance_size: int = 100      # papers per instance, 50 per side
+    partitioner: str = "auto"     # metis (pymetis) | greedy (grow_partition) | auto: metis if installed, else greedy
     hidden: int = 500             # Wilder et al.'s MLP width
     layers: int = 2               # Wilder et al.'s default depth (--layers=2)
     gamma: float = 0.1            # Sec. 6.2: regularised equality-constrained QP with gamma = 0.1
@@ -1453,9 +1683,11 @@ def run_cora(cfg):
     """
     try:
         features, adj = load_cora(cfg.data_dir)
-        inst = make_cora_instances(features, adj, cfg.n_instances, cfg.instance_size, cfg.seed)
-    except (FileNotFoundError, ValueError) as e:
+        inst = make_cora_instances(features, adj, cfg.n_instances, cfg.instance_size, cfg.seed, cfg.partitioner)
+    except (FileNotFoundError, ValueError, ImportError) as e:
         fail(str(e))
+    print(f"cora: partitioner {'METIS (pymetis)' if inst['partitioner'] == 'metis' else 'greedy (grow_partition)'}, "
+          f"{cfg.n_instances} instances of {cfg.instance_size} papers", flush=True)
     seed_everything(cfg.seed)
     device = get_device(cfg.device)
     xl, xr, links = (inst[key].to(device) for key in ("x_left", "x_right", "links"))
@@ -1579,7 +1811,7 @@ def video_ari(true, pred):
     Args:
         true: int `[T, H, W]` (0 = background); pred: int `[T, H, W]`, e.g. relabel_video(...).
     Returns:
-        dict of floats "ari", "ari_fg" (NaN when the video has no foreground pixel).
+        dict of floats "ari", "ari_fg" (1.0 when the video has no foreground pixel, as sklearn).
     """
     true, pred = torch.as_tensor(true).long(), torch.as_tensor(pred).long()
     T, H, W = true.shape
@@ -1623,7 +1855,7 @@ def evaluate_video_tracking(encode, videos, qp=None, methods=("qp", "hungarian")
         methods: any of "qp" (ours, Alg. 3 matching) and "hungarian" (Slot Attention baseline, Sec. 6.3).
         num_videos: evaluate only the first num_videos videos (0 = all).
     Returns:
-        {method: {"ari": mean over videos, "ari_fg": mean over videos with foreground}} (floats).
+        {method: {"ari": mean over videos, "ari_fg": mean over videos}} (floats).
     """
     scores = {m: {"ari": [], "ari_fg": []} for m in methods}
     n = len(videos) if not num_videos else min(num_videos, len(videos))
@@ -1742,11 +1974,13 @@ class MinCutPairModel(nn.Module):
         B = frames1.shape[0]
         slots, cut_masks = self.frame_slots(torch.cat([frames1, frames2]))   # one pass for both frames
         S, T = slots[:B], slots[B:]                                      # Alg. 3 line 1
-        M = self.matching(slot_costs(S, T))                              # lines 2-4: c_ij = -<s_i, t_j>
+        with torch.autocast(S.device.type, enabled=False):              # --dtype=bfloat16: the QP stays float32
+            S, T = full_precision(S), full_precision(T)
+            M = self.matching(slot_costs(S, T))                          # lines 2-4: c_ij = -<s_i, t_j>
         R = M @ T                                                        # line 5: r_i = M_i,: T
         joint = self.pair_mlp(torch.cat([S, R], dim=-1))                 # line 6 pairs -> new slots (Sec. 4)
         per_frame = torch.stack([head(joint) for head in self.frame_heads], dim=1)   # [B, 2, K, D]
-        rgb, logits = self.base.decoder(per_frame.flatten(0, 1))          # [2B, K, 3|1, H, W]
+        rgb, logits = (t.to(frames1.dtype) for t in self.base.decoder(per_frame.flatten(0, 1)))   # [2B,K,3|1,H,W]
         masks = logits.softmax(dim=1)                                    # alpha mixture over slots
         recon = (masks * rgb).sum(dim=1).unflatten(0, (B, 2))            # [B, 2, 3, H, W] in [-1, 1]
         target = torch.stack([frames1, frames2], dim=1) * 2.0 - 1.0
@@ -1860,7 +2094,7 @@ class SlotAttentionModel(nn.Module):
         feats = self.pos(self.encoder(x))                                    # [B, C, h, w]
         h, w = feats.shape[-2:]
         slots, attn = self.slot_attention(self.mlp(feats.flatten(2).transpose(1, 2)))
-        rgb, logits = self.decoder(slots)
+        rgb, logits = (t.to(x.dtype) for t in self.decoder(slots))           # compositing and loss in x's dtype
         masks = logits.softmax(dim=1)                                        # alpha mixture over slots
         recon = (masks * rgb).sum(dim=1)
         return dict(loss=F.mse_loss(recon, x), recon=(recon + 1) / 2, masks=masks.squeeze(2), slots=slots,
@@ -1877,7 +2111,7 @@ def checkpoint_config(cfg):
     if os.path.exists(path):
         saved = load_checkpoint(path).get("config")
         if saved:
-            for key in MODEL_KEYS + ("gamma", "obj_temp", "mask_temp", "match_temp"):
+            for key in MODEL_KEYS + ("gamma", "edges", "obj_temp", "mask_temp", "match_temp"):
                 setattr(cfg, key, type(getattr(cfg, key))(saved.get(key, getattr(Config, key))))
     return cfg
 
@@ -1905,6 +2139,8 @@ def main(argv=None):
         fail(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if cfg.qp_solver not in STCutQP.SOLVERS:
         fail(f"--qp_solver must be one of {', '.join(STCutQP.SOLVERS)}, got {cfg.qp_solver!r}")
+    if cfg.edges not in EDGE_SETS:
+        fail(f"--edges must be one of {', '.join(EDGE_SETS)}, got {cfg.edges!r}")
     if cfg.encoder not in ("cnn", "resnet"):
         fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
     if cfg.video_model not in VIDEO_MODELS:

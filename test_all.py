@@ -786,10 +786,10 @@ def test_common_ari_hand_cases():
     assert ari(bg, bg + 4).item() == 1.0
     # ... and 0.0 when only the true one is
     assert ari(bg, TRUE_2x4).item() == pytest.approx(0.0)
-    # empty foreground under ARI-FG: NaN, ignored by nanmean
-    both = ari(torch.cat([bg, TRUE_2x4]), torch.cat([bg, TRUE_2x4]), foreground_only=True)
-    assert math.isnan(both[0].item()) and both[1].item() == pytest.approx(1.0)
-    assert nanmean(both) == pytest.approx(1.0)
+    # empty foreground under ARI-FG: 1.0 (sklearn, official evaluators), counted in the mean
+    both = ari(torch.cat([bg, TRUE_2x4]), torch.cat([bg, torch.full_like(TRUE_2x4, 3)]), foreground_only=True)
+    assert both[0].item() == 1.0 and both[1].item() == pytest.approx(0.0)   # constant pred on 2 objects
+    assert nanmean(both) == pytest.approx(0.5)
 
 
 def test_common_metrics_input_checks():
@@ -856,7 +856,7 @@ def test_common_msc_hand_computed():
 
 def test_common_segmentation_metrics_keys():
     out = segmentation_metrics(torch.cat([TRUE_2x4] * 2), torch.cat([PRED_2x4] * 2))
-    assert set(out) == {"ari", "ari_fg", "miou", "msc_fg"}
+    assert set(out) == {"ari", "ari_fg", "miou", "msc_fg", "mbo"}
     assert all(v.shape == (2,) for v in out.values())
     assert out["miou"][0].item() == pytest.approx(22 / 45)
 
@@ -1458,7 +1458,7 @@ def test_boqsa_cli_errors(tmp_path):
     r = run_script("--eval_only", f"--out_dir={tmp_path / 'none'}")
     assert r.returncode != 0 and "no checkpoint" in r.stderr
     r = run_script("--dtype=float16", f"--out_dir={tmp_path / 'o'}")
-    assert r.returncode != 0 and r.stderr.strip() == "error: --dtype must be float32 or bfloat16, got 'float16'"
+    assert r.returncode != 0 and r.stderr.strip() == "error: --dtype must be one of float32, bfloat16, auto, got 'float16'"
 
 
 # ---------------------------------------------------------------- training, resume, eval, predict
@@ -3383,3 +3383,746 @@ def test_vid_bad_video_model_is_one_line_error(tmp_path, capsys, args, needle):
         mc.main(args + [f"--out_dir={tmp_path / 'o'}", "--max_steps=1", "--num_workers=0"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and len(err.splitlines()) == 1 and needle in err
+
+
+# -----------------------------------------------------------------------------
+# metric conventions (official evaluators' edge cases) and mBO
+
+
+EPS_FG = 1e-8          # BO-QSA methods/utils.py iou_and_dice
+
+
+# ----------------------------------------------------------------------------- ARI-FG
+
+def test_common_ari_fg_all_background_image_is_one_and_counts():
+    bg = torch.zeros(1, 2, 4, dtype=torch.long)
+    assert common.ari(bg, bg + 5, foreground_only=True).item() == 1.0
+    assert common.ari(bg, torch.arange(8).view(1, 2, 4), foreground_only=True).item() == 1.0
+    # second image: true fg labels [1, 1, 2, 2], pred constant on them
+    # pairs: index = C(2,2) + C(2,2) = 2, true = 2, pred = C(4,2) = 6, expected = 2 * 6 / 6 = 2,
+    # max = (2 + 6) / 2 = 4 -> ARI = (2 - 2) / (4 - 2) = 0
+    t2 = torch.tensor([[[0, 1, 1, 0], [0, 2, 2, 0]]])
+    p2 = torch.tensor([[[4, 7, 7, 4], [4, 7, 7, 9]]])
+    both = common.ari(torch.cat([bg, t2]), torch.cat([bg, p2]), foreground_only=True)
+    assert both.tolist() == [1.0, 0.0]
+    assert common.nanmean(both) == 0.5           # (1 + 0) / 2: the empty image is not skipped
+    out = common.segmentation_metrics(torch.cat([bg, t2]), torch.cat([bg, p2]))
+    assert common.nanmean(out["ari_fg"]) == 0.5
+
+
+# ----------------------------------------------------------------------------- fg IoU / Dice
+
+def test_common_fg_iou_dice_empty_edge_cases():
+    empty_fg = torch.zeros(1, 2, 2, dtype=torch.long)
+    full = torch.ones(2, 2, dtype=torch.bool)
+    # slot 0 = all 4 pixels: eps / (4 + eps); slot 1 empty on empty fg: eps / eps = 1 -> max 1
+    iou, dice = common.fg_iou_dice(empty_fg, torch.stack([full, ~full])[None])
+    assert iou.item() == 1.0 and dice.item() == 1.0
+    # only the full slot: IoU = Dice = eps / (4 + eps)
+    iou, dice = common.fg_iou_dice(empty_fg, full[None, None])
+    assert iou.item() == pytest.approx(EPS_FG / (4 + EPS_FG), rel=1e-12)
+    assert dice.item() == pytest.approx(EPS_FG / (4 + EPS_FG), rel=1e-12)
+    # empty slot on a 2-pixel foreground: inter 0, union 2 -> eps / (2 + eps); Dice eps / (0 + 2 + eps)
+    fg = torch.tensor([[[1, 1], [0, 0]]])
+    iou, dice = common.fg_iou_dice(fg, (~full)[None, None])
+    assert iou.item() == pytest.approx(EPS_FG / (2 + EPS_FG), rel=1e-12) and iou.item() < 1e-8
+    assert dice.item() == pytest.approx(EPS_FG / (2 + EPS_FG), rel=1e-12)
+    # soft masks: one-hot argmax, so no slot is ever empty where all pixels go to slot 0
+    soft = torch.tensor([[[[0.9, 0.9], [0.9, 0.9]], [[0.1, 0.1], [0.1, 0.1]]]])
+    iou, _ = common.fg_iou_dice(empty_fg, soft)
+    assert iou.item() == 1.0                       # slot 1 is empty after the argmax
+
+
+def test_common_fg_iou_dice_normal_case_by_hand():
+    fg = torch.tensor([[[1, 1, 1, 0],
+                        [0, 0, 0, 0]]])                      # 3 px
+    slot = torch.tensor([[0, 1, 1, 1],
+                         [0, 0, 1, 0]], dtype=torch.bool)    # 4 px, inter 2, union 5
+    iou, dice = common.fg_iou_dice(fg, torch.stack([slot, ~slot])[None])
+    # slot: IoU (2 + eps) / (5 + eps), Dice (4 + eps) / (7 + eps)
+    # ~slot (4 px): inter 1, union 6: IoU 1/6, Dice 2/7 -> the max is the first slot for both
+    assert iou.item() == pytest.approx((2 + EPS_FG) / (5 + EPS_FG), rel=1e-12)
+    assert dice.item() == pytest.approx((4 + EPS_FG) / (7 + EPS_FG), rel=1e-12)
+    assert iou.item() == pytest.approx(0.4, abs=1e-8) and dice.item() == pytest.approx(4 / 7, abs=1e-8)
+
+
+# ----------------------------------------------------------------------------- AP / PQ
+
+def test_common_object_seg_iou_exactly_half_is_a_match():
+    # 8x8: object 1 = rows 0-1 (16 px); pred 5 = rows 0-3 (32 px), pred 9 = rows 4-7 (32 px)
+    # background test: 9: inter 32, union 32 + 48 - 32 = 48 -> 2/3 >= 0.5, dropped;
+    #                  5: inter 16, union 32 + 48 - 16 = 64 -> 1/4, kept
+    # IoU(1, 5) = 16 / 32 = 0.5 in float32 (the 1e-6 vanishes at 32) -> TP 1, FP 0, FN 0
+    t = torch.zeros(1, 8, 8, dtype=torch.long)
+    t[0, :2] = 1
+    p = torch.full((1, 8, 8), 9)
+    p[0, :4] = 5
+    met = common.ObjectSegMetrics()
+    met.update(t, p)
+    assert (met.tp, met.fp, met.fn) == (1, 0, 0)
+    assert met.compute() == dict(ap=1.0, pq=0.5, precision=1.0, recall=1.0)
+
+
+def test_common_object_seg_tiny_half_iou_is_not_a_match_as_official():
+    # 2x2: object 1 = (0,0); pred 5 = row 0 (2 px), pred 9 = row 1
+    # background test: 9: 2 / (2 + 3 - 2) = 2/3, dropped; 5: 1 / (2 + 3 - 1) = 1/4, kept
+    # IoU(1, 5) = 1 / (2 + 1e-6) in float32 = 0.49999976 < 0.5 -> TP 0, FP 1, FN 1
+    t = torch.tensor([[[1, 0], [0, 0]]])
+    p = torch.tensor([[[5, 5], [9, 9]]])
+    met = common.ObjectSegMetrics()
+    met.update(t, p)
+    assert (met.tp, met.fp, met.fn) == (0, 1, 1)
+    assert met.scores == [pytest.approx(0.49999976, abs=1e-8)] and met.scores[0] < 0.5
+    assert met.compute() == dict(ap=0.0, pq=0.0, precision=0.0, recall=0.0)
+
+
+def test_common_object_seg_half_iou_dataset_totals():
+    # the two images above, conf 0.9 and 0.8 (all valid): TP 1, FP 1, FN 1
+    # precision = recall = 1/2, PQ = 0.5 / (1 + 0.5 + 0.5) = 0.25
+    # AP: ranked hit (0.9), miss (0.8); precision [1, 1/2], recall [1/2, 1/2]
+    #     -> envelope 1 up to recall 1/2, then 0: AP = 1/2 * 1 = 0.5
+    t1 = torch.zeros(1, 8, 8, dtype=torch.long)
+    t1[0, :2] = 1
+    p1 = torch.full((1, 8, 8), 9)
+    p1[0, :4] = 5
+    met = common.ObjectSegMetrics()
+    met.update(t1, p1, torch.full((1, 8, 8), 0.9))
+    met.update(torch.tensor([[[1, 0], [0, 0]]]), torch.tensor([[[5, 5], [9, 9]]]), torch.full((1, 2, 2), 0.8))
+    out = met.compute()
+    assert out["precision"] == 0.5 and out["recall"] == 0.5
+    assert out["pq"] == pytest.approx(0.25, abs=1e-12) and out["ap"] == pytest.approx(0.5, abs=1e-12)
+
+
+def test_common_object_seg_background_test_at_exactly_half():
+    # 8x8: background rows 0-3 (32 px), object 1 rows 4-7 (32 px)
+    # pred 2 = rows 0-1 (16 px): IoU with background 16 / (16 + 32 - 16) = 0.5 -> dropped
+    # pred 3 = rows 2-7 (48 px): IoU with background 16 / (48 + 32 - 16) = 1/4 -> an object
+    # IoU(1, 3) = 32 / 48 = 2/3 -> TP 1; no FP (pred 2 is the background)
+    t = torch.zeros(1, 8, 8, dtype=torch.long)
+    t[0, 4:] = 1
+    p = torch.full((1, 8, 8), 3)
+    p[0, :2] = 2
+    met = common.ObjectSegMetrics()
+    met.update(t, p)
+    assert (met.tp, met.fp, met.fn) == (1, 0, 0)
+    out = met.compute()
+    assert out["precision"] == 1.0 and out["pq"] == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_common_object_seg_iou_is_float32_as_torch():
+    # the official code divides torch int64 / float32 counts with "+ 1e-6" in float32
+    rng = np.random.default_rng(0)
+    for union in list(range(1, 70)) + rng.integers(70, 10 ** 6, 200).tolist():
+        for inter in {0, union // 2, union // 3, union}:
+            want = (torch.tensor(inter) / (torch.tensor(union) + 1e-6)).item()
+            assert float(common._iou_f32(inter, union)) == want, (inter, union)
+
+
+def test_common_object_seg_conf_threshold_is_strict():
+    # object 1 = row 0; pred 5 = row 0, pred 9 = row 1 (IoU with background 1, dropped)
+    t = torch.tensor([[[1, 1], [0, 0]]])
+    p = torch.tensor([[[5, 5], [9, 9]]])
+    at = common.ObjectSegMetrics()
+    at.update(t, p, torch.tensor([[[0.5, 0.5], [1.0, 1.0]]]))     # conf 0.5 is not > 0.5: no prediction
+    assert (at.tp, at.fp, at.fn) == (0, 0, 1)
+    above = common.ObjectSegMetrics()
+    above.update(t, p, torch.tensor([[[0.51, 0.51], [1.0, 1.0]]]))  # IoU 2 / (2 + 1e-6) -> TP
+    assert (above.tp, above.fp, above.fn) == (1, 0, 0)
+
+
+# ----------------------------------------------------------------------------- mBO
+
+# true: object 3 = top-left 2x2, object 7 = bottom-right 2x2, 0 = background (8 px)
+MBO_TRUE = torch.tensor([[[3, 3, 0, 0],
+                          [3, 3, 0, 0],
+                          [0, 0, 7, 7],
+                          [0, 0, 7, 7]]])
+# pred: 4 = 5 px (object 3 + (0,2)), 6 = (2,2) only, 0 = the other 10 px
+MBO_PRED = torch.tensor([[[4, 4, 4, 0],
+                          [4, 4, 0, 0],
+                          [0, 0, 6, 0],
+                          [0, 0, 0, 0]]])
+
+
+def test_common_mbo_hand_computed():
+    # object 3: pred 4 -> 4 / 5; pred 6, 0 -> 0.                          best 4/5
+    # object 7: pred 6 -> 1 / 4; pred 0 (10 px): inter 3, union 4 + 10 - 3 = 11 -> 3/11;
+    #           the background-covering segment wins:                     best 3/11
+    # mBO = (4/5 + 3/11) / 2
+    got = common.mbo(MBO_TRUE, MBO_PRED)
+    assert got.shape == (1,) and got.dtype == torch.float64
+    assert got.item() == pytest.approx((4 / 5 + 3 / 11) / 2, abs=1e-12)
+    # label-permutation invariant, non-contiguous labels on both sides
+    assert common.mbo(MBO_TRUE * 5 + (MBO_TRUE > 0) * 2, MBO_PRED * 3 + 11).item() == pytest.approx(
+        (4 / 5 + 3 / 11) / 2, abs=1e-12)
+    assert common.mbo(MBO_TRUE, MBO_TRUE + 1).item() == 1.0
+    # GENESIS-style [B, 1, H, W] accepted; float input rejected
+    assert common.mbo(MBO_TRUE[:, None], MBO_PRED[:, None]).item() == pytest.approx((4 / 5 + 3 / 11) / 2)
+    with pytest.raises(TypeError):
+        common.mbo(MBO_TRUE.float(), MBO_PRED)
+
+
+def test_common_mbo_no_object_is_nan_and_skipped():
+    bg = torch.zeros(1, 4, 4, dtype=torch.long)
+    got = common.mbo(torch.cat([bg, MBO_TRUE]), torch.cat([MBO_PRED, MBO_PRED]))
+    assert math.isnan(got[0].item()) and got[1].item() == pytest.approx((4 / 5 + 3 / 11) / 2)
+    assert common.nanmean(got) == pytest.approx((4 / 5 + 3 / 11) / 2)
+    out = common.segmentation_metrics(torch.cat([bg, MBO_TRUE]), torch.cat([MBO_PRED, MBO_PRED]))
+    assert "mbo" in out and out["mbo"].shape == (2,) and math.isnan(out["mbo"][0].item())
+    assert out["msc_fg"][0].item() == 0.0                      # MSC-FG: 0 for the same image
+    assert common.nanmean(out["mbo"]) == pytest.approx((4 / 5 + 3 / 11) / 2)
+    assert "mbo" in common.__all__
+
+
+def test_common_mbo_bruteforce_random():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        b, h, w = 3, int(rng.integers(1, 7)), int(rng.integers(1, 7))
+        t = rng.integers(0, 4, (b, h, w)) * 3            # labels {0, 3, 6, 9}
+        t[0] = 0 if rng.random() < 0.3 else t[0]         # sometimes an image without objects
+        p = rng.integers(0, 5, (b, h, w)) * 2 + 1        # labels {1, 3, 5, 7, 9}
+        got = common.mbo(torch.from_numpy(t), torch.from_numpy(p))
+        for i in range(b):
+            bests = []
+            for a in np.unique(t[i]):
+                if a == 0:
+                    continue
+                best = 0.0
+                for c in np.unique(p[i]):
+                    inter = np.logical_and(t[i] == a, p[i] == c).sum()
+                    union = np.logical_or(t[i] == a, p[i] == c).sum()
+                    best = max(best, inter / union)
+                bests.append(best)
+            if bests:
+                assert got[i].item() == pytest.approx(sum(bests) / len(bests), abs=1e-12)
+            else:
+                assert math.isnan(got[i].item())
+
+
+def test_common_mbo_is_printed_by_every_script():
+    import ast_seg
+    import boqsa
+    import mincut_ocl
+    m = {"ari_fg": 0.25, "miou": 0.5, "msc_fg": 0.75, "mbo": 0.625}
+    for script in (boqsa, mincut_ocl, ast_seg):
+        assert script.format_metrics(m) == "ARI-FG 0.2500  mIoU 0.5000  MSC-FG 0.7500  mBO 0.6250", script
+
+
+# -----------------------------------------------------------------------------
+# min-cut: three slot branches (official SlotCut) and METIS for Cora
+
+
+def _tiny_mincut():
+    cfg = mc.Config(image_size=16, dec_strides=(2,), dec_init_size=8, num_slots=3, enc_channels=8,
+                    slot_dim=8, mlp_dim=8, dec_channels=8)
+    torch.manual_seed(0)
+    return mc.MinCutOCL(cfg).eval()
+
+
+def test_mincut_clevrtex_parameter_count_is_official():
+    model = mc.MinCutOCL(mc.build_config(["--dataset=clevrtex"]))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_740_552
+    part = model.partition
+    assert len(part.mlp_in) == 3 and len(part.mlp_out) == 3                # k_net2, k_net2_2, k_net2_3; mlp, mlp2, mlp3
+    for f_x, f in zip(part.mlp_in, part.mlp_out):
+        assert (f_x[0].in_features, f_x[0].out_features, f_x[2].out_features) == (100, 256, 64)
+        assert (f[0].in_features, f[0].out_features, f[2].out_features) == (64, 128, 64)
+
+
+def _official_slots(part, feats, masks):
+    """Re-statement of the official SlotCut slot computation from the module's own layers."""
+    x = feats + part.pos.dense(part.pos.grid).permute(0, 3, 1, 2)          # in_pos_embedding
+    xn = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), part.norm.weight, part.norm.bias, part.norm.eps)
+    s1, s2, s3 = [(masks.unsqueeze(4) * k(xn).unsqueeze(1)).mean(dim=[2, 3]) for k in part.mlp_in]
+    mlp, mlp2, mlp3 = part.mlp_out
+    slots = s1
+    slots = slots + mlp(slots)
+    slots = slots + mlp2(s2)
+    return slots + mlp3(s3)
+
+
+@torch.no_grad()
+def test_mincut_three_branch_slots_match_official_computation():
+    model = _tiny_mincut()
+    part = model.partition
+    assert not torch.equal(part.mlp_in[0][0].weight, part.mlp_in[1][0].weight)    # three distinct branches
+    images = torch.rand(2, 3, 16, 16)
+    feats = model.encoder(images * 2 - 1)
+    out = part(feats)
+    ref = _official_slots(part, feats, out["cut_masks"])
+    assert out["slots"].shape == (2, 3, 8)
+    torch.testing.assert_close(out["slots"], ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(images)["slots"], ref, atol=1e-6, rtol=0)
+    # every branch matters: dropping mlp3(s3) changes the slots
+    s3 = (out["cut_masks"].unsqueeze(4) * part.mlp_in[2](part.norm(
+        (feats + part.pos.dense(part.pos.grid).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))).unsqueeze(1)).mean(dim=[2, 3])
+    assert (out["slots"] - part.mlp_out[2](s3) - ref).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_mincut_pair_model_uses_kpartition_slots():
+    base = _tiny_mincut()
+    pair = mc.MinCutPairModel(base, gamma=0.5, temperature=0.1).eval()
+    frames1, frames2 = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    frames = torch.cat([frames1, frames2])
+    slots, cut_masks = pair.frame_slots(frames)
+    feats = base.encoder(frames * 2 - 1)
+    ref = base.partition(feats)
+    torch.testing.assert_close(slots, ref["slots"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(slots, _official_slots(base.partition, feats, ref["cut_masks"]), atol=1e-6, rtol=0)
+    out = pair(frames1, frames2)
+    torch.testing.assert_close(out["slots1"], ref["slots"][:2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["slots2"], ref["slots"][2:], atol=1e-6, rtol=0)
+
+
+def _two_cliques(n=6):
+    blocks = np.ones((n, n)) - np.eye(n)
+    dense = np.zeros((2 * n, 2 * n))
+    dense[:n, :n] = dense[n:, n:] = blocks
+    dense[n - 1, n] = dense[n, n - 1] = 1                                   # one bridge edge
+    return scipy.sparse.csr_matrix(dense)
+
+
+def test_mincut_metis_separates_two_cliques():
+    pytest.importorskip("pymetis", reason="pymetis not installed (pip install pymetis)")
+    member = mc.metis_partition(_two_cliques(), 2)
+    assert member.shape == (12,) and set(member.tolist()) == {0, 1}
+    assert len(set(member[:6].tolist())) == 1 and len(set(member[6:].tolist())) == 1
+    assert member[0] != member[6]
+    blocks, used = mc.cora_blocks(_two_cliques(), 2, 6, partitioner="metis")
+    assert used == "metis" and sorted(map(sorted, blocks.tolist())) == [list(range(6)), list(range(6, 12))]
+
+
+def test_mincut_blocks_from_parts_trims_lowest_degree_and_fills():
+    # part 0: a 5-clique {0..4} plus pendant nodes 5, 6 (degree 1 inside); part 1: nodes 7, 8, 9
+    dense = np.zeros((10, 10))
+    dense[:5, :5] = 1 - np.eye(5)
+    dense[0, 5] = dense[5, 0] = dense[1, 6] = dense[6, 1] = 1
+    dense[7, 8] = dense[8, 7] = 1
+    member = np.array([0] * 7 + [1] * 3)
+    blocks = mc.blocks_from_parts(scipy.sparse.csr_matrix(dense), member, 2, 5)
+    assert blocks.tolist() == [[0, 1, 2, 3, 4], [7, 8, 9, 5, 6]]           # pendants dropped, then refill part 1
+
+
+def _random_graph(n=60, n_words=9, n_edges=160, seed=0):
+    rng = np.random.default_rng(seed)
+    feats = (rng.random((n, n_words)) < 0.3).astype(np.float32)
+    a, b = rng.integers(0, n, (2, n_edges))
+    keep = a != b
+    adj = scipy.sparse.coo_matrix((np.ones(keep.sum()), (a[keep], b[keep])), shape=(n, n)).tocsr()
+    return feats, ((adj + adj.T) > 0).astype(np.float64).tocsr()
+
+
+@pytest.mark.parametrize("partitioner", ["metis", "greedy"])
+def test_mincut_cora_instances_have_requested_size(partitioner):
+    if partitioner == "metis":
+        pytest.importorskip("pymetis", reason="pymetis not installed (pip install pymetis)")
+    feats, adj = _random_graph()
+    inst = mc.make_cora_instances(feats, adj, n_instances=5, instance_size=10, seed=0, partitioner=partitioner)
+    assert inst["partitioner"] == partitioner
+    assert inst["x_left"].shape == (5, 5, 9) and inst["x_right"].shape == (5, 5, 9)
+    assert inst["links"].shape == (5, 5, 5)
+    nodes = np.concatenate([inst["nodes_left"].numpy().ravel(), inst["nodes_right"].numpy().ravel()])
+    assert len(nodes) == 50 and len(set(nodes.tolist())) == 50               # disjoint blocks of 10
+    dense = adj.toarray()
+    for L, R, links in zip(inst["nodes_left"].numpy(), inst["nodes_right"].numpy(), inst["links"].numpy()):
+        np.testing.assert_array_equal(links, dense[np.ix_(L, R)])
+
+
+def test_mincut_cora_falls_back_to_greedy_without_pymetis(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pymetis", None)                        # import pymetis -> ImportError
+    feats, adj = _random_graph()
+    inst = mc.make_cora_instances(feats, adj, n_instances=4, instance_size=10)
+    assert inst["partitioner"] == "greedy" and inst["nodes_left"].shape == (4, 5)
+    assert "pip install pymetis" in capsys.readouterr().out
+    blocks, used = mc.cora_blocks(adj, 4, 10, partitioner="greedy")
+    np.testing.assert_array_equal(blocks, mc.grow_partition(adj, 4, 10))
+    with pytest.raises(ImportError, match="pip install pymetis"):
+        mc.cora_blocks(adj, 4, 10, partitioner="metis")
+    with pytest.raises(ValueError, match="partitioner"):
+        mc.cora_blocks(adj, 4, 10, partitioner="spectral")
+
+
+def test_mincut_run_cora_prints_partitioner(tmp_path, capsys):
+    feats, adj = _random_graph(n=48, seed=1)
+    rows, cols = scipy.sparse.triu(adj).nonzero()
+    with open(os.path.join(tmp_path, "cora.content"), "w") as f:
+        for i, row in enumerate(feats):
+            f.write("\t".join([str(100 + i)] + [str(int(v)) for v in row] + ["Class_0"]) + "\n")
+    with open(os.path.join(tmp_path, "cora.cites"), "w") as f:
+        for a, b in zip(rows, cols):
+            f.write(f"{100 + a}\t{100 + b}\n")
+    cfg = mc.CoraConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "out"), n_instances=4, instance_size=10,
+                        hidden=8, epochs=1, n_trials=1, partitioner="greedy")
+    mc.run_cora(cfg)
+    lines = [l for l in capsys.readouterr().out.splitlines() if "partitioner" in l]
+    assert lines == ["cora: partitioner greedy (grow_partition), 4 instances of 10 papers"]
+
+
+# -----------------------------------------------------------------------------
+# min-cut: the official QP edge set (cut/st.py) in all three solvers
+
+
+EDGE_FIELDS = ("p", "p_s", "p_t", "d_s", "d_t", "d_grid")
+GAMMA, SEP = 0.5, 10.0
+OFFSETS = [(1, 0), (0, 1), (-1, 0), (0, -1)]                    # channels 2..5: down, right, up, left
+
+
+def edge_list(H, W, edge_set):
+    """(tail, head, (channel, i, j)) of every QP edge, nodes as s=0, t=1, pixel (i,j) = 2 + i*W + j.
+    official (cut/st.py): grid edges only out of interior pixels; full: every in-image grid edge."""
+    pix = lambda i, j: 2 + i * W + j                              # noqa: E731
+    edges = []
+    for i in range(H):
+        for j in range(W):
+            edges.append((0, pix(i, j), (0, i, j)))
+            edges.append((pix(i, j), 1, (1, i, j)))
+            interior = 1 <= i <= H - 2 and 1 <= j <= W - 2
+            for ch, (di, dj) in zip(range(2, 6), OFFSETS):
+                inside = 0 <= i + di < H and 0 <= j + dj < W
+                if (interior if edge_set == "official" else inside):
+                    edges.append((pix(i, j), pix(i + di, j + dj), (ch, i, j)))
+    return edges
+
+
+def kkt_reference(w, edge_set, gamma=GAMMA):
+    """w numpy [6,H,W] -> dict of CutSolution fields from the dense KKT [[gamma I, A^T], [A, 0]] (float64)."""
+    _, H, W = w.shape
+    edges = edge_list(H, W, edge_set)
+    n_nodes, E = H * W + 2, len(edges)
+    n = n_nodes + 2 * E                                         # nodes, d, slack
+    A, b, c = np.zeros((E + 1, n)), np.zeros(E + 1), np.zeros(n)
+    for e, (u, v, pos) in enumerate(edges):                     # d_uv - p_u + p_v - slack_uv = 0
+        A[e, n_nodes + e], A[e, u], A[e, v], A[e, n_nodes + E + e] = 1.0, -1.0, 1.0, -1.0
+        c[n_nodes + e] = w[pos]
+    A[E, 0], A[E, 1], b[E] = 1.0, -1.0, SEP                     # p_s - p_t = 10, no slack
+    K = np.block([[gamma * np.eye(n), A.T], [A, np.zeros((E + 1, E + 1))]])
+    x = np.linalg.solve(K, np.r_[-c, b])[:n]
+    d = np.zeros((6, H, W))
+    for e, (_, _, pos) in enumerate(edges):
+        d[pos] = x[n_nodes + e]
+    return dict(p=x[2:n_nodes].reshape(H, W), p_s=x[0], p_t=x[1], d_s=d[0], d_t=d[1], d_grid=d[2:])
+
+
+def node_system_reference(w, edge_set, gamma=GAMMA):
+    """Large grids: the KKT reduced to the node potentials (eliminating d and slack), solved by SciPy's
+    sparse LU: [[C, n_h], [n_h^T, 0]] [p; nu] = [r; 10], C = I + 1/2 sum_e n_e n_e^T, r = sum_e c_e n_e / (2 gamma),
+    n_e = e_head - e_tail, n_h = e_s - e_t; then d_e = -(c_e + gamma (p_head - p_tail)) / (2 gamma)."""
+    _, H, W = w.shape
+    edges = edge_list(H, W, edge_set)
+    n_nodes, E = H * W + 2, len(edges)
+    tails = np.array([e[0] for e in edges])
+    heads = np.array([e[1] for e in edges])
+    pos = tuple(np.array([e[2] for e in edges]).T)
+    cost = w[pos]
+    N = scipy.sparse.csr_matrix((np.r_[np.ones(E), -np.ones(E)], (np.r_[np.arange(E), np.arange(E)],
+                                np.r_[heads, tails])), shape=(E, n_nodes))
+    C = scipy.sparse.identity(n_nodes) + 0.5 * (N.T @ N)
+    nh = scipy.sparse.csr_matrix(([1.0, -1.0], ([0, 1], [0, 0])), shape=(n_nodes, 1))
+    KKT = scipy.sparse.bmat([[C, nh], [nh.T, None]]).tocsc()
+    sol = scipy.sparse.linalg.spsolve(KKT, np.r_[N.T @ cost / (2 * gamma), SEP])
+    p = sol[:n_nodes]
+    d = np.zeros((6, H, W))
+    d[pos] = -(cost + gamma * (p[heads] - p[tails])) / (2 * gamma)
+    return dict(p=p[2:].reshape(H, W), p_s=p[0], p_t=p[1], d_s=d[0], d_t=d[1], d_grid=d[2:])
+
+
+def edges_solve(w, solver, edges, **kw):
+    H, W = w.shape[-2:]
+    return mc.STCutQP(H, W, gamma=GAMMA, solver=solver, edges=edges, **kw)(w)
+
+
+def assert_matches(out, refs, atol, msg=""):
+    for f in EDGE_FIELDS:
+        want = np.stack([r[f] for r in refs])
+        np.testing.assert_allclose(getattr(out, f).detach().numpy(), want, atol=atol, rtol=0, err_msg=f"{msg} {f}")
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (4, 4), (3, 5)])
+def test_mincut_official_edges_match_independent_kkt(shape):
+    torch.manual_seed(0)
+    w = torch.rand(3, 6, *shape, dtype=torch.float64) * 2 - 0.5        # any real weights, absent ones too
+    refs = [kkt_reference(w[i].numpy(), "official") for i in range(3)]
+    for solver in ("dct", "sparse", "dense"):
+        out = edges_solve(w, solver, "official")
+        assert out.p.dtype == torch.float64
+        assert_matches(out, refs, 1e-8, solver)
+
+
+def test_mincut_official_structure_and_ignored_weights():
+    H, W = 5, 6
+    st_full, st_off = mc.cut_structure(H, W, "full"), mc.cut_structure(H, W, "official")
+    P = H * W
+    assert st_full["E"] == 2 * P + 4 * P - 2 * H - 2 * W
+    assert st_off["E"] == 2 * P + 4 * (H - 2) * (W - 2)
+    assert mc.cut_structure(H, W)["E"] == st_full["E"]                  # default: full
+    mask = mc.grid_edge_mask(H, W, "official")
+    assert mask[:, 1:-1, 1:-1].all() and mask.sum() == 4 * (H - 2) * (W - 2)
+    # weights of grid edges out of the outer ring change nothing, and their d is 0
+    torch.manual_seed(1)
+    w = torch.rand(2, 6, H, W, dtype=torch.float64)
+    w2 = w.clone()
+    ring = torch.ones(H, W, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    w2[:, 2:, ring] = torch.rand_like(w2[:, 2:, ring]) * 5
+    for solver in ("dct", "sparse", "dense"):
+        a, b = edges_solve(w, solver, "official"), edges_solve(w2, solver, "official")
+        for f in EDGE_FIELDS:
+            torch.testing.assert_close(getattr(a, f), getattr(b, f), atol=1e-10, rtol=0)
+        assert a.d_grid[:, :, ring].abs().max() == 0
+
+
+def test_mincut_full_edges_unchanged():
+    """edges="full" is the default, gives exactly the default's values, and matches this file's KKT."""
+    torch.manual_seed(2)
+    w = torch.rand(2, 6, 4, 5, dtype=torch.float64) * 2
+    assert mc.STCutQP(4, 5).edges == "full"
+    refs = [kkt_reference(w[i].numpy(), "full") for i in range(2)]
+    for solver in ("dct", "sparse", "dense"):
+        default = mc.STCutQP(4, 5, gamma=GAMMA, solver=solver)(w)
+        full = edges_solve(w, solver, "full")
+        for f in EDGE_FIELDS:
+            assert torch.equal(getattr(default, f), getattr(full, f)), (solver, f)
+        assert_matches(full, refs, 1e-8, solver)
+    assert mc.dct_cut_solve(w.new_zeros(2), w.new_zeros(2), w.new_zeros(2, 4, 5), w, GAMMA, SEP)[2].shape == (2, 4, 5)
+
+
+@pytest.mark.parametrize("solver", ["dct", "sparse"])
+def test_mincut_official_gradcheck(solver):
+    torch.manual_seed(3)
+    w = torch.rand(1, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    qp = mc.STCutQP(4, 5, gamma=GAMMA, solver=solver, edges="official")
+    f = lambda w: tuple(getattr(qp(w), k) for k in EDGE_FIELDS)    # noqa: E731
+    assert torch.autograd.gradcheck(f, (w,))
+
+
+def test_mincut_official_backward_matches_dense_autograd():
+    torch.manual_seed(4)
+    w = torch.rand(2, 6, 5, 6, dtype=torch.float64)
+    coef = [torch.randn_like(getattr(edges_solve(w, "dense", "official"), f)) for f in EDGE_FIELDS]
+    grads = {}
+    for solver in ("dense", "sparse", "dct"):
+        wi = w.clone().requires_grad_(True)
+        out = edges_solve(wi, solver, "official")
+        sum((getattr(out, f) * c).sum() for f, c in zip(EDGE_FIELDS, coef)).backward()
+        grads[solver] = wi.grad
+    for solver in ("sparse", "dct"):
+        torch.testing.assert_close(grads[solver], grads["dense"], atol=1e-10, rtol=0)
+    ring = torch.ones(5, 6, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    assert grads["dct"][:, 2:, ring].abs().max() == 0                       # ignored weights: zero gradient
+    # plain autograd through dct_cut_solve (pure torch) gives the same gradient as the self-adjoint backward
+    wi = w.clone().requires_grad_(True)
+    z = wi.new_zeros(2)
+    p_s, p_t, p, d = mc.dct_cut_solve(z, z, wi.new_zeros(2, 5, 6), wi, GAMMA, SEP, edges="official")
+    out = mc.CutSolution(p=p, p_s=p_s, p_t=p_t, d_s=d[:, 0], d_t=d[:, 1], d_grid=d[:, 2:])
+    sum((getattr(out, f) * c).sum() for f, c in zip(EDGE_FIELDS, coef)).backward()
+    torch.testing.assert_close(wi.grad, grads["dense"], atol=1e-10, rtol=0)
+
+
+def test_mincut_official_and_full_differ_only_near_the_border():
+    """The two edge sets differ by a perturbation on the two outer rings that decays by about 4x per ring
+    inwards (the Green's function of 2I + L4): large on the border, < 1e-2 relative from ring 5 in."""
+    torch.manual_seed(5)
+    H = W = 16
+    w = torch.rand(4, 6, H, W, dtype=torch.float64) * 2
+    full, off = edges_solve(w, "dct", "full"), edges_solve(w, "dct", "official")
+    for f in ("p", "d_s", "d_t"):
+        a, b = getattr(full, f), getattr(off, f)
+        diff = [float((a - b)[:, k:H - k, k:W - k].abs().max()) for k in range(6)]   # from ring k in
+        scale = float(a.abs().max())
+        assert diff[0] > 0.1 * scale, (f, diff)                             # the border differs
+        assert all(diff[k + 1] < diff[k] / 2 for k in range(1, 5)), (f, diff)
+        assert diff[5] < 1e-2 * scale, (f, diff)
+    torch.testing.assert_close(full.p_s - full.p_t, off.p_s - off.p_t)   # both keep the separation
+    # interior grid edges agree as well; the official set has no grid edges out of the outer ring
+    torch.testing.assert_close(full.d_grid[:, :, 5:-5, 5:-5], off.d_grid[:, :, 5:-5, 5:-5], atol=1e-2, rtol=0)
+    assert off.d_grid[:, :, 0].abs().max() == 0 and full.d_grid[:, 0, 0].abs().max() > 0
+
+
+def test_mincut_official_dct_matches_sparse_at_32x32():
+    torch.manual_seed(6)
+    w = torch.rand(2, 6, 32, 32, dtype=torch.float64) * 2
+    dct, sparse = edges_solve(w, "dct", "official"), edges_solve(w, "sparse", "official")
+    for f in EDGE_FIELDS:
+        torch.testing.assert_close(getattr(dct, f), getattr(sparse, f), atol=1e-8, rtol=0)
+
+
+def test_mincut_official_dct_at_64x64_matches_node_system():
+    """64x64 (the model's grid): the sparse solver's factor takes ~40 s there, so the reference is the
+    node-sized system of the same QP, built from this file's edge list and solved by SciPy's sparse LU."""
+    torch.manual_seed(7)
+    w = torch.rand(2, 6, 64, 64, dtype=torch.float64) * 2
+    refs = [node_system_reference(w[i].numpy(), "official") for i in range(2)]
+    assert_matches(edges_solve(w, "dct", "official"), refs, 1e-8, "dct 64x64")
+    # float32 on the same grid: relative error of the float32 edges_solve stays small
+    o32 = edges_solve(w.float(), "dct", "official")
+    rel = max(float((getattr(o32, f).double() - torch.as_tensor(np.stack([r[f] for r in refs]))).abs().max()
+                    / np.abs(np.stack([r[f] for r in refs])).max()) for f in EDGE_FIELDS)
+    assert rel < 1e-5, rel
+
+
+def test_mincut_node_system_reference_matches_kkt():
+    """The 64x64 reference above is itself checked against the dense KKT on a small grid."""
+    w = np.random.default_rng(8).random((6, 5, 6))
+    a, b = kkt_reference(w, "official"), node_system_reference(w, "official")
+    for f in EDGE_FIELDS:
+        np.testing.assert_allclose(a[f], b[f], atol=1e-10, rtol=0, err_msg=f)
+
+
+def test_mincut_edges_validation_and_config():
+    with pytest.raises(ValueError, match="edges"):
+        mc.STCutQP(4, 4, edges="interior")
+    with pytest.raises(ValueError, match="edges"):
+        mc.cut_structure(4, 4, "paper")
+    assert "edges='official'" in repr(mc.STCutQP(4, 4, edges="official"))
+    cfg = mc.build_config(["--edges=official", "--image_size=16", "--enc_channels=8", "--num_slots=3",
+                           "--slot_dim=16", "--mlp_dim=16", "--dec_channels=8", "--dec_strides=2"])
+    assert cfg.edges == "official" and mc.build_config([]).edges == "full"
+    qps = [m for m in mc.build_model(cfg).modules() if isinstance(m, mc.STCutQP)]
+    assert qps and all(q.edges == "official" for q in qps)
+    with pytest.raises(SystemExit):
+        mc.main(["--edges=paper", "--max_steps=0"])
+
+
+def test_mincut_official_small_grids():
+    """Grids without interior pixels (H or W <= 2): no grid edges at all; 3x3: one interior pixel."""
+    torch.manual_seed(9)
+    for shape in ((1, 1), (1, 4), (2, 2), (2, 5), (3, 3)):
+        w = torch.rand(2, 6, *shape, dtype=torch.float64)
+        refs = [kkt_reference(w[i].numpy(), "official") for i in range(2)]
+        assert_matches(edges_solve(w, "dct", "official"), refs, 1e-9, str(shape))
+
+
+# -----------------------------------------------------------------------------
+# BO-QSA official initialisation, --dtype in all three scripts, AST official isotropic checkpoints
+
+
+def test_boqsa_slot_attention_initialisation_is_official():
+    """Official models/slot_attn.py with methods/utils.py linear / gru_cell: xavier-uniform q/k/v, GRU weight_ih
+    xavier and weight_hh orthogonal with zero biases, slot MLP kaiming-uniform (relu) then xavier, zero biases."""
+    torch.manual_seed(0)
+    D, M = 64, 128
+    sa = boqsa.SlotAttention(D, D, M)
+    xavier = math.sqrt(6.0 / (D + D))                                  # U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+    for lin in (sa.to_q, sa.to_k, sa.to_v):
+        w = lin.weight
+        assert lin.bias is None
+        assert w.abs().max() <= xavier and w.abs().max() > 0.95 * xavier
+        assert abs(w.std().item() - xavier / math.sqrt(3)) < 0.01        # 0.125 (PyTorch default: 0.072)
+    w_ih, w_hh = sa.gru.weight_ih, sa.gru.weight_hh                    # [3D, D]
+    a_ih = math.sqrt(6.0 / (D + 3 * D))
+    assert w_ih.abs().max() <= a_ih and w_ih.abs().max() > 0.95 * a_ih
+    torch.testing.assert_close(w_hh.T @ w_hh, torch.eye(D), atol=1e-5, rtol=0)   # orthogonal columns
+    assert torch.count_nonzero(sa.gru.bias_ih) == 0 and torch.count_nonzero(sa.gru.bias_hh) == 0
+    a_kaiming = math.sqrt(2.0) * math.sqrt(3.0 / D)                    # gain(relu) * sqrt(3 / fan_in)
+    w0 = sa.mlp[0].weight
+    assert w0.abs().max() <= a_kaiming and w0.abs().max() > 0.95 * a_kaiming
+    a2 = math.sqrt(6.0 / (M + D))
+    w2 = sa.mlp[2].weight
+    assert w2.abs().max() <= a2 and w2.abs().max() > 0.95 * a2
+    assert torch.count_nonzero(sa.mlp[0].bias) == 0 and torch.count_nonzero(sa.mlp[2].bias) == 0
+
+
+def test_boqsa_other_layers_keep_pytorch_default_initialisation():
+    """The official encoder, position embeddings, pre-slot MLP and decoder are plain nn.Conv2d / nn.Linear /
+    nn.ConvTranspose2d (PyTorch's kaiming_uniform(a=sqrt(5)) weights, non-zero uniform biases)."""
+    torch.manual_seed(0)
+    m = boqsa.BOQSA(boqsa.build_config([]))
+    conv = m.encoder.convs[1]
+    fan_in = conv.weight[0].numel()
+    bound = 1.0 / math.sqrt(fan_in)                                    # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), .)
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.95 * bound
+    assert torch.count_nonzero(conv.bias) == conv.bias.numel()
+    assert torch.count_nonzero(m.encoder.mlp[1].bias) == m.encoder.mlp[1].bias.numel()
+
+
+def test_boqsa_paper_presets_train_in_float32():
+    assert boqsa.build_config([]).dtype == "auto"                       # CPU default of the built-in data
+    assert boqsa.build_config(["--decoder=transformer"]).dtype == "auto"
+    for name in ("shapestacks", "objectsroom", "clevrtex", "clevr", "birds", "cars"):
+        assert boqsa.build_config([f"--dataset={name}"]).dtype == "float32", name
+        assert boqsa.build_config([f"--dataset={name}", "--decoder=transformer"]).dtype == "float32", name
+    assert boqsa.build_config(["--dataset=shapestacks", "--dtype=bfloat16"]).dtype == "bfloat16"   # flags win
+    for name in ("clevrtex", "clevr", "shapestacks", "objectsroom"):
+        assert ast_seg.build_config([f"--dataset={name}"]).dtype == "float32", name
+
+
+def test_common_train_autocast():
+    x = torch.randn(4, 8)
+    lin = torch.nn.Linear(8, 3)
+    with common.train_autocast(torch.device("cpu"), "bfloat16"):
+        assert lin(x).dtype == torch.bfloat16
+    with common.train_autocast(torch.device("cpu"), "float32"):
+        assert lin(x).dtype == torch.float32
+    with common.train_autocast(torch.device("cpu"), "auto"):
+        assert lin(x).dtype == (torch.bfloat16 if common.native_bf16(torch.device("cpu")) else torch.float32)
+    assert common.resolve_dtype(torch.device("cpu"), "float32") == "float32"
+    assert common.resolve_dtype(torch.device("cpu"), "bfloat16") == "bfloat16"
+    assert common.resolve_dtype(torch.device("meta"), "auto") == "float32"
+    with pytest.raises(ValueError, match="--dtype must be one of float32, bfloat16, auto"):
+        common.train_autocast(torch.device("cpu"), "float16")
+
+
+def test_ast_official_isotropic_checkpoint_renders_as_official(tmp_path, capsys):
+    """An official isotropic checkpoint was trained with alpha's logit read at latent index 4 (z_what[0]):
+    loading it switches the renderer to that reading, so the output equals the official renderer's."""
+    torch.manual_seed(3)
+    official_cfg = tiny_cfg("--scaling=isotropic", "--official_activation_bug")
+    official = ast_seg.ASTSeg(official_cfg).eval()                       # the official renderer
+    with torch.no_grad():                                               # make index 3 and 4 differ visibly
+        proj = official.encoder.latents_projection
+        proj.bias[3] += 2.0
+        proj.bias[4] -= 2.0
+    torch.save(official_layout(official), tmp_path / "official.pth")
+    cfg = tiny_cfg("--scaling=isotropic")
+    assert not cfg.official_activation_bug
+    torch.manual_seed(4)
+    ours = ast_seg.ASTSeg(cfg)
+    x = torch.rand(2, 3, 32, 32)
+    before = ours.eval()(x)["recon"]
+    ast_seg.load_official(ours, str(tmp_path / "official.pth"))
+    assert "official isotropic checkpoint" in capsys.readouterr().out
+    assert cfg.official_activation_bug                                  # the model's config, switched on
+    a, b = official(x), ours.eval()(x)
+    torch.testing.assert_close(b["recon"], a["recon"], rtol=0, atol=0)
+    torch.testing.assert_close(b["masks"], a["masks"], rtol=0, atol=0)
+    assert not torch.allclose(before, a["recon"])
+    # with the logit's own channel (the default renderer) these weights would render differently
+    cfg.official_activation_bug = False
+    assert not torch.allclose(ours(x)["masks"], a["masks"])
+    # anisotropic checkpoints have no overlap: nothing is switched
+    aniso = ast_seg.ASTSeg(tiny_cfg("--scaling=anisotropic")).eval()
+    torch.save(official_layout(aniso), tmp_path / "aniso.pth")
+    cfg2 = tiny_cfg("--scaling=anisotropic")
+    other = ast_seg.ASTSeg(cfg2)
+    ast_seg.load_official(other, str(tmp_path / "aniso.pth"))
+    assert not cfg2.official_activation_bug
+    torch.testing.assert_close(other.eval()(x)["recon"], aniso(x)["recon"], rtol=0, atol=0)
+
+
+def test_mincut_dtype_bfloat16_trains_with_float32_qp(tmp_path):
+    """--dtype=bfloat16 autocasts the CNNs of the training forward; the cut QP and the loss stay float32, and
+    the loss is close to the float32 one at the same weights."""
+    import mincut_ocl as mc
+    cfg = mc.build_config(["--image_size=16", "--dec_strides=2", "--num_slots=3", "--enc_channels=8",
+                           "--dec_channels=8", "--slot_dim=16", "--mlp_dim=16", "--dtype=bfloat16"])
+    assert cfg.dtype == "bfloat16" and mc.build_config([]).dtype == "float32"
+    assert mc.build_config(["--dataset=clevrtex"]).dtype == "float32"
+    torch.manual_seed(0)
+    model = mc.MinCutOCL(cfg)
+    x = torch.rand(2, 3, 16, 16)
+    seen = []
+    hook = model.partition.qp.register_forward_hook(lambda m, inp, out: seen.append((inp[0].dtype, out.p.dtype)))
+    with common.train_autocast(torch.device("cpu"), "bfloat16"):
+        out = model(x)
+    hook.remove()
+    assert seen == [(torch.float32, torch.float32)]
+    assert out["loss"].dtype == torch.float32 and out["masks"].dtype == torch.float32
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    ref = model(x)["loss"]
+    assert abs(out["loss"].item() - ref.item()) < 0.05 * ref.item()
+    r = __import__("subprocess").run([__import__("sys").executable, "mincut_ocl.py", "--dtype=float16"],
+                                     capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip() == "error: --dtype must be one of float32, bfloat16, auto, got 'float16'"
