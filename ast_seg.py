@@ -24,23 +24,23 @@ Run:
 Ablations (Tab. 4): --transformer_layers=0, --feature_net=unet, --pixel_weight=0, --scenario=frozen,
 --scaling=isotropic|anisotropic, --num_slots.
 """
+import json
 import math
 import os
 import re
 import time
 from dataclasses import dataclass, asdict
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import data
-from common import (DTYPES, ResumableSampler, MetricsLog, ddp_cleanup, ddp_setup, fail, get_device, get_rng_state,
-                    labels_to_rgb, load_checkpoint, mse, nanmean, parse_args, progress, save_checkpoint,
-                    save_image_grid, save_slot_grid, seed_everything, segmentation_metrics, set_rng_state,
-                    train_autocast)
+from common import (DTYPES, CheckpointError, ResumableSampler, MetricsLog, check_config, check_finite_step,
+                    check_out_dir, clip_gradients, ddp_cleanup, ddp_setup, error_line, fail, get_device,
+                    get_rng_state, load_checkpoint, load_resume_checkpoint, mse, nanmean, parse_args,
+                    predict_folder, progress, save_checkpoint, save_slot_grid, seed_everything,
+                    segmentation_metrics, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -66,7 +66,8 @@ class Config:
     segformer_sizes: tuple = ()     # override the variant's hidden sizes (4 ints), e.g. for tiny CPU models
     segformer_depths: tuple = ()    # override the variant's depths (4 ints)
     decoder_hidden_size: int = 0    # override the variant's MLP-decoder width (0 = the variant's)
-    pretrained: str = ""            # backbone weights: local folder or hub id (paper: nvidia/mit-b3)
+    pretrained: str = ""            # backbone weights: local folder (config.json + weights) or hub id (paper:
+                                    # nvidia/mit-b3, needs network or the hub cache); one that cannot load stops
     z_what_dim: int = 32            # Tab. 6
     transformer_dim: int = 256      # d_T (Tab. 6)
     transformer_heads: int = 8      # Tab. 6
@@ -94,7 +95,8 @@ class Config:
     bg_batch_size: int = 32         # Tab. 6: 128
     bg_lr: float = 2e-3             # Tab. 6; AdamW, x0.1 at 80% (AE-NE)
     freeze_steps: int = 600         # phase 2 length: foreground with frozen background (Sec. 5.1: 30k)
-    max_steps: int = 1800           # foreground steps, phases 2 + 3 (Sec. 5.1: 125k)
+    max_steps: int = 1800           # foreground steps only (phases 2 + 3; baseline: all steps), so a curriculum
+                                    # runs bg_steps + max_steps steps in all (Sec. 5.1: 125k); the plan is printed
     batch_size: int = 32            # Tab. 6: 64
     lr: float = 2e-4                # Tab. 6: 4e-5 (x0.1 at 90% of max_steps)
     warmup_steps: int = 300         # quadratic lr warmup (Tab. 6: 5000)
@@ -110,7 +112,8 @@ class Config:
     resume: bool = True             # continue from out_dir/ckpt.pt when it exists
     stop_at: int = 0                # stop (with a checkpoint) at this global step; 0 = run to the end
     init_from: str = ""             # official AST-Seg checkpoint (.pth) or one of ours to start from
-    eval_only: bool = False         # evaluate out_dir/ckpt.pt (or init_from) on the test split and exit
+    ckpt: str = ""                  # checkpoint to evaluate / predict with; default init_from, else out_dir/ckpt.pt
+    eval_only: bool = False         # evaluate --ckpt on the test split, write out_dir/eval_<dataset>.json, exit
     predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
     dtype: str = "float32"          # float32 | bfloat16: autocast of the foreground training forward
 
@@ -154,7 +157,36 @@ def build_config(argv=None):
         fail(f"--segformer_sizes/--segformer_depths/--betas: expected comma-separated numbers ({e})", code=2)
     if cfg.segformer not in SEGFORMER_VARIANTS:
         fail(f"--segformer={cfg.segformer}: choose one of {', '.join(SEGFORMER_VARIANTS)}", code=2)
+    validate_config(cfg)
     return cfg
+
+
+def validate_config(cfg):
+    """Exit (code 2, one line naming the flag) for a value that would fail later, before any data is loaded."""
+    check_config(cfg, positive=("image_size", "num_slots", "z_what_dim", "transformer_dim", "transformer_heads",
+                                "transformer_ff", "s_min", "s_max", "bg_batch_size", "bg_lr", "batch_size", "lr",
+                                "adam_eps", "log_interval", "eval_interval", "segformer_sizes", "segformer_depths",
+                                "bg_input_scale"),
+                 nonnegative=("num_workers", "decoder_hidden_size", "transformer_layers", "transformer_dropout",
+                              "glimpse_size", "pixel_weight", "pixel_warmup", "bg_steps", "freeze_steps", "max_steps",
+                              "warmup_steps", "eval_items", "stop_at"))
+    for key in ("segformer_sizes", "segformer_depths"):
+        if getattr(cfg, key) and len(getattr(cfg, key)) != 4:
+            fail(f"--{key}={','.join(map(str, getattr(cfg, key)))}: give 4 comma-separated numbers, one per stage", code=2)
+    if cfg.s_max <= cfg.s_min:
+        fail(f"--s_max={cfg.s_max} must be larger than --s_min={cfg.s_min}", code=2)
+    if cfg.transformer_layers and cfg.transformer_dim % cfg.transformer_heads:
+        fail(f"--transformer_dim={cfg.transformer_dim} must be divisible by --transformer_heads={cfg.transformer_heads}",
+             code=2)
+    # AE-NE needs 5-7 blocks down to 1x1; the glimpses (image_size // 2 by default) a power of 2 >= 4
+    blocks = len(_ae_ne_geometry(cfg.image_size, cfg.image_size)[0])
+    g = cfg.glimpse_size or cfg.image_size // 2
+    if blocks not in Background.ENC or g < 4 or g & (g - 1):
+        ok = [s for s in (32, 64, 128) if len(_ae_ne_geometry(s, s)[0]) in Background.ENC]
+        why = (f"the AE-NE background model needs 5-7 blocks, {cfg.image_size} px gives {blocks}" if blocks not in
+               Background.ENC else f"the glimpse size {g} must be a power of 2 >= 4 (--glimpse_size, 0 = image_size // 2)")
+        fail(f"--image_size={cfg.image_size} with --glimpse_size={cfg.glimpse_size}: {why}; "
+             f"use e.g. --image_size={'/'.join(map(str, ok))} with --glimpse_size=0", code=2)
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +213,7 @@ def build_segformer(cfg, out_channels):
     """HF SegformerForSemanticSegmentation with num_labels = out_channels (= K + d_phi).
 
     The backbone comes from `cfg.pretrained` (local folder or hub id, via SegformerModel.from_pretrained,
-    as the official code) when given and loadable; otherwise one line is printed and the variant
+    as the official code) when given (exits with one line if it cannot be loaded); without it the variant
     `cfg.segformer` is built from SegformerConfig with random weights. The decode head is always
     randomly initialised (Sec. 5.1). Its logits are at 1/4 of the input resolution (not upsampled).
     """
@@ -194,9 +226,15 @@ def build_segformer(cfg, out_channels):
             net = SegformerForSemanticSegmentation(config)
             net.segformer = backbone
             return net
-        except Exception as e:  # noqa: BLE001 - offline, missing folder, bad files: all fall back alike
+        except Exception as e:  # noqa: BLE001 - offline, missing folder, bad files: all stop alike
+            # the paper needs the pretrained backbone (Sec. 5.1): random weights would silently learn little
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
-            print(f"--pretrained={cfg.pretrained}: cannot load ({first}); continuing from random initialisation")
+            if cfg.pretrained.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(cfg.pretrained)):
+                first = "no such folder"                    # not a hub id either: say so, not the hub's complaint
+            fail(f"--pretrained={cfg.pretrained}: cannot load ({first}); give a local folder with config.json and "
+                 f"the weights (model.safetensors or pytorch_model.bin, e.g. from save_pretrained), or a hub id "
+                 f"such as nvidia/mit-b3 with network access (or in the hub cache); leave --pretrained out to "
+                 f"start from random weights")
     v = dict(SEGFORMER_VARIANTS[cfg.segformer])
     if cfg.segformer_sizes:
         v["hidden_sizes"] = list(cfg.segformer_sizes)
@@ -807,9 +845,12 @@ def train_loader(cfg, ddp, batch_size, start_step, seed):
         fail(f"batch size {batch_size} must be divisible by the number of processes {ddp.world_size}")
     sampler = ResumableSampler(len(ds), batch_size, seed=seed, start_step=start_step,
                                rank=ddp.rank, world_size=ddp.world_size)
+    # its own generator: iter() would otherwise draw a seed from torch's RNG, so a run resumed at a phase
+    # boundary would continue from another RNG state than the uninterrupted run
     return torch.utils.data.DataLoader(ds, batch_size=batch_size // ddp.world_size, sampler=sampler,
                                        num_workers=cfg.num_workers, drop_last=True,
-                                       persistent_workers=cfg.num_workers > 0)
+                                       persistent_workers=cfg.num_workers > 0,
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -855,14 +896,72 @@ def format_metrics(m):
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
 
 
-_MODEL_KEYS = ("num_slots", "scaling", "feature_net", "segformer", "segformer_sizes", "segformer_depths",
-               "decoder_hidden_size", "z_what_dim", "transformer_dim", "transformer_heads", "transformer_ff",
-               "transformer_layers", "image_size", "glimpse_size", "bg_complex", "bg_input_scale", "bg_norm")
+# Every Config field that changes the model's parameters or its forward: a checkpoint refuses to resume under
+# another value, and --eval_only / --predict copy them from the checkpoint. Not here: pretrained and
+# bg_logit_init (initial values only, overwritten by the checkpoint), the losses' weights and the schedule.
+MODEL_KEYS = ("image_size", "num_slots", "scaling", "feature_net", "segformer", "segformer_sizes", "segformer_depths",
+              "decoder_hidden_size", "z_what_dim", "transformer_dim", "transformer_heads", "transformer_ff",
+              "transformer_layers", "transformer_dropout", "s_min", "s_max", "glimpse_size",
+              "official_activation_bug", "bg_complex", "bg_input_scale", "bg_norm")
+
+
+def _same(saved, value):
+    return saved == value or isinstance(value, tuple) and tuple(saved) == value
+
+
+def check_resume_config(ckpt, cfg, path):
+    """Exit with one line when the checkpoint at `path` was trained with another value of a MODEL_KEYS field."""
+    saved = ckpt.get("config") or {}
+    if saved.get("official_activation_bug") and cfg.init_from:   # switched on by loading an official checkpoint
+        cfg.official_activation_bug = True
+    for key in MODEL_KEYS:
+        if key in saved and not _same(saved[key], getattr(cfg, key)):
+            fail(f"{path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; pass --{key}={saved[key]} "
+                 f"to resume it, or start over with --resume=false or another --out_dir")
+
+
+def load_weights(model, state_dict, path):
+    """model.load_state_dict, or one line naming the file when it holds another model or config."""
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError) as e:
+        fail(f"{path}: its weights do not fit this model ({error_line(e)[:200]}); pass the settings it was "
+             f"trained with (--eval_only and --predict read them from the checkpoint) or choose another file")
+
+
+def load_model_file(model, path):
+    """Weights from one of our checkpoints or an official one (--init_from, --ckpt) into `model`; exits with one
+    line naming the file when it is missing, truncated, or of another model / config."""
+    try:
+        sd = load_checkpoint(path, weights_only=False)  # a file the user chose to trust
+    except CheckpointError as e:
+        fail(f"{e} (--init_from / --ckpt: give one of our ckpt.pt files or an official AST-Seg .pth)")
+    if "model" in sd and "config" in sd:                                 # one of ours
+        load_weights(model, sd["model"], path)
+    else:
+        try:
+            load_official(model, path)
+        except (KeyError, RuntimeError) as e:
+            fail(f"{path}: does not fit this model ({error_line(e)[:200]}); set --dataset/--num_slots/"
+                 f"--image_size/--scaling/--segformer to the checkpoint's settings")
+    print(f"loaded {path}")
+
+
+def phase_plan(cfg):
+    """One line: the steps of each phase and their global step ranges (printed at the start of training)."""
+    names = dict(background="background", foreground="foreground (background frozen)", joint="joint")
+    parts = [f"{names[p]} {b - a} steps [{a}, {b})" for p, a, b in phases(cfg)]
+    total = phases(cfg)[-1][2] if phases(cfg) else 0
+    return (f"plan ({cfg.scenario}{', --phase=background' if cfg.phase == 'background' else ''}): "
+            f"{', '.join(parts) or 'nothing to train'}; {total} steps in all (--max_steps={cfg.max_steps} "
+            f"counts the foreground steps" + (f", --bg_steps={cfg.bg_steps} the background ones)"
+                                              if cfg.scenario != "baseline" else ")"))
 
 
 def train(cfg):
     """The training loop over the scenario's phases: resumes from out_dir/ckpt.pt (phase included),
     logs to out_dir/metrics.jsonl, saves PNGs and an atomic checkpoint every eval_interval steps."""
+    check_out_dir(cfg.out_dir)
     ddp = ddp_setup(device=cfg.device)
     device = ddp.device
     seed_everything(cfg.seed + ddp.rank)
@@ -871,27 +970,25 @@ def train(cfg):
     schedule = phases(cfg)
     total = schedule[-1][2] if schedule else 0
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    step, ckpt = 0, None
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        for key in _MODEL_KEYS:
-            if key in ckpt["config"] and ckpt["config"][key] != getattr(cfg, key) and \
-                    not (isinstance(getattr(cfg, key), tuple) and tuple(ckpt["config"][key]) == getattr(cfg, key)):
-                fail(f"{ckpt_path} was trained with --{key}={ckpt['config'][key]}, not {getattr(cfg, key)}; "
-                     f"use another --out_dir or --resume=false")
-        model.load_state_dict(ckpt["model"])
+    step = 0
+    ckpt = load_resume_checkpoint(ckpt_path) if cfg.resume else None    # falls back to ckpt_prev.pt
+    if ckpt is not None:
+        check_resume_config(ckpt, cfg, ckpt_path)
+        load_weights(model, ckpt["model"], ckpt_path)
         step = ckpt["step"]
         if ddp.is_main:
             print(f"resuming from {ckpt_path} at step {step} (phase {ckpt['phase']})")
     elif cfg.init_from:
-        init = load_checkpoint(cfg.init_from, weights_only=False)
-        if "model" in init and "config" in init:                          # one of ours
-            model.load_state_dict(init["model"])
-        else:
-            load_official(model, cfg.init_from)
-        print(f"loaded {cfg.init_from}")
+        load_model_file(model, cfg.init_from)
+    elif cfg.feature_net == "segformer" and not cfg.pretrained and ddp.is_main:
+        print("no --pretrained: the Segformer backbone starts from random weights (the paper starts from "
+              "ImageNet weights and needs them, e.g. --pretrained=nvidia/mit-b3)")
+    if ddp.is_main:
+        print(phase_plan(cfg))
     end = min(total, cfg.stop_at) if cfg.stop_at else total
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl")) if ddp.is_main else None
+    if log is not None:
+        log.truncate(step)                                # a resumed run logs its later steps again
     bar = progress(total, initial=step, desc="train", disable=not ddp.is_main)
     state = dict(phase=None, optimizer=None)
 
@@ -912,11 +1009,14 @@ def train(cfg):
         if ckpt is not None and ckpt["phase"] == phase and ckpt["step"] > first:
             optimizer.load_state_dict(ckpt["optimizer"])
         state.update(phase=phase, optimizer=optimizer)
-        net = nn.parallel.DistributedDataParallel(model) if ddp.enabled else model
+        # DDP wraps what this phase trains, so its forward (and the gradient all-reduce) is used: the
+        # background phase calls only the AE-NE; the frozen parts hold no trainable parameters for DDP
+        trained = model.background if phase == "background" else model
+        net = nn.parallel.DistributedDataParallel(trained) if ddp.enabled else trained
         batch = cfg.bg_batch_size if phase == "background" else cfg.batch_size
         data_iter = iter(train_loader(cfg, ddp, batch, step - first, cfg.seed + index))
         if ckpt is not None:
-            set_rng_state(ckpt["rng"])                    # after iter(): it draws a seed from torch's RNG
+            set_rng_state(ckpt["rng"])
             ckpt = None
         model.train()
         t0 = time.time()
@@ -926,7 +1026,7 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if phase == "background":
-                loss = background_loss(images, net.module.background(images) if ddp.enabled else model.background(images))
+                loss = background_loss(images, net(images))
                 extra = {}
             else:
                 lam = pixel_weight_at(step - fg_start(cfg), cfg)                  # eq. (22) warmup
@@ -936,6 +1036,11 @@ def train(cfg):
                 extra = dict(rec_loss=out["rec_loss"].item(), pixel_loss=out["pixel_loss"].item(), pixel_weight=lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # no clipping in AST-Seg (0); the norm is of all-reduced gradients, so all DDP ranks stop together
+            grad_norm = clip_gradients(params, 0)
+            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+                bar.close()                               # the error line then starts a line of its own
+            check_finite_step(step, loss.item(), grad_norm, ckpt_path, lr)
             optimizer.step()
             step += 1
             bar.update()
@@ -955,76 +1060,71 @@ def train(cfg):
 
 
 def load_for_inference(cfg, device):
-    """Model from --init_from (ours or official), else from out_dir/ckpt.pt; exits if neither."""
+    """Model from --ckpt, else --init_from (ours or official), else out_dir/ckpt.pt; exits if none exists."""
     model = ASTSeg(cfg).to(device)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from:
-        sd = load_checkpoint(cfg.init_from, weights_only=False)  # a file the user chose to trust
-        if "model" in sd and "config" in sd:                               # one of ours
-            model.load_state_dict(sd["model"])
-        else:
-            load_official(model, cfg.init_from)
-        print(f"loaded {cfg.init_from}")
-    elif os.path.exists(ckpt_path):
-        model.load_state_dict(load_checkpoint(ckpt_path)["model"])
-        print(f"loaded {ckpt_path}")
-    else:
-        fail(f"no checkpoint at {ckpt_path}: train first (python ast_seg.py) or pass --init_from=PATH")
+    path = inference_checkpoint(cfg)
+    if not cfg.ckpt and not cfg.init_from and not os.path.exists(path):
+        fail(f"no checkpoint at {path}: train first (python ast_seg.py) or pass --ckpt=PATH")
+    load_model_file(model, path)
     return model.eval()
 
 
+def inference_checkpoint(cfg):
+    """The file --eval_only / --predict read: --ckpt, else --init_from, else out_dir/ckpt.pt (the output folder
+    may differ from the checkpoint's, which may be read-only)."""
+    return cfg.ckpt or cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+
+
 def checkpoint_config(cfg):
-    """Copy the model settings saved in one of our checkpoints into cfg so --eval_only needs no flags."""
-    path = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+    """Copy the model settings (MODEL_KEYS) saved in one of our checkpoints into cfg so --eval_only needs no flags."""
+    path = inference_checkpoint(cfg)
     if os.path.exists(path):
-        saved = load_checkpoint(path, weights_only=not cfg.init_from).get("config")
-        if saved:
-            for key in _MODEL_KEYS + ("s_min", "s_max", "official_activation_bug"):
+        try:
+            saved = load_checkpoint(path, weights_only=False).get("config")   # a file the user chose to trust
+        except CheckpointError as e:
+            fail(str(e))
+        if isinstance(saved, dict):
+            for key in MODEL_KEYS:
                 if key in saved:
                     setattr(cfg, key, type(getattr(cfg, key))(saved[key]))
     return cfg
 
 
-@torch.no_grad()
 def predict(cfg, device):
-    """Segment every image in --predict=FOLDER; writes <out_dir>/predict/<name>.png (input | recon | seg)."""
-    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-    if not os.path.isdir(cfg.predict):
-        fail(f"--predict={cfg.predict}: folder does not exist")
-    files = sorted(f for f in os.listdir(cfg.predict) if f.lower().endswith(exts))
-    if not files:
-        fail(f"--predict={cfg.predict}: no images ({', '.join(exts)}) found")
+    """--predict=FOLDER or FILE: common.predict_folder with this model, into <out_dir>/predict/
+    (<name>.png picture, <name>_labels.png slot index map; slot 0, the background, is black)."""
     model = load_for_inference(cfg, device)
-    out_dir = os.path.join(cfg.out_dir, "predict")
-    os.makedirs(out_dir, exist_ok=True)
-    for name in files:
-        path = os.path.join(cfg.predict, name)
-        try:
-            img = Image.open(path).convert("RGB")
-        except Exception as e:  # noqa: BLE001 - any decode error is reported the same way
-            fail(f"{path}: cannot read image ({e})")
-        side = min(img.size)                                               # centre crop to a square
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((cfg.image_size,) * 2, Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].to(device)
-        out = model(x)
-        seg = out["masks"].argmax(1).cpu()
-        save_image_grid(os.path.join(out_dir, os.path.splitext(name)[0] + ".png"),
-                        [("input", x.cpu()), ("recon", out["recon"].cpu().clamp(0, 1)), ("segments", labels_to_rgb(seg))])
-    print(f"wrote {len(files)} segmentations to {out_dir}")
+
+    def model_fn(x):
+        out = model(x.to(device))
+        return out["recon"].clamp(0, 1), out["masks"]
+    return predict_folder(cfg.predict, model_fn, cfg.image_size, os.path.join(cfg.out_dir, "predict"))
 
 
 def main(argv=None):
+    """Train, --eval_only or --predict. Errors of the data or of a checkpoint, also those re-raised from a
+    DataLoader worker, end as one line naming the file."""
+    try:
+        return _main(argv)
+    except (data.DatasetError, CheckpointError) as e:
+        fail(error_line(e))
+
+
+def _main(argv):
     cfg = build_config(argv)
     torch.set_flush_denormal(True)      # denormal floats made CPU steps up to 6x slower
     if cfg.eval_only or cfg.predict:
         cfg = checkpoint_config(cfg)
+        check_out_dir(cfg.out_dir)
         device = get_device(cfg.device)
         if cfg.predict:
             return predict(cfg, device)
         model = load_for_inference(cfg, device)
         metrics = evaluate(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
-        print(f"{cfg.dataset} test: {format_metrics(metrics)}")
+        path = os.path.join(cfg.out_dir, f"eval_{cfg.dataset}.json")
+        with open(path, "w") as f:
+            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=1)
+        print(f"{cfg.dataset} test: {format_metrics(metrics)}  (saved {path})")
         return metrics
     train(cfg)
 

@@ -27,23 +27,23 @@ The ablations of Tab. 7 are flags:  --init=gaussian|query  x  --grad=full|detach
     SA = gaussian/full   I-SA = gaussian/detach   BO-SA = gaussian/bo
     QSA = query/full     I-QSA = query/detach     BO-QSA = query/bo (default)
 """
+import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, asdict
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import data
-from common import (DTYPES, ObjectSegMetrics, ResumableSampler, MetricsLog, ddp_cleanup, ddp_setup, fail,
-                    fg_iou_dice, get_device, get_rng_state, labels_to_rgb, load_checkpoint, mse, nanmean, parse_args,
-                    progress, resolve_dtype, save_checkpoint, save_image_grid, save_slot_grid, seed_everything,
-                    segmentation_metrics, set_rng_state, train_autocast)
+from common import (DTYPES, CheckpointError, ObjectSegMetrics, ResumableSampler, MetricsLog, check_config,
+                    check_finite_step, check_out_dir, clip_gradients, ddp_cleanup, ddp_setup, error_line, fail,
+                    fg_iou_dice, get_device, get_rng_state, labels_to_rgb, load_checkpoint, load_resume_checkpoint,
+                    mse, nanmean, parse_args, predict_folder, progress, resolve_dtype, save_checkpoint, save_image_grid,
+                    save_slot_grid, seed_everything, segmentation_metrics, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -106,7 +106,8 @@ class Config:
     eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
     eval_items: int = 256           # test images used for the periodic evaluation (0 = whole split)
     resume: bool = True             # continue from out_dir/ckpt.pt when it exists
-    init_from: str = ""             # official BO-QSA checkpoint (.ckpt/.pt) to start from
+    init_from: str = ""             # official BO-QSA checkpoint (.ckpt/.pt) or one of ours to start from
+    ckpt: str = ""                  # --eval_only / --predict: checkpoint to use (default out_dir/ckpt.pt)
     eval_only: bool = False         # evaluate out_dir/ckpt.pt (or init_from) on the test split and exit
     predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
     concept_maps: bool = False      # with --eval_only: save each query's attention map (Sec. 5.4, Fig. 4)
@@ -171,10 +172,28 @@ def build_config(argv=None):
     if first.decoder == "transformer":
         preset.update(SLATE_PRESETS.get(first.dataset, _SLATE))
     cfg = parse_args(Config(**preset), argv)
+    check_config(cfg, positive=("image_size", "num_slots", "slot_dim", "mlp_dim", "hid_dim", "enc_strides",
+                                "dec_strides", "dec_init_size", "iters", "vocab_size", "dvae_hid", "d_model",
+                                "dec_layers", "dec_heads", "batch_size", "lr", "lr_dvae", "decay_steps",
+                                "log_interval", "eval_interval", "tau_start", "tau_final"),
+                 nonnegative=("num_workers", "sigma_steps", "tau_steps", "warmup_steps", "max_steps", "grad_clip",
+                              "attn_eps", "drop_path", "dec_dropout", "recon_items", "eval_items"),
+                 choices=dict(init=("query", "gaussian"), grad=("bo", "detach", "full")))
     for name in ("enc_kernel", "dec_kernel"):
         k = getattr(cfg, name)
         if k < 1 or k % 2 == 0:                                     # 'same' padding needs an odd kernel
             fail(f"--{name} must be an odd kernel size (3, 5, ...), got {k}")
+    enc = math.prod(cfg.enc_strides)
+    if cfg.image_size % enc:
+        fail(f"--image_size={cfg.image_size} is not divisible by the encoder strides' product {enc} "
+             f"(--enc_strides={','.join(map(str, cfg.enc_strides))})", code=2)
+    if cfg.decoder == "mixture" and cfg.dec_init_size * math.prod(cfg.dec_strides) != cfg.image_size:
+        fail(f"--image_size={cfg.image_size} does not match the decoder: --dec_init_size={cfg.dec_init_size} "
+             f"x prod(--dec_strides={','.join(map(str, cfg.dec_strides))}) = "
+             f"{cfg.dec_init_size * math.prod(cfg.dec_strides)}; set --dec_strides or --dec_init_size", code=2)
+    if cfg.decoder == "transformer" and (cfg.image_size % 4 or cfg.d_model % cfg.dec_heads):
+        fail(f"--decoder=transformer needs --image_size divisible by 4 (dVAE patches) and --d_model divisible "
+             f"by --dec_heads; got {cfg.image_size}, {cfg.d_model}, {cfg.dec_heads}", code=2)
     return cfg
 
 
@@ -857,24 +876,23 @@ def train(cfg):
     if cfg.dtype == "auto" and ddp.is_main:
         print(f"--dtype=auto: training in {dtype} ({'native' if dtype == 'bfloat16' else 'no native'} bf16 "
               f"on {device.type})")
+    if ddp.is_main:
+        check_out_dir(cfg.out_dir)
     model = BOQSA(cfg).to(device)
     optimizer = torch.optim.Adam(param_groups(model, cfg))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step, ckpt = 0, None
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        for key in ("decoder", "num_slots", "slot_dim", "image_size", "init", "hid_dim", "vocab_size", "d_model"):
-            saved = ckpt["config"].get(key, getattr(Config(), key))
-            if saved != getattr(cfg, key):
-                fail(f"{ckpt_path} was trained with --{key}={saved}, not {getattr(cfg, key)}; "
-                     f"use another --out_dir or --resume=false")
+    if cfg.resume:
+        ckpt = load_resume_checkpoint(ckpt_path)                           # ckpt.pt, else ckpt_prev.pt, else None
+    if ckpt is not None:
+        check_same_model(ckpt["config"], cfg, ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         if ddp.is_main:
             print(f"resuming from {ckpt_path} at step {step}")
     elif cfg.init_from:
-        load_official(model, cfg.init_from)
+        load_init(model, cfg.init_from)
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -885,6 +903,8 @@ def train(cfg):
     if ckpt is not None:
         set_rng_state(ckpt["rng"])                        # after iter(): it draws a seed from torch's RNG
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl")) if ddp.is_main else None
+    if log is not None:
+        log.truncate(step)                                # lines past the checkpoint's step would repeat
 
     def save_and_evaluate():
         rng = get_rng_state()                             # evaluation must not move the training RNG
@@ -909,7 +929,8 @@ def train(cfg):
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # Tab. 11: clip at 1.0
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)      # Tab. 11: clip at 1.0 (0 = off)
+        check_finite_step(step, loss.item(), grad_norm, ckpt_path, cfg.lr)  # a diverged run stops here
         optimizer.step()
         step += 1
         bar.update()
@@ -931,28 +952,50 @@ def train(cfg):
 # 5. Evaluation and prediction
 
 
-def load_for_inference(cfg, device):
-    """Model from --init_from (ours or official), else from out_dir/ckpt.pt; exits if neither."""
-    model = BOQSA(cfg).to(device)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from:
-        sd = load_checkpoint(cfg.init_from, weights_only=False)  # a file the user chose to trust
-        if "model" in sd and "config" in sd:                               # one of ours
+def load_init(model, path):
+    """Load --init_from into `model`: one of our checkpoints (its "model"), or an official one (converted).
+    Exits with one line when the file is missing, truncated, or was made for another model or config."""
+    sd = load_checkpoint(path, weights_only=False)                         # a file the user chose to trust
+    if "model" in sd and "config" in sd:                                   # one of ours
+        try:
             model.load_state_dict(sd["model"])
-        else:
-            load_official(model, cfg.init_from)
-        print(f"loaded {cfg.init_from}")
-    elif os.path.exists(ckpt_path):
-        model.load_state_dict(load_checkpoint(ckpt_path)["model"])
-        print(f"loaded {ckpt_path}")
+        except RuntimeError as e:
+            fail(f"{path} was trained with another model or config ({error_line(e)[:160]}); pass its flags "
+                 f"(e.g. --dataset, --decoder, --num_slots, --image_size) or use --eval_only, which reads them")
     else:
-        fail(f"no checkpoint at {ckpt_path}: train first (python boqsa.py) or pass --init_from=PATH")
+        load_official(model, path)
+
+
+def inference_checkpoint(cfg):
+    """The checkpoint --eval_only / --predict use: --ckpt, else --init_from, else out_dir/ckpt.pt."""
+    return cfg.ckpt or cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+
+
+def load_for_inference(cfg, device):
+    """Model from --ckpt / --init_from (ours or official) / out_dir/ckpt.pt; exits with one line if none."""
+    model = BOQSA(cfg).to(device)
+    path = inference_checkpoint(cfg)
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}: train first (python boqsa.py) or pass --ckpt=PATH / --init_from=PATH")
+    load_init(model, path)
+    print(f"loaded {path}")
     return model.eval()
 
 
-_MODEL_KEYS = ("decoder", "num_slots", "slot_dim", "mlp_dim", "hid_dim", "enc_strides", "dec_strides", "dec_init_size",
+MODEL_KEYS = ("decoder", "num_slots", "slot_dim", "mlp_dim", "hid_dim", "enc_strides", "dec_strides", "dec_init_size",
                "init", "iters", "attn_eps", "image_size", "vocab_size", "dvae_hid", "dvae_kernel", "d_model",
                "dec_layers", "dec_heads", "tau_final", "enc_kernel", "dec_kernel")
+
+
+def check_same_model(saved, cfg, path):
+    """Exit with one line if the checkpoint's config `saved` differs from cfg in any MODEL_KEYS field."""
+    for key in MODEL_KEYS:
+        if key not in saved:
+            continue
+        value = type(getattr(cfg, key))(saved[key])
+        if value != getattr(cfg, key):
+            fail(f"{path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
+                 f"use another --out_dir or --resume=false")
 
 
 def checkpoint_config(cfg, explicit=()):
@@ -962,49 +1005,32 @@ def checkpoint_config(cfg, explicit=()):
     then loaded at the checkpoint's image size. Keys in `explicit` keep the command line's value;
     only --iters may differ from training (Fig. 2: test-time iterations), the others are model shape.
     """
-    path = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+    path = inference_checkpoint(cfg)
     if os.path.exists(path):
-        saved = load_checkpoint(path, weights_only=not cfg.init_from).get("config")
-        if saved:
-            for key in _MODEL_KEYS:
+        saved = load_checkpoint(path, weights_only=False).get("config")  # official ones pickle hparams
+        if isinstance(saved, dict):
+            for key in MODEL_KEYS:
                 if key in saved and not (key == "iters" and key in explicit):
                     setattr(cfg, key, type(getattr(cfg, key))(saved[key]))
     return cfg
 
 
-@torch.no_grad()
 def predict(cfg, device):
-    """Segment every image in --predict=FOLDER; writes <out_dir>/predict/<name>.png (input | recon | seg)."""
-    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-    if not os.path.isdir(cfg.predict):
-        fail(f"--predict={cfg.predict}: folder does not exist")
-    files = sorted(f for f in os.listdir(cfg.predict) if f.lower().endswith(exts))
-    if not files:
-        fail(f"--predict={cfg.predict}: no images ({', '.join(exts)}) found")
+    """--predict=FOLDER or FILE: common.predict_folder with this model, into <out_dir>/predict/
+    (<name>.png picture, <name>_labels.png slot index map). Every slot is coloured (no background slot)."""
     model = load_for_inference(cfg, device)
-    out_dir = os.path.join(cfg.out_dir, "predict")
-    os.makedirs(out_dir, exist_ok=True)
-    for name in files:
-        path = os.path.join(cfg.predict, name)
-        try:
-            img = Image.open(path).convert("RGB")
-        except Exception as e:  # noqa: BLE001 - any decode error is reported the same way
-            fail(f"{path}: cannot read image ({e})")
-        side = min(img.size)                                               # centre crop to a square
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((cfg.image_size,) * 2, Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].to(device)
-        out = model(x)
-        seg = out["masks"].argmax(1).cpu() + 1
-        save_image_grid(os.path.join(out_dir, os.path.splitext(name)[0] + ".png"),
-                        [("input", x.cpu()), ("recon", out["recon"].cpu().clamp(0, 1)), ("segments", labels_to_rgb(seg))])
-    print(f"wrote {len(files)} segmentations to {out_dir}")
+
+    def model_fn(x):
+        out = model(x.to(device))
+        return out["recon"].clamp(0, 1), out["masks"]
+    return predict_folder(cfg.predict, model_fn, cfg.image_size, os.path.join(cfg.out_dir, "predict"), label_offset=1)
 
 
-def main(argv=None):
-    cfg = build_config(argv)
+def run(cfg, argv=None):
+    """--predict, --eval_only (results also in <out_dir>/eval_<dataset>.json) or training."""
     if cfg.eval_only or cfg.predict:
         cfg = checkpoint_config(cfg, explicit_flags(argv))
+        check_out_dir(cfg.out_dir)                        # may differ from the checkpoint's (read-only) folder
         device = get_device(cfg.device)
         if cfg.predict:
             return predict(cfg, device)
@@ -1014,9 +1040,21 @@ def main(argv=None):
             save_concept_maps(model, cfg, device, path)
             print(f"wrote the queries' attention maps to {path}")
         metrics = evaluate(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
-        print(f"{cfg.dataset} test ({cfg.iters} slot-attention iterations): {format_metrics(metrics)}")
+        path = os.path.join(cfg.out_dir, f"eval_{cfg.dataset}.json")
+        with open(path, "w") as f:
+            json.dump(dict(metrics, checkpoint=inference_checkpoint(cfg), iters=cfg.iters), f, indent=1)
+        print(f"{cfg.dataset} test ({cfg.iters} slot-attention iterations): {format_metrics(metrics)}  "
+              f"(saved {path})")
         return metrics
     train(cfg)
+
+
+def main(argv=None):
+    cfg = build_config(argv)
+    try:
+        return run(cfg, argv)
+    except (data.DatasetError, CheckpointError) as e:  # also when re-raised by a DataLoader worker
+        fail(error_line(e))
 
 
 if __name__ == "__main__":

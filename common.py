@@ -14,12 +14,16 @@ Contents
    parse_args, apply_overrides, config_to_dict, ConfigError
 3. Runtime
    seed_everything, get_device, DDPInfo, ddp_setup, ddp_cleanup, all_reduce_mean
-4. Checkpoints (atomic writes, RNG state)
-   save_checkpoint, load_checkpoint, CheckpointError, get_rng_state, set_rng_state
-5. Logging / progress
-   MetricsLog, progress, fail, ResumableSampler
+4. Checkpoints (atomic writes, the previous one kept, RNG state)
+   save_checkpoint, load_checkpoint, load_resume_checkpoint, prev_checkpoint_path, non_finite_tensors,
+   CheckpointError, get_rng_state, set_rng_state
+5. Logging / progress / training-loop checks
+   MetricsLog, progress, fail, error_line, ResumableSampler,
+   clip_gradients, check_finite_step, check_config, check_out_dir
 6. Visualisation (Pillow)
    PALETTE, labels_to_rgb, to_uint8_image, save_image_grid, save_slot_grid
+7. Prediction on the user's own images (--predict of every script)
+   predict_folder, load_rgb, PREDICT_EXTS
 
 Label maps everywhere are integer tensors `[B, H, W]` where 0 is background and the
 other labels need not be contiguous (e.g. {0, 3, 7}).
@@ -62,11 +66,16 @@ __all__ = [
     "seed_everything", "get_device", "DTYPES", "native_bf16", "resolve_dtype", "train_autocast", "DDPInfo",
     "ddp_setup", "ddp_cleanup", "all_reduce_mean",
     # checkpoints
-    "save_checkpoint", "load_checkpoint", "CheckpointError", "get_rng_state", "set_rng_state",
+    "save_checkpoint", "load_checkpoint", "load_resume_checkpoint", "prev_checkpoint_path", "non_finite_tensors",
+    "CheckpointError", "get_rng_state", "set_rng_state",
     # logging
-    "MetricsLog", "progress", "fail", "ResumableSampler",
+    "MetricsLog", "progress", "fail", "error_line", "ResumableSampler",
+    # training-loop checks
+    "clip_gradients", "check_finite_step", "check_config", "check_out_dir",
     # visualisation
     "PALETTE", "labels_to_rgb", "to_uint8_image", "save_image_grid", "save_slot_grid",
+    # prediction
+    "predict_folder", "load_rgb", "PREDICT_EXTS",
 ]
 
 
@@ -813,22 +822,44 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, unreadable or corrupt (message: one line)."""
 
 
-def save_checkpoint(path, state: dict) -> Path:
-    """Write `state` atomically with torch.save.
+def prev_checkpoint_path(path) -> Path:
+    """Where `save_checkpoint` keeps the previous checkpoint: ckpt.pt -> ckpt_prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_prev{path.suffix}")
+
+
+def non_finite_tensors(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or inf."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def save_checkpoint(path, state: dict, keep_prev: bool = True) -> Path:
+    """Write `state` atomically with torch.save, keeping the previous checkpoint.
 
     The data goes to a temp file in the same directory, is flushed and fsync'ed, then
-    `os.replace`d over `path`, so a crash never leaves a half-written checkpoint (the old
-    one survives). Parent directories are created.
+    `os.replace`d over `path`, so a crash never leaves a half-written checkpoint. With
+    `keep_prev` the file it replaces is first renamed to `prev_checkpoint_path(path)`
+    (ckpt.pt -> ckpt_prev.pt), so a corrupt file never leaves nothing to resume from.
+    Parent directories are created.
 
     Args:
         path: destination file (str or Path).
         state: dict of tensors / state_dicts / plain Python values. Keep to types that
             `torch.load(weights_only=True)` accepts (no numpy objects): use
             `get_rng_state()` for RNG states and `float(x)` for numpy scalars.
+        keep_prev: keep the replaced file as <stem>_prev<suffix>.
     Returns:
         the Path written.
+    Raises:
+        CheckpointError (nothing is written) when `state["model"]` has NaN/inf weights.
     """
     path = Path(path)
+    bad = non_finite_tensors(state.get("model", {})) if isinstance(state.get("model"), dict) else []
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: the model has non-finite weights ({bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); the last good "
+                              f"checkpoint is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -836,6 +867,8 @@ def save_checkpoint(path, state: dict) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_prev and path.exists():
+            os.replace(path, prev_checkpoint_path(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -890,6 +923,28 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict; "
                               f"it was not written by save_checkpoint")
     return state
+
+
+def load_resume_checkpoint(path) -> dict | None:
+    """The checkpoint to resume from: `path`, or, if that is corrupt or missing, its `_prev` copy.
+
+    Removes stale temp files that an interrupted `save_checkpoint` left next to `path`. Prints one
+    warning line when it falls back to the previous checkpoint. Returns None when neither file exists.
+    Raises CheckpointError (one line) when the files that exist are all unreadable.
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
+        stale.unlink(missing_ok=True)
+    prev = prev_checkpoint_path(path)
+    if not path.exists() and not prev.exists():
+        return None
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        if not prev.exists():
+            raise
+        print(f"warning: {e}; resuming from the previous checkpoint {prev}", file=sys.stderr)
+        return load_checkpoint(prev)
 
 
 def get_rng_state() -> dict:
@@ -984,6 +1039,18 @@ class MetricsLog:
             f.flush()
         return record
 
+    def truncate(self, step: int) -> int:
+        """Drop the records logged after `step` (on resume from a checkpoint of that step, so no step
+        appears twice). Rewrites the file atomically; returns the number of records dropped."""
+        records = self.read()
+        keep = [r for r in records if int(r.get("step", 0)) <= step]
+        if len(keep) < len(records):
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(tmp, self.path)
+        return len(records) - len(keep)
+
     def read(self) -> list[dict]:
         """All records in file order ([] when the file does not exist yet)."""
         if not self.path.exists():
@@ -1053,10 +1120,79 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def fail(msg: str, code: int = 1) -> typing.NoReturn:
-    """Print `error: {msg}` as a single line to stderr and exit with `code` (SystemExit)."""
+    """Print `error: {msg}` as a single line to stderr and exit with `code` (SystemExit).
+    Open progress bars are closed first, so the error is on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     one_line = " ".join(str(msg).split())  # newlines would break the one-line contract
     print(f"error: {one_line}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one-line message of an exception. An error raised in a DataLoader worker comes back with the
+    worker's whole traceback in its message ("Caught X in DataLoader worker process 0. Original
+    Traceback ..."): this returns the original exception's own message."""
+    msg = str(exc)
+    if "Original Traceback" in msg:
+        last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+        msg = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception)\w*: ", last) else last
+    return " ".join(msg.split()) or type(exc).__name__
+
+
+def clip_gradients(parameters, max_norm: float) -> float:
+    """Total L2 norm of the gradients before clipping, as a float; clips them to `max_norm` when
+    max_norm > 0 (0 = no clipping, as the official min-cut and AST code)."""
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf")))
+
+
+def check_finite_step(step: int, loss: float, grad_norm: float, ckpt_path, lr: float) -> None:
+    """Stop a diverged run: exits with one line (step, loss, gradient norm, the last good checkpoint
+    and how to resume at a lower learning rate) when the loss or the gradient norm is NaN or inf.
+    Call it after backward and before optimizer.step(), so no non-finite update is applied."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    ckpt = Path(ckpt_path)
+    last = (f"the last good checkpoint is {ckpt}; resume from it at a lower learning rate, e.g. --lr={lr / 10:g}"
+            if ckpt.exists() else "no checkpoint was written yet; start again at a lower learning rate, "
+                                  f"e.g. --lr={lr / 10:g}")
+    fail(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped, {last}")
+
+
+def check_config(cfg, positive: Sequence[str] = (), nonnegative: Sequence[str] = (),
+                 choices: dict | None = None) -> None:
+    """Validate config values before any data is loaded: exits with one line naming the flag.
+
+    positive: fields that must be > 0; nonnegative: fields that must be >= 0; choices: field -> allowed values.
+    """
+    for name in positive:
+        v = getattr(cfg, name)
+        if isinstance(v, (tuple, list)) and any(x <= 0 for x in v) or not isinstance(v, (tuple, list)) and v <= 0:
+            fail(f"--{name} must be > 0, got {v}", code=2)
+    for name in nonnegative:
+        v = getattr(cfg, name)
+        if v < 0:
+            fail(f"--{name} must be >= 0, got {v}", code=2)
+    for name, allowed in (choices or {}).items():
+        if getattr(cfg, name) not in allowed:
+            fail(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(map(str, allowed))}", code=2)
+
+
+def check_out_dir(path) -> None:
+    """Exit with one line unless `path` is (or can be made) a writable folder: called at start, so a
+    long run never fails at its first checkpoint."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        fail(f"--out_dir={path} is a file, not a folder; choose another --out_dir")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        fail(f"--out_dir={path} is not writable ({e.strerror or e}); choose another --out_dir")
 
 
 # =============================================================================
@@ -1122,7 +1258,7 @@ def _label_font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
-def save_image_grid(path, rows: list[tuple[str, torch.Tensor]], max_images: int = 8) -> Path:
+def save_image_grid(path, rows: list[tuple[str, torch.Tensor]], max_images: int = 8, min_side: int = 0) -> Path:
     """Write one PNG with a row per (name, images) pair and a column per batch element.
 
     Layout (pad = 2 px, white background, black labels in PIL's default font):
@@ -1136,6 +1272,8 @@ def save_image_grid(path, rows: list[tuple[str, torch.Tensor]], max_images: int 
         rows: list of (name, tensor `[B, 3, H, W]` or `[B, 1, H, W]`, values in [0, 1],
             clamped); rows may have different B and H.
         max_images: at most this many batch elements per row.
+        min_side: enlarge each row's images by the integer factor ceil(min_side / min(H, W))
+            (nearest, so model pixels stay sharp squares); 0 = as they are.
     Returns:
         the Path written.
     Raises:
@@ -1146,6 +1284,9 @@ def save_image_grid(path, rows: list[tuple[str, torch.Tensor]], max_images: int 
     for name, t in rows:
         if t.dim() != 4 or t.shape[1] not in (1, 3):
             raise ValueError(f"row {name!r}: expected [B, 3, H, W], got {tuple(t.shape)}")
+    if min_side:
+        factors = [max(1, math.ceil(min_side / min(t.shape[2:]))) for _, t in rows]
+        rows = [(name, t.repeat_interleave(f, 2).repeat_interleave(f, 3)) for (name, t), f in zip(rows, factors)]
     font = _label_font()
     label_w = max(math.ceil(font.getlength(name)) for name, _ in rows)
     text_h = font.getbbox("Ag")[3]
@@ -1192,3 +1333,87 @@ def save_slot_grid(path, image, recon, pred_seg, true_seg=None, slot_recons=None
             raise ValueError(f"slot_recons must be [B, K, 3, H, W], got {tuple(slot_recons.shape)}")
         rows += [(f"slot {k}", slot_recons[:, k]) for k in range(slot_recons.shape[1])]
     return save_image_grid(path, rows, max_images=max_images)
+
+
+# =============================================================================
+# 7. Prediction on the user's own images (--predict)
+# =============================================================================
+
+PREDICT_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_rgb(path) -> Image.Image:
+    """Read any image file Pillow opens as an 8-bit RGB PIL.Image, scaled by its bit depth.
+
+    Pillow's own convert("RGB") clips 16-bit grey at 255 (all white), so integer grey ("I;16*",
+    and "I", as which some 16-bit files open) is divided by 65535 and float grey ("F") is taken
+    as [0, 1] when its max is <= 1, else as [0, 255]. Palette images with transparency go via
+    RGBA; everything else ("1", "L", "LA", "P", "RGBA", "CMYK", "YCbCr", ...) via convert("RGB"),
+    alpha dropped. Raises what Pillow raises for a missing, unreadable or unconvertible file.
+    """
+    with Image.open(path) as img:
+        img.load()
+        if img.mode.startswith("I") or img.mode == "F":
+            a = np.asarray(img, dtype=np.float64)
+            scale = 65535.0 if img.mode.startswith("I") else (1.0 if a.max(initial=0) <= 1 else 255.0)
+            a = np.clip(np.rint(a / scale * 255.0), 0, 255).astype(np.uint8)
+            return Image.fromarray(np.repeat(a[..., None], 3, axis=-1))      # uint8 [H,W,3]: RGB
+        if img.mode == "P" and "transparency" in img.info:
+            return img.convert("RGBA").convert("RGB")
+        return img.convert("RGB")
+
+
+def predict_folder(path, model_fn, image_size: int, out_dir, label_offset: int = 0, min_side: int = 128,
+                   flag: str = "--predict") -> list[Path]:
+    """Segment one image file, or every image (PREDICT_EXTS) in a folder, with a trained model.
+
+    Each image is read by `load_rgb`, centre-cropped to a square, resized to image_size x
+    image_size (BILINEAR) and given to `model_fn` as float32 [1, 3, S, S] in [0, 1] on the CPU,
+    under torch.no_grad(). model_fn(x) -> (recon [1, 3, S, S] in [0, 1], masks [1, K, S, S]),
+    on any device, K <= 256. For an input file NAME (its whole name, extension included, so a.png
+    and a.jpg do not overwrite each other) it writes into out_dir:
+      NAME.png         rows "input", "reconstruction", "segmentation" (argmax over slots, plus
+                       label_offset, coloured by PALETTE), each panel enlarged (nearest, integer
+                       factor) to at least min_side px on its side
+      NAME_labels.png  uint8 grey PNG [S, S] at the model's resolution: the slot index 0..K-1
+                       (argmax over slots) of each pixel, for downstream use
+    label_offset: 1 gives every slot a colour; 0 paints slot 0 black (a background slot).
+    A file that cannot be read is skipped with a one-line warning on stderr; one summary line
+    goes to stdout. Exits via `fail` (one line, status 1) when path does not exist, a folder
+    holds no image file, or no image could be read. Returns the pictures written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in PREDICT_EXTS)
+        if not files:
+            fail(f"{flag}={path}: no images ({', '.join(PREDICT_EXTS)}) found in the folder")
+    elif path.is_file():
+        files = [path]                      # an explicit file is tried whatever its extension
+    else:
+        fail(f"{flag}={path}: no such file or folder")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, skipped = [], 0
+    for f in files:
+        try:
+            img = load_rgb(f)
+        except Exception as e:  # noqa: BLE001 - any decode error is reported the same way
+            skipped += 1
+            print(" ".join(f"warning: {f}: cannot read image ({type(e).__name__}: {e}); skipped".split()),
+                  file=sys.stderr, flush=True)
+            continue
+        side = min(img.size)                                               # centre crop to a square
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((image_size,) * 2, Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            recon, masks = model_fn(x)
+        labels = masks.detach().float().argmax(1).cpu()                    # [1, S, S] slot index
+        rows = [("input", x), ("reconstruction", recon.detach().float().cpu().clamp(0, 1)),
+                ("segmentation", labels_to_rgb(labels + label_offset))]
+        written.append(save_image_grid(out_dir / f"{f.name}.png", rows, min_side=min_side))
+        Image.fromarray(labels[0].numpy().astype(np.uint8)).save(out_dir / f"{f.name}_labels.png")  # mode L
+    if not written:
+        fail(f"{flag}={path}: none of the {len(files)} file(s) could be read as an image; nothing written")
+    print(f"wrote {len(written)} segmentation(s) to {out_dir} ({skipped} skipped)")
+    return written

@@ -749,6 +749,30 @@ def _open_image(path, label=None):
         raise DatasetError(f"cannot read image {label or path}: {type(e).__name__}: {e}") from None
 
 
+def _image_hw(path):
+    """(H, W) from the file's header only (PIL decodes lazily). DatasetError if missing/corrupt."""
+    try:
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except FileNotFoundError:
+        raise DatasetError(f"expected image file {path} (not found)") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def _check_mask_size(mask_path, mask_hw, image_path, image_hw):
+    """Raise DatasetError unless a mask [H,W] has its image's (H, W).
+
+    Called on the decoded sizes before any crop or resize: a mask of another size would be cut
+    with the image's crop box and give wrong ground truth without any error. The paths may be
+    labels (e.g. "FILE record 3 frame 0") for data inside a TFRecord.
+    """
+    (mh, mw), (ih, iw) = tuple(mask_hw)[:2], tuple(image_hw)[:2]
+    if (mh, mw) != (ih, iw):
+        raise DatasetError(f"{mask_path}: mask is {mw}x{mh} but its image {image_path} is {iw}x{ih}; "
+                           f"the mask must have the image's size (re-export the dataset)")
+
+
 def _rgb(img):
     """PIL image -> uint8 [H,W,3] (alpha dropped, grey expanded)."""
     if img.mode not in ("RGB", "RGBA"):
@@ -793,6 +817,18 @@ def _split_slice(n, split, fractions=(0.1, 0.1)):
     """ClevrTex convention on n sorted items: test = first 10%, val = next 10%, train = rest."""
     a, b = int(fractions[0] * n), int((fractions[0] + fractions[1]) * n)
     return {"test": (0, a), "val": (a, b), "train": (b, n)}[split]
+
+
+def _empty_split_error(name, root, split, found, unit="images"):
+    """DatasetError for a split of _split_slice that came out empty: the counts and the rule.
+
+    E.g. 3 images: test = int(0.3) = 0 images. The minimum is the smallest n whose slice is not
+    empty (test 10, val 5, train 1).
+    """
+    need = next(n for n in range(1, 1000) if (lambda a, b: b > a)(*_split_slice(n, split)))
+    rule = {"test": "the first 10%", "val": "the next 10%", "train": "what is left after 20%"}[split]
+    return DatasetError(f"{name} at {root}: the {split} split is empty ({found} {unit} found; the {split} split "
+                        f"is {rule}, so at least {need} {unit} are needed)")
 
 
 def _check_split(name, split):
@@ -1066,6 +1102,7 @@ class ShapeStacks(_Base):
         if not self.has_masks:
             return _item(image)
         seg = np.asarray(_open_image(map_path))
+        _check_mask_size(map_path, seg.shape, rgb_path, img.shape)
         seg = seg[..., 0] if seg.ndim == 3 else seg
         label = np.rint(seg.astype(np.float32) / 32).astype(np.int64)
         label[label >= 7] = 0   # 7 = unassigned pixels
@@ -1210,9 +1247,11 @@ class ObjectsRoom(_DeepMindTFRecord):
         if not self.png_dir:
             return super().__getitem__(index)
         fn = self.files[index]
-        image = _rgb(_open_image(os.path.join(self.png_dir, "images", fn)))
+        ipath = os.path.join(self.png_dir, "images", fn)
+        image = _rgb(_open_image(ipath))
         mpath = os.path.join(self.png_dir, "masks", fn.replace("img_", "mask_"))
         raw = np.asarray(_open_image(mpath)).astype(np.int64)
+        _check_mask_size(mpath, raw.shape, ipath, image.shape)
         label = np.where(raw > self.n_bg_png, raw - self.n_bg_png, 0)   # value c + 1 for channel c
         return self._finish(image, label)
 
@@ -1270,13 +1309,23 @@ class Clevr(_DeepMindTFRecord):
             a, b = _split_slice(len(ids), split)
             ids = ids[a:b]
         if max_objects is not None:
+            n_split = len(ids)
             ids = [i for i in ids if (self._png_masks(i)[1:].reshape(10, -1).max(1) > 0).sum() <= max_objects]
+            if not ids:
+                raise DatasetError(f"{self.name} at {root}: the {split} split is empty (none of its {n_split} "
+                                   f"scene(s) has at most {max_objects} objects)")
         self.records = ids[:max_items] if max_items is not None else ids
 
-    def _png_masks(self, i):
+    def _png_masks(self, i, image_hw=None):
+        """uint8 masks [11,H,W] of scene i, each checked against the image's size (read from its
+        header when image_hw is None, as in the CLEVR6 filter)."""
+        ipath = os.path.join(self.png_dir, f"CLEVR_image_{i}.png")
+        image_hw = _image_hw(ipath) if image_hw is None else image_hw
         ms = []
         for k in range(11):
-            m = np.asarray(_open_image(os.path.join(self.png_dir, f"CLEVR_mask_{i}_{k}.png")))
+            mpath = os.path.join(self.png_dir, f"CLEVR_mask_{i}_{k}.png")
+            m = np.asarray(_open_image(mpath))
+            _check_mask_size(mpath, m.shape, ipath, image_hw)
             ms.append(m[..., 0] if m.ndim == 3 else m)
         return np.stack(ms)
 
@@ -1287,7 +1336,7 @@ class Clevr(_DeepMindTFRecord):
         image = _rgb(_open_image(os.path.join(self.png_dir, f"CLEVR_image_{i}.png")))
         if self.bgr:
             image = image[..., ::-1]
-        return self._finish(image, _labels_from_channels(self._png_masks(i), 1))
+        return self._finish(image, _labels_from_channels(self._png_masks(i, image.shape[:2]), 1))
 
 
 class Clevr6(Clevr):
@@ -1344,6 +1393,8 @@ class ClevrTex(_Base):
         items.sort()
         if self.variant != "outd":
             a, b = _split_slice(len(items), split)
+            if a == b:
+                raise _empty_split_error(self.name, root, split, len(items))
             items = items[a:b]
         self.items = items[:max_items] if max_items is not None else items
 
@@ -1357,6 +1408,7 @@ class ClevrTex(_Base):
         if msk.mode not in ("P", "L", "I", "I;16"):
             raise DatasetError(f"{self.name}: {mp} is a {msk.mode} image, expected a palette PNG of object ids")
         label = np.asarray(msk).astype(np.int64)
+        _check_mask_size(mp, label.shape, ip, img.shape)
         box = _centre_box(img.shape[1], img.shape[0], self.crop) if self.crop else None
         return _item(_resize_rgb(_crop(img, box), self.image_size), _resize_labels(_crop(label, box), self.image_size))
 
@@ -1473,6 +1525,7 @@ class MoviA(_Base):
             rgb = [_rgb(_open_image(os.path.join(d, f"rgba_{t:05d}.png"))) for t in frames]
             seg = [_png_labels(os.path.join(d, f"segmentation_{t:05d}.png"), os.path.join(d, f"segmentation_{t:05d}.png"))
                    for t in frames]
+            names = [(os.path.join(d, f"segmentation_{t:05d}.png"), os.path.join(d, f"rgba_{t:05d}.png")) for t in frames]
         else:
             s, r = self._index()[index]
             path = self.shards[s]
@@ -1482,6 +1535,9 @@ class MoviA(_Base):
             frames = self._frames(len(ex["video"]))
             rgb = [_rgb(_open_image(ex["video"][t], f"{path} record {r} video frame {t}")) for t in frames]
             seg = [_png_labels(ex["segmentations"][t], f"{path} record {r} segmentation frame {t}") for t in frames]
+            names = [(f"{path} record {r} segmentation frame {t}", f"{path} record {r} video frame {t}") for t in frames]
+        for a, b, (mask_name, image_name) in zip(seg, rgb, names):
+            _check_mask_size(mask_name, a.shape, image_name, b.shape)
         seg = [a[..., 0] if a.ndim == 3 else a for a in seg]
         box = _centre_box(rgb[0].shape[1], rgb[0].shape[0], self.crop) if self.crop else None
         rgb = np.stack([_resize_rgb(_crop(a, box), self.image_size) for a in rgb])
@@ -1608,6 +1664,8 @@ class Foreground(_Base):
         else:
             names = sorted(imgs)
             a, b = _split_slice(len(names), split)
+            if a == b:
+                raise _empty_split_error(self.name, root, split, len(names))
             names = names[a:b]
         items = []
         for n in names:
@@ -1629,9 +1687,9 @@ class Foreground(_Base):
             fg = ~((s[..., 2] > 200) & (s[..., 0] < 60) & (s[..., 1] < 60))
         else:
             fg = np.asarray(m.convert("L")) > 127
-        if fg.shape != img.shape[:2]:
-            raise DatasetError(f"{self.name}: mask {mp} is {fg.shape[1]}x{fg.shape[0]}, image {ip} is "
-                               f"{img.shape[1]}x{img.shape[0]}")
+        # every layout stores the mask at its image's size (DRC: both *_resized.png files are already
+        # resized; CUB: the bounding-box crop is applied below to both), so any difference is an error
+        _check_mask_size(mp, fg.shape, ip, img.shape)
         box = None
         if bbox is not None:   # DRC: square of 1.5 x the longer box side around the box centre
             x, y, bw, bh = bbox
@@ -1712,9 +1770,7 @@ class YangYang(_Base):
             mp = os.path.join(self.root, self.split, "mask", name)
             mask = np.asarray(_open_image(mp))
             mask = mask[..., 0] if mask.ndim == 3 else mask
-            if mask.shape != img.shape[:2]:
-                raise DatasetError(f"{self.name}: mask {mp} is {mask.shape[1]}x{mask.shape[0]}, image is "
-                                   f"{img.shape[1]}x{img.shape[0]}")
+            _check_mask_size(mp, mask.shape, os.path.join(self.root, self.split, "image", name), img.shape)
             mask = _resize_labels(mask.astype(np.int64), self.image_size)
         return _item(_resize_rgb(img, self.image_size), mask)
 
@@ -1817,8 +1873,9 @@ def build_dataset(name, split, root=None, image_size=None, **options):
     Returns a torch Dataset of dicts: "image" float32 [3,H,W] in [0,1] and, where the dataset
     has masks, "mask" int64 [H,W] (0 = background); video datasets give "video" [T,3,H,W] and
     "mask" [T,H,W]. The dataset has attributes name, has_masks, video and split.
-    Raises DatasetError for an unknown name or split and for missing/malformed data, TypeError
-    for an unknown option.
+    Raises DatasetError for an unknown name or split, for missing/malformed data and for an
+    empty split (the loaders that cut splits by fraction say how many items they found and how
+    many the split needs), TypeError for an unknown option.
     """
     key = str(name).lower()
     if key not in DATASETS:
@@ -1829,7 +1886,12 @@ def build_dataset(name, split, root=None, image_size=None, **options):
     bad = sorted(set(options) - set(valid))
     if bad:
         raise TypeError(f"{key}: unknown option(s) {', '.join(bad)}; valid options: {', '.join(valid)}")
-    return cls(split, root=root, image_size=image_size, **options)
+    ds = cls(split, root=root, image_size=image_size, **options)
+    # an empty split would train on nothing or print an empty metrics line and exit 0
+    if len(ds) == 0:
+        why = ", max_items=0" if options.get("max_items") == 0 else ""
+        raise DatasetError(f"{key} at {root}: the {split} split is empty (0 items{why}); {_hint(key)}")
+    return ds
 
 
 # -----------------------------------------------------------------------------

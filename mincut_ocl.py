@@ -19,7 +19,10 @@ Paper: ../shared/papers/mincut_ocl_pervez2023.md.  Facts from the official code 
 Run:
     python mincut_ocl.py                                   # built-in synthetic data, CPU-sized model
     python mincut_ocl.py --dataset=clevrtex --data_dir=PATH
-    python mincut_ocl.py --eval_only --dataset=clevrtex --data_dir=PATH
+    python mincut_ocl.py --eval_only --dataset=clevrtex --data_dir=PATH   # also --ckpt=PATH: writes out_dir/eval_*.json
+    python mincut_ocl.py --predict=FOLDER_OF_IMAGES        # writes out/mincut_ocl/predict/*.png
+    python mincut_ocl.py --init_from=out/a/ckpt.pt --out_dir=out/b   # start from another run's weights
+    torchrun --nproc_per_node=2 mincut_ocl.py              # data-parallel (gloo on CPU, nccl on GPU)
     python mincut_ocl.py --qp_solver=sparse                # the paper's solver (slow on CPU)
     python mincut_ocl.py --task=video                      # Alg. 3 on frame pairs of synthetic_video (Tab. 2)
     python mincut_ocl.py --task=video --dataset=movi_a --data_dir=PATH
@@ -44,9 +47,11 @@ import torch.nn.functional as F
 import data
 from scipy.optimize import linear_sum_assignment, linprog
 
-from common import (DTYPES, MetricsLog, ResumableSampler, ari, fail, get_device, get_rng_state, labels_to_rgb,
-                    load_checkpoint, mse, nanmean, parse_args, progress, save_checkpoint, save_image_grid, save_slot_grid,
-                    seed_everything, segmentation_metrics, set_rng_state, train_autocast)
+from common import (DTYPES, CheckpointError, MetricsLog, ResumableSampler, all_reduce_mean, ari, check_config,
+                    check_finite_step, check_out_dir, clip_gradients, ddp_cleanup, ddp_setup, error_line, fail,
+                    get_device, get_rng_state, labels_to_rgb, load_checkpoint, load_resume_checkpoint, mse, nanmean,
+                    parse_args, predict_folder, progress, save_checkpoint, save_image_grid, save_slot_grid, seed_everything,
+                    segmentation_metrics, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -99,7 +104,10 @@ class Config:
     eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
     eval_items: int = 256           # test images used for the periodic evaluation (0 = whole split)
     resume: bool = True             # continue from out_dir/ckpt.pt when it exists
-    eval_only: bool = False         # evaluate out_dir/ckpt.pt on the test split and exit
+    init_from: str = ""             # one of our checkpoints to start training from (weights only)
+    ckpt: str = ""                  # --eval_only / --predict: checkpoint to use (default init_from, else out_dir/ckpt.pt)
+    eval_only: bool = False         # evaluate the checkpoint on the test split, write out_dir/eval_<dataset>.json
+    predict: str = ""               # task image: folder of images to segment with the checkpoint -> out_dir/predict/
     dtype: str = "float32"          # float32 | bfloat16: autocast of the training forward's CNNs (the QP layers
                                     # always solve in float32); float32 as the official code
 
@@ -144,9 +152,55 @@ def build_config(argv=None):
         preset["out_dir"] += "_sa"
     cfg = parse_args(Config(**preset), argv)
     cfg.dataset = dataset
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg):
+    """Exit with one line naming the flag for a value that would fail later (before any data or step)."""
+    if cfg.task not in TASKS:
+        fail(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if cfg.dtype not in DTYPES:
         fail(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    return cfg
+    if cfg.qp_solver not in STCutQP.SOLVERS:
+        fail(f"--qp_solver must be one of {', '.join(STCutQP.SOLVERS)}, got {cfg.qp_solver!r}")
+    if cfg.edges not in EDGE_SETS:
+        fail(f"--edges must be one of {', '.join(EDGE_SETS)}, got {cfg.edges!r}")
+    if cfg.encoder not in ("cnn", "resnet"):
+        fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
+    if cfg.video_model not in VIDEO_MODELS:
+        fail(f"--video_model must be one of {', '.join(VIDEO_MODELS)}, got {cfg.video_model!r}")
+    if cfg.video_model != "mincut" and cfg.task != "video":
+        fail(f"--video_model={cfg.video_model} is the Tab. 2 video baseline: add --task=video")
+    check_config(cfg, positive=("image_size", "enc_channels", "enc_stride", "num_slots", "slot_dim", "mlp_dim",
+                                "gamma", "obj_temp", "mask_temp", "match_temp", "sa_iters", "dec_channels",
+                                "dec_init_size", "dec_strides", "batch_size", "lr", "lr_decay", "log_interval",
+                                "eval_interval"),
+                 nonnegative=("crop", "num_workers", "max_steps", "grad_clip", "decay_fraction", "eval_items"))
+    if cfg.num_slots < 2 and not (cfg.task == "video" and cfg.video_model == "slot_attention"):
+        fail(f"--num_slots must be >= 2 (a background slot + object slots, Sec. 4), got {cfg.num_slots}", code=2)
+    if cfg.crop > 1:
+        fail(f"--crop is a fraction of the frame's side, in (0, 1] (0 = no crop), got {cfg.crop}", code=2)
+    if cfg.image_size % cfg.enc_stride:
+        fail(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}; use e.g. "
+             f"--image_size={cfg.image_size // cfg.enc_stride * cfg.enc_stride or cfg.enc_stride}", code=2)
+    out = cfg.dec_init_size * math.prod(cfg.dec_strides)
+    if out != cfg.image_size:
+        fix = [f"--image_size={out}"]
+        if cfg.image_size % math.prod(cfg.dec_strides) == 0:
+            fix.append(f"--dec_init_size={cfg.image_size // math.prod(cfg.dec_strides)}")
+        fail(f"--image_size={cfg.image_size} does not match the decoder: --dec_init_size={cfg.dec_init_size} x "
+             f"the product of --dec_strides={','.join(map(str, cfg.dec_strides))} = {out}; use "
+             f"{' or '.join(fix)} (or other --dec_strides)", code=2)
+    side = cfg.image_size // cfg.enc_stride                                # the QP grid
+    if cfg.qp_solver == "dense" and side * side > DENSE_MAX_PIXELS:
+        fail(f"--qp_solver=dense is for tiny grids: the {side}x{side} QP grid of --image_size={cfg.image_size} "
+             f"--enc_stride={cfg.enc_stride} has more than {DENSE_MAX_PIXELS} pixels; use --qp_solver=dct or sparse",
+             code=2)
+    if cfg.predict and cfg.task != "image":
+        fail(f"--predict segments images: it needs --task=image, got --task={cfg.task}")
+    if cfg.predict and cfg.eval_only:
+        fail("--predict and --eval_only are two separate runs: pass one of them")
 
 
 # -----------------------------------------------------------------------------
@@ -950,18 +1004,21 @@ def batch_loss(model, batch, device, task="image"):
     of which one pair of adjacent frames per video is drawn from torch's global RNG (task video)."""
     if task == "video":
         x1, x2 = sample_adjacent_pairs(batch["video"])                    # Sec. 6.3: adjacent frames
-        if isinstance(model, SlotAttentionModel):                         # baseline: the 2B frames one by one
+        if isinstance(getattr(model, "module", model), SlotAttentionModel):   # baseline (DDP: .module): 2B frames
             return model(torch.cat([x1, x2]).to(device, non_blocking=True))["loss"]
         return model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))["loss"]
     return model(batch["image"].to(device, non_blocking=True))["loss"]
 
 
-def train_loader(cfg, start_step):
-    """Endless shuffled loader of batch cfg.batch_size, resuming at `start_step`."""
+def train_loader(cfg, start_step, rank=0, world_size=1):
+    """Endless shuffled loader of global batch cfg.batch_size, resuming at `start_step`; under DDP this
+    rank's slice of cfg.batch_size // world_size of every global batch."""
     ds = load_dataset(cfg, "train")
-    sampler = ResumableSampler(len(ds), cfg.batch_size, seed=cfg.seed, start_step=start_step)
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                                       drop_last=True, persistent_workers=cfg.num_workers > 0)
+    sampler = ResumableSampler(len(ds), cfg.batch_size, seed=cfg.seed, start_step=start_step, rank=rank,
+                               world_size=world_size)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // world_size, sampler=sampler,
+                                       num_workers=cfg.num_workers, drop_last=True,
+                                       persistent_workers=cfg.num_workers > 0)
 
 
 @torch.no_grad()
@@ -1081,71 +1138,124 @@ def format_metrics(m):
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
 
 
+# Every Config field that changes the model's parameters or its forward: a checkpoint is resumed only with
+# the same values, and --eval_only / --predict take them from the checkpoint. Not here: qp_solver (the three
+# solvers compute the same QP, to round-off) and dtype (autocast of training only).
 MODEL_KEYS = ("task", "video_model", "sa_iters", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots",
-              "slot_dim", "mlp_dim", "dec_channels", "dec_init_size", "dec_strides")
+              "slot_dim", "mlp_dim", "gamma", "edges", "obj_temp", "mask_temp", "match_temp", "dec_channels",
+              "dec_init_size", "dec_strides")
+
+
+def saved_value(saved, key):
+    """A model setting from a checkpoint's config, with the type of Config's field (JSON-ish lists -> tuple);
+    the default for checkpoints older than the field (before --task: image)."""
+    return type(getattr(Config, key))(saved.get(key, getattr(Config, key)))
+
+
+def check_same_model(cfg, saved, path):
+    """Exit with one line when the checkpoint at `path` (config dict `saved`) has another MODEL_KEYS value."""
+    for key in MODEL_KEYS:
+        value = saved_value(saved, key)
+        if value != getattr(cfg, key):
+            show = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            fail(f"{path} was trained with --{key}={show}, not {getattr(cfg, key)}; pass --{key}={show} to "
+                 f"resume it, or start over with --resume=false or another --out_dir")
+
+
+def load_weights(model, state, path):
+    """load_state_dict of one of our checkpoints (dict `state` read from `path`); one line if it does not fit."""
+    if not isinstance(state.get("model"), dict):
+        fail(f"{path} is not a mincut_ocl.py checkpoint (no 'model' weights); pass a ckpt.pt written by this script")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1 if len(str(e).strip().splitlines()) > 1 else 0].strip()
+        fail(f"{path} does not fit this model ({first[:160]}); it was written with other model settings or by "
+             f"another script: pass the flags it was trained with, or another checkpoint")
 
 
 def train(cfg):
-    """The training loop: resumes from out_dir/ckpt.pt, logs to out_dir/metrics.jsonl, saves PNGs.
+    """The training loop: resumes from out_dir/ckpt.pt (or starts from --init_from's weights), logs to
+    out_dir/metrics.jsonl, saves PNGs. Under torchrun: DDP, each rank a slice of every global batch, only
+    rank 0 logs, evaluates and saves.
     Task image: MinCutOCL on images (Sec. 6.1); task video: MinCutPairModel on adjacent frames (Alg. 3)."""
-    device = get_device(cfg.device)
-    seed_everything(cfg.seed)
+    check_out_dir(cfg.out_dir)
+    ddp = ddp_setup(device=cfg.device)
+    device = ddp.device
+    if cfg.batch_size % ddp.world_size:
+        fail(f"--batch_size={cfg.batch_size} (the global batch) must be divisible by the number of processes "
+             f"{ddp.world_size}")
+    seed_everything(cfg.seed + ddp.rank)
     torch.set_flush_denormal(True)      # denormal floats make CPU steps several times slower
-    model = build_model(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)          # App. D: Adam, lr 4e-4
+    raw_model = build_model(cfg).to(device)
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr)      # App. D: Adam, lr 4e-4
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    step, ckpt = 0, None
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        for key in MODEL_KEYS:
-            saved = ckpt["config"].get(key, getattr(Config, key))           # checkpoints before --task: image
-            if type(getattr(cfg, key))(saved) != getattr(cfg, key):
-                fail(f"{ckpt_path} was trained with --{key}={saved}, not {getattr(cfg, key)}; "
-                     f"use another --out_dir or --resume=false")
-        model.load_state_dict(ckpt["model"])
+    step = 0
+    ckpt = load_resume_checkpoint(ckpt_path) if cfg.resume else None     # falls back to ckpt_prev.pt
+    if ckpt is not None:
+        check_same_model(cfg, ckpt.get("config") or {}, ckpt_path)
+        load_weights(raw_model, ckpt, ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        print(f"resuming from {ckpt_path} at step {step}")
-    data_iter = iter(train_loader(cfg, step))            # the sampler skips the batches already seen
+        if ddp.is_main:
+            print(f"resuming from {ckpt_path} at step {step}" + (f" (--init_from={cfg.init_from} is ignored)"
+                                                                   if cfg.init_from else ""))
+    elif cfg.init_from:
+        load_weights(raw_model, load_checkpoint(cfg.init_from), cfg.init_from)   # weights only: fresh optimiser
+        if ddp.is_main:
+            print(f"starting from the weights of {cfg.init_from}")
+    model = nn.parallel.DistributedDataParallel(raw_model) if ddp.enabled else raw_model
+    data_iter = iter(train_loader(cfg, step, ddp.rank, ddp.world_size))  # the sampler skips the batches seen
     if ckpt is not None:
         set_rng_state(ckpt["rng"])                        # after iter(): it draws a seed from torch's RNG
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+        if ddp.rank:                                      # rank 0's RNG was saved: the others draw their own
+            seed_everything(cfg.seed + ddp.rank + 1_000_003 * step)
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl")) if ddp.is_main else None
+    if ckpt is not None and log is not None:
+        log.truncate(step)                                # lines logged after the checkpoint would repeat
 
     def save_and_evaluate():
         rng = get_rng_state()                             # evaluation must not move the training RNG
-        save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+        save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                         step=step, rng=rng, config=asdict(cfg)))
         evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
-        metrics = evaluate_fn(model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"))
+        metrics = evaluate_fn(raw_model, cfg, device, cfg.eval_items,
+                              os.path.join(cfg.out_dir, f"samples_{step:07d}.png"))
         log.log(step, **{f"test_{k}": v for k, v in metrics.items()})
         bar.write(f"step {step}: {format_metrics(metrics)}  (saved {ckpt_path})")
         set_rng_state(rng)
 
-    bar = progress(cfg.max_steps, initial=step, desc="train")
+    bar = progress(cfg.max_steps, initial=step, desc="train", disable=not ddp.is_main)
     model.train()
     t0 = time.time()
-    while step < cfg.max_steps:
-        batch = next(data_iter)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)                    # exponential decay (App. D)
-        with train_autocast(device, cfg.dtype):                            # --dtype
-            loss = batch_loss(model, batch, device, cfg.task)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        bar.update()
-        if step % cfg.log_interval == 0:
-            dt, t0 = time.time() - t0, time.time()
-            img_s = cfg.log_interval * cfg.batch_size / dt                 # task video: frame pairs / s
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_s:.0f}")
-            log.log(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], img_per_s=img_s)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            save_and_evaluate()
-    bar.close()
-    return model
+    try:
+        while step < cfg.max_steps:
+            batch = next(data_iter)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg)                # exponential decay (App. D)
+            with train_autocast(device, cfg.dtype):                        # --dtype
+                loss = batch_loss(model, batch, device, cfg.task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)  # DDP: of the all-reduced gradients
+            loss_value = all_reduce_mean(loss.item(), ddp)                 # the global batch's: same on every rank
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                bar.close()                                                # before check_finite_step's error line
+            check_finite_step(step + 1, loss_value, grad_norm, ckpt_path, cfg.lr)   # all ranks stop together
+            optimizer.step()
+            step += 1
+            bar.update()
+            if step % cfg.log_interval == 0 and ddp.is_main:
+                dt, t0 = time.time() - t0, time.time()
+                img_s = cfg.log_interval * cfg.batch_size / dt             # task video: frame pairs / s
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{img_s:.0f}")
+                log.log(step, loss=loss_value, lr=optimizer.param_groups[0]["lr"], img_per_s=img_s)
+            if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and ddp.is_main:
+                save_and_evaluate()
+    finally:
+        bar.close()                                       # an error line (divergence, data) then has its own line
+    ddp_cleanup()
+    return raw_model
 
 
 # -----------------------------------------------------------------------------
@@ -2105,15 +2215,83 @@ class SlotAttentionModel(nn.Module):
 # 6. Evaluation
 
 
+def inference_checkpoint(cfg):
+    """The checkpoint --eval_only / --predict use: --ckpt, else --init_from, else out_dir/ckpt.pt."""
+    return cfg.ckpt or cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+
+
 def checkpoint_config(cfg):
-    """Copy the model settings saved in out_dir/ckpt.pt into cfg so --eval_only needs no model flags."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    """Copy the model settings (MODEL_KEYS) saved in the inference checkpoint into cfg, so --eval_only and
+    --predict need no model flags (and evaluate a video checkpoint as one without --task=video)."""
+    path = inference_checkpoint(cfg)
     if os.path.exists(path):
         saved = load_checkpoint(path).get("config")
         if saved:
-            for key in MODEL_KEYS + ("gamma", "edges", "obj_temp", "mask_temp", "match_temp"):
-                setattr(cfg, key, type(getattr(cfg, key))(saved.get(key, getattr(Config, key))))
+            for key in MODEL_KEYS:
+                setattr(cfg, key, saved_value(saved, key))
     return cfg
+
+
+def load_for_inference(cfg, device):
+    """The model of cfg with the inference checkpoint's weights, in eval mode; one line if there is none."""
+    path = inference_checkpoint(cfg)
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}: train first (python mincut_ocl.py) or pass --ckpt=PATH / --init_from=PATH")
+    model = build_model(cfg).to(device)
+    load_weights(model, load_checkpoint(path), path)
+    print(f"loaded {path}")
+    return model.eval()
+
+
+def predict(cfg, device):
+    """--predict=FOLDER or FILE: common.predict_folder with the image model, into <out_dir>/predict/
+    (<name>.png picture, <name>_labels.png slot index map; slot 0, the background cut, is black)."""
+    model = load_for_inference(cfg, device)
+
+    def model_fn(x):
+        out = model(x.to(device))
+        return out["recon"].clamp(0, 1), out["masks"]
+    return predict_folder(cfg.predict, model_fn, cfg.image_size, os.path.join(cfg.out_dir, "predict"))
+
+
+def run(cfg):
+    """--predict, --eval_only (results also in <out_dir>/eval_<dataset>.json) or training."""
+    if cfg.eval_only or cfg.predict:
+        cfg = checkpoint_config(cfg)                                    # also the task it was trained for
+        cfg.dataset = video_dataset(cfg)
+        if cfg.predict and cfg.task != "image":
+            fail(f"--predict segments images: {inference_checkpoint(cfg)} is a --task={cfg.task} checkpoint")
+    info = data.DATASETS.get(cfg.dataset.lower())
+    if info is not None and info.video != (cfg.task == "video") and not cfg.predict:
+        videos = ", ".join(name for name, i in data.DATASETS.items() if i.video)
+        fail(f"--task={cfg.task} needs {'a video' if cfg.task == 'video' else 'an image'} dataset, got "
+             f"--dataset={cfg.dataset} (video datasets: {videos})")
+    if not (cfg.eval_only or cfg.predict):
+        return train(cfg)
+    check_out_dir(cfg.out_dir)                            # may differ from the checkpoint's (read-only) folder
+    device = get_device(cfg.device)
+    if cfg.predict:
+        return predict(cfg, device)
+    model = load_for_inference(cfg, device)
+    evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
+    metrics = evaluate_fn(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
+    path = os.path.join(cfg.out_dir, f"eval_{cfg.dataset}.json")
+    with open(path, "w") as f:
+        json.dump(dict(metrics, checkpoint=inference_checkpoint(cfg)), f, indent=1)
+    print(f"{cfg.dataset} test: {format_metrics(metrics)}  (saved {path})")
+    return metrics
+
+
+def validate_cora_config(cfg):
+    """CoraConfig's values, checked before the graph is read (one line naming the flag)."""
+    check_config(cfg, positive=("n_instances", "instance_size", "hidden", "layers", "gamma", "lr", "n_trials"),
+                 nonnegative=("epochs", "gamma_decay"), choices={"partitioner": ("auto", "metis", "greedy")})
+    if cfg.instance_size % 2:
+        fail(f"--instance_size={cfg.instance_size} must be even: each instance is split into two equal sides",
+             code=2)
+    if not 0 < cfg.test_frac < 1:
+        fail(f"--test_frac is the fraction of instances held out for testing, in (0, 1), got {cfg.test_frac}",
+             code=2)
 
 
 TASKS = ("image", "video", "cora")
@@ -2133,40 +2311,15 @@ def requested_task(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if requested_task(argv) == "cora":                                  # Sec. 6.2: the flags of CoraConfig
-        return run_cora(parse_args(CoraConfig(), argv))
+        cfg = parse_args(CoraConfig(), argv)
+        validate_cora_config(cfg)
+        check_out_dir(cfg.out_dir)                                      # before the trials, not after them
+        return run_cora(cfg)
     cfg = build_config(argv)
-    if cfg.task not in TASKS:
-        fail(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
-    if cfg.qp_solver not in STCutQP.SOLVERS:
-        fail(f"--qp_solver must be one of {', '.join(STCutQP.SOLVERS)}, got {cfg.qp_solver!r}")
-    if cfg.edges not in EDGE_SETS:
-        fail(f"--edges must be one of {', '.join(EDGE_SETS)}, got {cfg.edges!r}")
-    if cfg.encoder not in ("cnn", "resnet"):
-        fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
-    if cfg.video_model not in VIDEO_MODELS:
-        fail(f"--video_model must be one of {', '.join(VIDEO_MODELS)}, got {cfg.video_model!r}")
-    if cfg.video_model != "mincut" and cfg.task != "video":
-        fail(f"--video_model={cfg.video_model} is the Tab. 2 video baseline: add --task=video")
-    if cfg.eval_only:
-        cfg = checkpoint_config(cfg)                                    # also the task it was trained for
-        cfg.dataset = video_dataset(cfg)
-    info = data.DATASETS.get(cfg.dataset.lower())
-    if info is not None and info.video != (cfg.task == "video"):
-        videos = ", ".join(name for name, i in data.DATASETS.items() if i.video)
-        fail(f"--task={cfg.task} needs {'a video' if cfg.task == 'video' else 'an image'} dataset, got "
-             f"--dataset={cfg.dataset} (video datasets: {videos})")
-    if cfg.eval_only:
-        device = get_device(cfg.device)
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        if not os.path.exists(path):
-            fail(f"no checkpoint at {path}: train first (python mincut_ocl.py) or set --out_dir")
-        model = build_model(cfg).to(device)
-        model.load_state_dict(load_checkpoint(path)["model"])
-        evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
-        metrics = evaluate_fn(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
-        print(f"{cfg.dataset} test: {format_metrics(metrics)}")
-        return metrics
-    train(cfg)
+    try:
+        return run(cfg)
+    except (data.DatasetError, CheckpointError) as e:                  # also when re-raised by a DataLoader worker
+        fail(error_line(e))
 
 
 if __name__ == "__main__":

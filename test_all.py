@@ -6,16 +6,18 @@ functional re-statement of the official BO-QSA forward, finite differences and g
 """
 import dataclasses
 import gzip
+import hashlib
 import json
 import math
 import os
 import random
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
@@ -550,7 +552,8 @@ def test_data_clevr_real_png():
     label = np.argmax(masks, 0)
     assert np.array_equal(it["mask"].numpy(), _data_nearest(label[24:216, 64:256], (128, 128)))
     with pytest.warns(UserWarning, match="only 1 scene"):
-        assert len(build_dataset("clevr6", "train", root=root)) == 0   # 7 objects: not in CLEVR6
+        with pytest.raises(DatasetError, match="train split is empty.*at most 6 objects"):
+            build_dataset("clevr6", "train", root=root)                # 7 objects: not in CLEVR6
 
 
 def test_data_clevr_real_tfrecord(tmp_path):
@@ -1030,8 +1033,8 @@ def test_common_checkpoint_roundtrip(tmp_path):
     state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 7,
              "config": common.config_to_dict(_Cfg()), "rng": common.get_rng_state()}
     common.save_checkpoint(path, state)
-    common.save_checkpoint(path, state)  # overwrite in place
-    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt"]  # no temp files left
+    common.save_checkpoint(path, state)  # overwrite in place: the replaced one becomes ckpt_prev.pt
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt", "ckpt_prev.pt"]  # no temp files left
     loaded = common.load_checkpoint(path)
     assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], state["model"]["w"])
     assert loaded["config"]["img_size"] == (64, 64)
@@ -1495,7 +1498,7 @@ def test_boqsa_train_resume_eval_predict(tmp_path):
     Image.new("RGB", (30, 30), (10, 200, 10)).save(imgs / "b.jpg")
     r = run_script(f"--predict={imgs}", f"--out_dir={out}", "--num_workers=0")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out / "predict")) == ["a.png", "b.png"]
+    assert sorted(os.listdir(out / "predict")) == ["a.png.png", "a.png_labels.png", "b.jpg.png", "b.jpg_labels.png"]
 
 
 def test_boqsa_resume_is_exact(tmp_path):
@@ -2661,10 +2664,11 @@ def test_ast_pretrained_local_folder_and_offline_fallback(tmp_path, capsys):
     for k, v in src.state_dict().items():
         torch.testing.assert_close(net.segformer.state_dict()[k], v)
     cfg = tiny_cfg(f"--pretrained={tmp_path / 'missing'}")
-    net = ast_seg.build_segformer(cfg, 7)                                 # random init, one line said so
-    lines = [l for l in capsys.readouterr().out.splitlines() if "cannot load" in l]
-    assert len(lines) == 1 and "random initialisation" in lines[0]
-    assert net.config.hidden_sizes == [8, 16, 24, 32]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                                  # stops, one line (issue 15)
+        ast_seg.build_segformer(cfg, 7)
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert e.value.code != 0 and len(lines) == 1 and "no such folder" in lines[0] and "config.json" in lines[0]
 
 
 # -----------------------------------------------------------------------------
@@ -4126,3 +4130,918 @@ def test_mincut_dtype_bfloat16_trains_with_float32_qp(tmp_path):
     r = __import__("subprocess").run([__import__("sys").executable, "mincut_ocl.py", "--dtype=float16"],
                                      capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip() == "error: --dtype must be one of float32, bfloat16, auto, got 'float16'"
+
+
+# -----------------------------------------------------------------------------
+# BO-QSA: no silent failure (divergence, --grad_clip=0, resume, config checks, --ckpt)
+
+
+def boqsa_error_line(r):
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip() and not l.startswith(("train:", "\r"))]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [l for l in lines if l.startswith("error: ")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    return errors[0]
+
+
+def test_boqsa_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = run_script(*TINY, "--max_steps=2", "--eval_interval=2", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    good = torch.load(out / "ckpt.pt", weights_only=True)
+    r = run_script(*TINY, "--max_steps=40", "--eval_interval=1", "--lr=1e6", "--warmup_steps=0",
+                   "--grad_clip=0", f"--out_dir={out}")
+    line = boqsa_error_line(r)
+    assert "training diverged at step" in line and str(out / "ckpt.pt") in line and "--lr=" in line
+    step = int(line.split("at step ")[1].split(":")[0])
+    assert step < 40
+    now = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in now["model"].values() if v.is_floating_point())
+    # every checkpoint written before the divergence is finite, and nothing after it was written
+    assert good["step"] <= now["step"] <= step
+
+
+def test_common_save_checkpoint_refuses_non_finite_weights_and_keeps_prev(tmp_path):
+    p = tmp_path / "ckpt.pt"
+    common.save_checkpoint(p, {"model": {"w": torch.ones(3)}, "step": 1})
+    common.save_checkpoint(p, {"model": {"w": torch.full((3,), 2.0)}, "step": 2})
+    assert torch.load(tmp_path / "ckpt_prev.pt", weights_only=True)["step"] == 1
+    with pytest.raises(common.CheckpointError, match="non-finite weights"):
+        common.save_checkpoint(p, {"model": {"w": torch.tensor([1.0, float("nan"), 0.0])}, "step": 3})
+    assert torch.load(p, weights_only=True)["step"] == 2                 # untouched
+    assert torch.load(tmp_path / "ckpt_prev.pt", weights_only=True)["step"] == 1
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt.pt", "ckpt_prev.pt"]   # no temp file left
+
+
+def test_common_clip_gradients_zero_means_no_clipping():
+    w = torch.nn.Parameter(torch.zeros(4))
+    (w * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum().backward()
+    assert common.clip_gradients([w], 0.0) == pytest.approx(5.0)
+    assert torch.equal(w.grad, torch.tensor([3.0, 4.0, 0.0, 0.0]))       # untouched (clip_grad_norm_(0) zeroes it)
+    assert common.clip_gradients([w], 1.0) == pytest.approx(5.0)
+    torch.testing.assert_close(w.grad, torch.tensor([0.6, 0.8, 0.0, 0.0]), rtol=1e-5, atol=1e-6)
+
+
+def test_boqsa_grad_clip_zero_trains(tmp_path):
+    """--grad_clip=0 is 'no clipping' (it zeroed every gradient before): the weights move."""
+    torch.manual_seed(0)
+    cfg = boqsa.build_config([*TINY, "--grad_clip=0", "--dtype=float32"])
+    model = boqsa.BOQSA(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    out = model(torch.rand(2, 3, 16, 16))
+    out["loss"].backward()
+    norm = common.clip_gradients(model.parameters(), cfg.grad_clip)
+    assert norm > 0
+    opt.step()
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "slot_attention.to_q.weight" in moved and "decoder.out.weight" in moved
+
+
+def test_boqsa_resume_falls_back_to_prev_and_truncates_the_log(tmp_path):
+    out = tmp_path / "run"
+    r = run_script(*TINY, "--max_steps=4", "--eval_interval=2", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(out / "ckpt_prev.pt", weights_only=True)["step"] == 2
+    (out / "ckpt.pt").write_bytes(b"truncated")                          # a corrupt latest checkpoint
+    (out / ".ckpt.pt.abc123.tmp").write_bytes(b"stale")
+    with open(out / "metrics.jsonl", "a") as f:                          # lines past step 2 (as after a crash)
+        f.write(json.dumps({"step": 9, "loss": 1.0}) + "\n")
+    r = run_script(*TINY, "--max_steps=5", "--eval_interval=5", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from the previous checkpoint" in r.stderr and "at step 2" in r.stdout
+    assert not (out / ".ckpt.pt.abc123.tmp").exists()
+    steps = [json.loads(l)["step"] for l in open(out / "metrics.jsonl") if '"loss"' in l]
+    assert steps == [1, 2, 3, 4, 5]                                     # steps 3, 4 retrained once, no 9
+
+
+def test_boqsa_resume_refuses_another_model(tmp_path):
+    out = tmp_path / "run"
+    assert run_script(*TINY, "--max_steps=1", "--eval_interval=1", f"--out_dir={out}").returncode == 0
+    for flag, saved in (("--iters=2", "3"), ("--enc_strides=2,1", "1,1"), ("--enc_kernel=3", "5")):
+        line = boqsa_error_line(run_script(*TINY, flag, "--max_steps=2", f"--out_dir={out}"))
+        key = flag[2:].split("=")[0]
+        assert f"was trained with --{key}=" in line and "--resume=false" in line, line
+    assert set(boqsa.MODEL_KEYS) >= {"enc_strides", "iters", "enc_kernel", "dec_kernel", "num_slots", "decoder"}
+
+
+@pytest.mark.parametrize("flag,words", [("--num_slots=0", "--num_slots must be > 0"),
+                                        ("--batch_size=0", "--batch_size must be > 0"),
+                                        ("--eval_interval=0", "--eval_interval must be > 0"),
+                                        ("--max_steps=-1", "--max_steps must be >= 0"),
+                                        ("--image_size=20", "--image_size=20"),
+                                        ("--grad=nope", "--grad=nope: choose one of")])
+def test_boqsa_bad_config_fails_before_any_step(tmp_path, flag, words):
+    out = tmp_path / "run"
+    line = boqsa_error_line(run_script(*TINY, flag, f"--out_dir={out}"))
+    assert words in line, line
+    assert not out.exists()                                             # nothing was written
+
+
+def test_boqsa_out_dir_checks(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    assert "is a file, not a folder" in boqsa_error_line(run_script(*TINY, f"--out_dir={f}"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.access(ro, os.W_OK):                                          # root ignores permissions
+        pytest.skip("running as root: a read-only folder is still writable")
+    assert "is not writable" in boqsa_error_line(run_script(*TINY, f"--out_dir={ro / 'sub'}"))
+
+
+def test_boqsa_init_from_errors(tmp_path):
+    line = boqsa_error_line(run_script(*TINY, f"--init_from={tmp_path / 'missing.pt'}", f"--out_dir={tmp_path / 'o'}"))
+    assert "missing.pt" in line and "not found" in line
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(b"PK\x03\x04 not really")
+    line = boqsa_error_line(run_script(*TINY, f"--init_from={bad}", f"--out_dir={tmp_path / 'o2'}"))
+    assert "truncated.pt" in line and ("corrupt" in line or "unreadable" in line)
+    out = tmp_path / "run"
+    assert run_script(*TINY, "--max_steps=1", "--eval_interval=1", f"--out_dir={out}").returncode == 0
+    line = boqsa_error_line(run_script(*TINY, "--num_slots=5", f"--init_from={out / 'ckpt.pt'}",
+                                     f"--out_dir={tmp_path / 'o3'}"))
+    assert "was trained with another model or config" in line
+
+
+def test_boqsa_eval_only_with_a_read_only_checkpoint_folder(tmp_path):
+    run = tmp_path / "run"
+    assert run_script(*TINY, "--max_steps=1", "--eval_interval=1", f"--out_dir={run}").returncode == 0
+    for p in run.iterdir():
+        p.chmod(stat.S_IRUSR)
+    run.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    out = tmp_path / "eval"
+    r = run_script("--eval_only", f"--ckpt={run / 'ckpt.pt'}", f"--out_dir={out}", "--num_workers=0",
+                   "--eval_items=8")
+    run.chmod(stat.S_IRWXU)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((out / "eval_synthetic.json").read_text())
+    assert saved["checkpoint"] == str(run / "ckpt.pt") and "mbo" in saved
+    assert f"ARI-FG {saved['ari_fg']:.4f}" in r.stdout                    # the file holds the printed metrics
+    assert str(out / "eval_synthetic.json") in r.stdout
+    assert not (run / "eval_synthetic.json").exists()
+
+
+# -----------------------------------------------------------------------------
+# AST-Seg: no silent failure (DDP in every phase, phase-boundary resume, --max_steps, --pretrained)
+
+
+torch.set_flush_denormal(True)
+
+# the tiny AST-Seg of test_all.py (AST_TINY)
+# the joint phase alone (baseline), few steps, evaluation on 2 test images
+BASE = [*AST_TINY, "--scenario=baseline", "--eval_items=2", "--log_interval=1"]
+
+
+def _fails(argv, capsys, *words):
+    """main(argv) exits != 0 with exactly one non-empty stderr line, no traceback, containing `words`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ast_seg.main(argv)
+    err = capsys.readouterr().err
+    # the progress bar also writes to stderr (\r-separated refreshes): not part of the message
+    segments = err.replace("error: ", "\rerror: ").replace("\r", "\n").splitlines()
+    lines = [s for s in segments if s.strip() and not s.startswith("train:")]
+    assert e.value.code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def _png_folder(root, split, n, corrupt=None):
+    """An objectsroom PNG export {root}/{split}/images/img_N.png + masks/mask_N.png (object value 5)."""
+    rng = np.random.default_rng(0)
+    (root / split / "images").mkdir(parents=True)
+    (root / split / "masks").mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / "images" / f"img_{i}.png")
+        m = np.zeros((32, 32), np.uint8)
+        m[8:20, 8:20] = 5
+        Image.fromarray(m).save(root / split / "masks" / f"mask_{i}.png")
+    if corrupt is not None:
+        (root / split / "images" / f"img_{corrupt}.png").write_bytes(b"this is not a png")
+    return root
+
+
+def _tiny_ckpt(path, *extra):
+    """A checkpoint of an untrained tiny model, as train() writes it."""
+    cfg = ast_seg.build_config([*AST_TINY, *extra])
+    torch.manual_seed(0)
+    common.save_checkpoint(path, dict(model=ast_seg.ASTSeg(cfg).state_dict(), step=0, phase="joint", config=asdict(cfg)))
+    return path
+
+
+def test_ast_model_keys_cover_every_model_field():
+    keys = set(ast_seg.MODEL_KEYS)
+    assert {"num_slots", "image_size", "s_min", "s_max", "transformer_layers", "official_activation_bug",
+            "bg_norm", "glimpse_size", "segformer_sizes"} <= keys
+    assert keys <= set(asdict(ast_seg.Config()))
+
+
+def test_ast_config_errors_exit_at_once(tmp_path, capsys):
+    out = tmp_path / "o"
+    for flag, words in [("--num_slots=0", ["--num_slots", "> 0"]), ("--batch_size=0", ["--batch_size"]),
+                        ("--eval_interval=0", ["--eval_interval"]), ("--max_steps=-1", ["--max_steps", ">= 0"]),
+                        ("--image_size=16", ["--image_size=16", "AE-NE", "--image_size=32/64/128"]),
+                        ("--image_size=48", ["--image_size=48", "glimpse", "--glimpse_size"]),
+                        ("--dtype=float16", ["--dtype", "bfloat16"]), ("--s_max=1", ["--s_max", "--s_min"])]:
+        _fails([*BASE, flag, f"--out_dir={out}"], capsys, *words)
+    assert not out.exists()                                   # nothing ran, nothing was written
+
+
+def test_ast_out_dir_file_or_not_writable(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _fails([*BASE, "--max_steps=1", f"--out_dir={f}"], capsys, "is a file")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: a chmod 500 folder stays writable")
+        _fails([*BASE, "--max_steps=1", f"--out_dir={ro / 'run'}"], capsys, "not writable")
+        _fails(["--eval_only", f"--out_dir={ro / 'run'}"], capsys, "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_ast_pretrained_missing_folder_stops_and_random_start_is_said_once(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    _fails([*BASE, "--max_steps=1", f"--pretrained={missing}", f"--out_dir={tmp_path / 'p'}"], capsys,
+           f"--pretrained={missing}", "config.json", "hub id")
+    assert not (tmp_path / "p" / "ckpt.pt").exists()
+    ast_seg.main([*BASE, "--max_steps=1", "--eval_interval=100", f"--out_dir={tmp_path / 'r'}"])
+    out = capsys.readouterr().out
+    assert out.count("no --pretrained") == 1 and "random weights" in out
+    plan = [line for line in out.splitlines() if line.startswith("plan")]
+    assert len(plan) == 1 and "joint 1 steps [0, 1)" in plan[0] and "--max_steps=1" in plan[0]
+
+
+def test_ast_phase_plan_counts_foreground_steps():
+    cfg = ast_seg.build_config([*AST_TINY, "--bg_steps=10", "--freeze_steps=3", "--max_steps=7"])
+    line = ast_seg.phase_plan(cfg)
+    assert "background 10 steps [0, 10)" in line and "foreground (background frozen) 3 steps [10, 13)" in line
+    assert "joint 4 steps [13, 17)" in line and "17 steps in all" in line
+
+
+def test_ast_divergence_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "d"
+    ast_seg.main([*BASE, "--max_steps=1", "--eval_interval=1", f"--out_dir={out}"])
+    before = (out / "ckpt.pt").read_bytes()
+    _fails([*BASE, "--max_steps=30", "--eval_interval=100", "--warmup_steps=1", "--lr=1e6", f"--out_dir={out}"],
+           capsys, "diverged", str(out / "ckpt.pt"), "--lr=")
+    assert (out / "ckpt.pt").read_bytes() == before
+    sd = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    steps = [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+    assert max(steps) < 10                                     # stopped within a few steps
+
+
+def test_ast_resume_falls_back_to_prev_truncates_log_and_refuses_other_model(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = [*BASE, "--max_steps=4", "--eval_interval=2", f"--out_dir={out}"]
+    ast_seg.main(argv)                                         # checkpoints at 2 (-> ckpt_prev.pt) and 4
+    assert torch.load(out / "ckpt_prev.pt", weights_only=True)["step"] == 2
+    for flag, key in (("--transformer_layers=1", "--transformer_layers=2"), ("--s_max=5", "--s_max=6.0")):
+        _fails([*argv, flag], capsys, "trained with", key, "--resume=false")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 99, "loss": 1.0}) + "\n")
+    (out / "ckpt.pt").write_bytes(b"truncated")
+    capsys.readouterr()
+    ast_seg.main(argv)
+    cap = capsys.readouterr()
+    assert "previous checkpoint" in cap.err and "at step 2" in cap.out
+    steps = [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+    # a truncated ckpt.pt without a ckpt_prev.pt: one line
+    (out / "ckpt_prev.pt").unlink()
+    (out / "ckpt.pt").write_bytes(b"truncated")
+    _fails(argv, capsys, "ckpt.pt", "corrupt")
+
+
+def test_ast_init_from_missing_truncated_or_other_config(tmp_path, capsys):
+    argv = [*BASE, "--max_steps=1", f"--out_dir={tmp_path / 'o'}"]
+    _fails([*argv, f"--init_from={tmp_path / 'nope.pt'}"], capsys, "nope.pt", "not found")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 cut")
+    _fails([*argv, f"--init_from={tmp_path / 'cut.pt'}"], capsys, "cut.pt", "corrupt")
+    other = _tiny_ckpt(tmp_path / "other.pt", "--num_slots=2")
+    _fails([*argv, f"--init_from={other}"], capsys, "other.pt", "do not fit")
+
+
+def test_ast_eval_from_read_only_checkpoint_folder_writes_json(tmp_path, capsys):
+    data_root = _png_folder(tmp_path / "or", "test", 2)
+    ck = tmp_path / "ck"
+    _tiny_ckpt(ck / "ckpt.pt")
+    ck.chmod(0o500)                   # read-only unless running as root; --ckpt in another folder either way
+    try:
+        out = tmp_path / "eval"
+        metrics = ast_seg.main(["--eval_only", "--dataset=objectsroom", f"--data_dir={data_root}", "--num_workers=0",
+                                "--batch_size=2", f"--ckpt={ck / 'ckpt.pt'}", f"--out_dir={out}"])
+        saved = json.loads((out / "eval_objectsroom.json").read_text())
+        assert saved.keys() == metrics.keys() and "miou" in saved
+        assert str(out / "eval_objectsroom.json") in capsys.readouterr().out
+    finally:
+        ck.chmod(0o700)
+
+
+def test_ast_corrupt_image_in_a_worker_gives_one_line(tmp_path, capsys):
+    root = _png_folder(tmp_path / "or", "train", 4, corrupt=1)
+    _fails([*BASE, "--dataset=objectsroom", f"--data_dir={root}", "--num_workers=1", "--max_steps=1",
+            f"--out_dir={tmp_path / 'o'}"], capsys, "img_1.png", "cannot read image")
+
+
+def test_ast_resume_at_phase_boundaries_is_bit_identical(tmp_path):
+    """Stopped at the first step of phase 2 and of phase 3, then resumed: exactly the uninterrupted weights."""
+    common = [*AST_TINY, "--bg_steps=2", "--freeze_steps=2", "--max_steps=3", "--eval_items=2", "--eval_interval=100"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    ast_seg.main([*common, f"--out_dir={a}"])
+    ast_seg.main([*common, f"--out_dir={b}", "--stop_at=2"])
+    assert torch.load(b / "ckpt.pt", weights_only=True)["phase"] == "background"
+    ast_seg.main([*common, f"--out_dir={b}", "--stop_at=4"])
+    assert torch.load(b / "ckpt.pt", weights_only=True)["phase"] == "foreground"
+    ast_seg.main([*common, f"--out_dir={b}"])
+    sa = torch.load(a / "ckpt.pt", weights_only=True)
+    sb = torch.load(b / "ckpt.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 5
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+_DDP_HELPER = r"""
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import ast_seg
+snaps, models = [], []
+class RecordingDDP(torch.nn.parallel.DistributedDataParallel):
+    def __init__(self, module, *a, **k):
+        # the weights each rank holds when a phase starts, before DDP broadcasts rank 0's
+        snaps.append({n: p.detach().clone() for n, p in module.named_parameters()})
+        super().__init__(module, *a, **k)
+torch.nn.parallel.DistributedDataParallel = RecordingDDP
+class Recording(ast_seg.ASTSeg):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        models.append(self)
+ast_seg.ASTSeg = Recording
+ast_seg.main(sys.argv[3:])
+final = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+torch.save(dict(snaps=snaps, final=final), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+def test_ast_ddp_ranks_stay_equal_in_every_phase(tmp_path):
+    """torchrun, 2 gloo processes: the background phase's and the foreground phase's updates are all-reduced."""
+    helper = tmp_path / "helper.py"
+    helper.write_text(_DDP_HELPER)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(helper), HERE, str(tmp_path), *AST_TINY, "--bg_steps=2", "--freeze_steps=2",
+                        "--max_steps=3", "--eval_items=2", "--eval_interval=100", f"--out_dir={out}"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert len(r0["snaps"]) == 3                               # background, foreground, joint
+    bg = [n for n in r0["snaps"][1] if n.startswith("background.")]
+    assert bg and all(torch.equal(r0["snaps"][1][n], r1["snaps"][1][n]) for n in bg)   # after the background phase
+    for n in r0["snaps"][2]:                                                            # after the foreground phase
+        assert torch.equal(r0["snaps"][2][n], r1["snaps"][2][n]), n
+    for n in r0["final"]:
+        assert torch.equal(r0["final"][n], r1["final"][n]), n
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 5
+
+
+# -----------------------------------------------------------------------------
+# min-cut: no silent failure, DDP, --predict, --init_from, --ckpt
+
+
+MC_TINY = ["--image_size=16", "--enc_channels=8", "--num_slots=3", "--slot_dim=16", "--mlp_dim=16",
+           "--dec_channels=8", "--dec_strides=2", "--batch_size=4", "--num_workers=0", "--eval_items=4",
+           "--log_interval=1"]
+MC_VID_TINY = ["--task=video"] + MC_TINY[:-2] + ["--eval_items=2", "--log_interval=1"]
+
+
+def one_error_line(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip() and not x.startswith("train:")]   # no bar
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def exits(argv):
+    with pytest.raises(SystemExit) as e:
+        mc.main(argv)
+    assert e.value.code != 0
+    return e.value.code
+
+
+def md5(path):
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def train_tiny(out, steps=2, extra=()):
+    mc.main(MC_TINY + [f"--out_dir={out}", f"--max_steps={steps}", f"--eval_interval={steps}", *extra])
+    return os.path.join(out, "ckpt.pt")
+
+
+# ---------------------------------------------------------------- 4. config validated before anything runs
+
+@pytest.mark.parametrize("flag, needles", [
+    ("--num_slots=0", ["--num_slots", "> 0"]),
+    ("--num_slots=1", ["--num_slots", ">= 2"]),
+    ("--batch_size=0", ["--batch_size"]),
+    ("--eval_interval=0", ["--eval_interval"]),
+    ("--max_steps=-1", ["--max_steps", ">= 0"]),
+    ("--image_size=20", ["--image_size=20", "--dec_init_size", "--dec_strides", "--image_size=16"]),
+    ("--enc_stride=3", ["--image_size=16", "--enc_stride=3", "--image_size=15"]),
+    ("--dtype=float16", ["--dtype", "float16"]),
+    ("--gamma=0", ["--gamma"]),
+    ("--crop=1.5", ["--crop"]),
+])
+def test_mincut_bad_config_exits_at_once(tmp_path, capsys, flag, needles):
+    out = tmp_path / "o"
+    exits(MC_TINY + [f"--out_dir={out}", "--max_steps=2", flag])
+    one_error_line(capsys, *needles)
+    assert not out.exists()                                   # nothing ran, nothing written
+
+
+@pytest.mark.parametrize("flag, needle", [("--instance_size=7", "--instance_size"), ("--test_frac=1", "--test_frac"),
+                                          ("--partitioner=kl", "--partitioner"), ("--n_trials=0", "--n_trials")])
+def test_mincut_cora_bad_config_is_one_line(tmp_path, capsys, flag, needle):
+    exits(["--task=cora", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}", flag])
+    one_error_line(capsys, needle)
+
+
+# ---------------------------------------------------------------- 1. divergence
+
+def test_mincut_divergence_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys):
+    ckpt = train_tiny(tmp_path / "a")
+    before = md5(ckpt)
+    capsys.readouterr()
+    exits(MC_TINY + [f"--out_dir={tmp_path / 'a'}", "--max_steps=12", "--eval_interval=2", "--lr=1e30"])
+    one_error_line(capsys, "diverged", "--lr=")
+    assert md5(ckpt) == before
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------- 2. resume: ckpt_prev.pt fallback, no step twice
+
+def test_mincut_resume_falls_back_to_prev_and_truncates_the_log(tmp_path, capsys):
+    out = tmp_path / "a"
+    mc.main(MC_TINY + [f"--out_dir={out}", "--max_steps=2", "--eval_interval=1"])   # ckpt at 1 (prev) and 2
+    assert (out / "ckpt_prev.pt").exists()
+    with open(out / "metrics.jsonl", "a") as f:                                    # a later run's lines
+        f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n")
+    data = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(data[:len(data) // 2])                            # truncated by a crash
+    capsys.readouterr()
+    mc.main(MC_TINY + [f"--out_dir={out}", "--max_steps=3", "--eval_interval=1"])
+    cap = capsys.readouterr()
+    assert "warning:" in cap.err and "ckpt_prev.pt" in cap.err and "at step 1" in cap.out
+    steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if "loss" in x]
+    assert steps == [1, 2, 3]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_mincut_truncated_checkpoint_without_prev_is_one_line(tmp_path, capsys):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"PK\x03\x04 not really")
+    exits(MC_TINY + [f"--out_dir={out}", "--max_steps=1"])
+    one_error_line(capsys, "ckpt.pt", "corrupt")
+
+
+# ---------------------------------------------------------------- 3. MODEL_KEYS: resume refuses another model
+
+def test_mincut_model_keys_cover_the_model_fields():
+    assert {"enc_stride", "sa_iters", "num_slots", "gamma", "edges", "obj_temp", "mask_temp", "match_temp",
+            "dec_strides", "image_size", "task", "video_model"} <= set(mc.MODEL_KEYS)
+    assert set(mc.MODEL_KEYS) <= set(mc.Config.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("flag, needle", [("--enc_stride=2", "--enc_stride=1"), ("--obj_temp=0.3", "--obj_temp=0.5")])
+def test_mincut_resume_with_another_model_setting_refuses(tmp_path, capsys, flag, needle):
+    train_tiny(tmp_path / "a")
+    capsys.readouterr()
+    exits(MC_TINY + [f"--out_dir={tmp_path / 'a'}", "--max_steps=4", flag])
+    one_error_line(capsys, needle, "--resume=false", "--out_dir")
+
+
+# ---------------------------------------------------------------- 5. out_dir and data errors
+
+def test_mincut_out_dir_is_a_file_or_not_writable(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    exits(MC_TINY + [f"--out_dir={tmp_path / 'file'}", "--max_steps=1"])
+    one_error_line(capsys, "--out_dir", "is a file")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: a chmod 500 folder stays writable")
+        exits(MC_TINY + [f"--out_dir={ro / 'o'}", "--max_steps=1"])
+        one_error_line(capsys, "--out_dir", "not writable")
+    finally:
+        os.chmod(ro, 0o700)
+
+
+def write_clevrtex(root, n=10, size=16):
+    """A ClevrTex-layout folder (data.ClevrTex): n RGB images and their palette masks."""
+    d = root / "clevrtex_full" / "0"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"CLEVRTEX_full_{i:06d}.png")
+        Image.fromarray(rng.integers(0, 3, (size, size), dtype=np.uint8), mode="L").convert("P").save(
+            d / f"CLEVRTEX_full_{i:06d}_flat.png")
+    return d
+
+
+def test_mincut_corrupt_image_in_a_worker_is_one_line_naming_it(tmp_path, capsys):
+    d = write_clevrtex(tmp_path / "ctx")
+    bad = d / "CLEVRTEX_full_000005.png"                      # a training image (test = 0, val = 1)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    args = [a for a in MC_TINY if not a.startswith(("--num_workers", "--batch_size"))]
+    exits(["--dataset=clevrtex", f"--data_dir={tmp_path / 'ctx'}", "--encoder=cnn", "--enc_channels=8",
+           "--num_workers=1", "--batch_size=8", "--max_steps=2", f"--out_dir={tmp_path / 'o'}", *args])
+    one_error_line(capsys, str(bad))
+
+
+# ---------------------------------------------------------------- 6. --init_from
+
+def test_mincut_init_from_starts_from_the_weights_and_bad_files_are_one_line(tmp_path, capsys):
+    ckpt = train_tiny(tmp_path / "a")
+    capsys.readouterr()
+    model = mc.main(MC_TINY + [f"--out_dir={tmp_path / 'b'}", "--max_steps=0", "--eval_interval=1",
+                               f"--init_from={ckpt}"])
+    assert "starting from the weights of" in capsys.readouterr().out
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, saved[k], atol=0, rtol=0)
+    # missing, truncated, another model
+    exits(MC_TINY + [f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_from={tmp_path / 'nope.pt'}"])
+    one_error_line(capsys, "nope.pt", "not found")
+    (tmp_path / "half.pt").write_bytes(open(ckpt, "rb").read()[:1000])
+    exits(MC_TINY + [f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_from={tmp_path / 'half.pt'}"])
+    one_error_line(capsys, "half.pt", "corrupt")
+    exits(MC_TINY + [f"--out_dir={tmp_path / 'c'}", "--max_steps=1", "--slot_dim=8", f"--init_from={ckpt}"])
+    one_error_line(capsys, str(ckpt), "does not fit")
+
+
+# ---------------------------------------------------------------- 7. --eval_only / --predict with --ckpt
+
+def test_mincut_eval_only_reads_a_read_only_checkpoint_and_writes_out_dir(tmp_path, capsys):
+    ckpt = train_tiny(tmp_path / "a")
+    os.chmod(tmp_path / "a", 0o500)
+    try:
+        capsys.readouterr()
+        metrics = mc.main(["--eval_only", f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'e'}", "--num_workers=0"])
+        out = capsys.readouterr().out
+        path = tmp_path / "e" / "eval_synthetic.json"
+        assert str(path) in out and set(metrics) >= {"ari", "ari_fg", "mse"}
+        assert json.load(open(path))["ari_fg"] == pytest.approx(metrics["ari_fg"])
+        assert (tmp_path / "e" / "eval_samples.png").exists()
+    finally:
+        os.chmod(tmp_path / "a", 0o700)
+    exits(["--eval_only", f"--ckpt={tmp_path / 'nothing.pt'}", f"--out_dir={tmp_path / 'e'}"])
+    one_error_line(capsys, "nothing.pt")
+
+
+def test_mincut_predict_segments_a_folder(tmp_path, capsys):
+    ckpt = train_tiny(tmp_path / "a")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((24, 20, 3), 60 * i, dtype=np.uint8)).save(imgs / f"im{i}.png")
+    mc.main([f"--predict={imgs}", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'p'}"])
+    names = sorted(os.listdir(tmp_path / "p" / "predict"))
+    assert names == ["im0.png.png", "im0.png_labels.png", "im1.png.png", "im1.png_labels.png"]
+    labels = np.asarray(Image.open(tmp_path / "p" / "predict" / "im0.png_labels.png"))
+    assert labels.shape == (16, 16) and labels.max() < 3
+    exits([f"--predict={tmp_path / 'none'}", f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'p'}"])
+    one_error_line(capsys, "none")
+
+
+def test_mincut_predict_refuses_a_video_checkpoint(tmp_path, capsys):
+    out = tmp_path / "v"
+    mc.main(MC_VID_TINY + [f"--out_dir={out}", "--max_steps=1", "--eval_interval=1"])
+    (tmp_path / "imgs").mkdir()
+    capsys.readouterr()
+    exits([f"--predict={tmp_path / 'imgs'}", f"--ckpt={out / 'ckpt.pt'}", f"--out_dir={tmp_path / 'p'}"])
+    one_error_line(capsys, "--predict", "--task=video")
+
+
+# ---------------------------------------------------------------- DDP under torchrun (gloo, 2 CPU processes)
+
+DDP_DRIVER = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import mincut_ocl as mc
+model = mc.main(sys.argv[1:])
+torch.save(model.state_dict(), os.path.join({weights!r}, f"rank{{os.environ['RANK']}}.pt"))
+"""
+
+
+@pytest.mark.parametrize("args", [MC_TINY, MC_VID_TINY], ids=["image", "video"])
+def test_mincut_ddp_two_processes_keep_equal_weights_and_write_once(tmp_path, args):
+    out, weights = tmp_path / "ddp", tmp_path / "w"
+    weights.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER.format(here=HERE, weights=str(weights)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(driver), *args, "--max_steps=3", "--eval_interval=3", f"--out_dir={out}"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0, w1 = (torch.load(weights / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], atol=0, rtol=0, msg=k)
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["step"] == 3
+    for k in w0:
+        torch.testing.assert_close(state["model"][k], w0[k], atol=0, rtol=0, msg=k)
+    steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if "loss" in x]
+    assert steps == [1, 2, 3]                                     # rank 0 alone logs
+    assert sorted(n for n in os.listdir(out) if not n.startswith("samples_")) == ["ckpt.pt", "metrics.jsonl"]
+    assert r.stdout.count("step 3:") + r.stderr.count("step 3:") == 1   # one evaluation line
+
+
+def test_mincut_ddp_batch_size_must_divide(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "mincut_ocl.py"), *MC_TINY, "--batch_size=3", "--max_steps=1",
+                        f"--out_dir={tmp_path / 'o'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--batch_size=3" in r.stderr and "divisible" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# data: mask/image size checks, empty splits; common.predict_folder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _save(path, arr, mode=None):
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    img = Image.fromarray(arr)
+    (img.convert(mode) if mode else img).save(str(path))
+
+
+def _rgb(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _assert_size_error(e, mask_path, image_path, mask_wh, image_wh):
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert str(mask_path) in msg and str(image_path) in msg
+    assert f"mask is {mask_wh[0]}x{mask_wh[1]}" in msg and f"is {image_wh[0]}x{image_wh[1]}" in msg
+
+
+# -----------------------------------------------------------------------------
+# data: a mask of another size than its image
+
+def test_data_mask_size_mismatch_clevr_png(tmp_path):
+    rng = np.random.default_rng(0)
+    _save(tmp_path / "CLEVR_image_0.png", _rgb(rng, 120, 160))           # 160x120 next to 320x240 masks
+    for k in range(11):
+        m = np.zeros((240, 320), np.uint8)
+        m[10 * k:10 * k + 20, 20:60] = 255 if k < 3 else 0
+        _save(tmp_path / f"CLEVR_mask_0_{k}.png", m)
+    data._WARNED.clear()
+    with pytest.warns(UserWarning, match="only 1 scene"):
+        ds = build_dataset("clevr", "test", root=str(tmp_path))
+    with pytest.raises(DatasetError) as e:
+        ds[0]
+    _assert_size_error(e, tmp_path / "CLEVR_mask_0_0.png", tmp_path / "CLEVR_image_0.png", (320, 240), (160, 120))
+    with pytest.raises(DatasetError) as e, warnings.catch_warnings():      # the CLEVR6 filter reads the masks too
+        warnings.simplefilter("ignore")                                   # "only 1 scene" again, as clevr6
+        build_dataset("clevr6", "test", root=str(tmp_path))
+    _assert_size_error(e, tmp_path / "CLEVR_mask_0_0.png", tmp_path / "CLEVR_image_0.png", (320, 240), (160, 120))
+
+
+def test_data_mask_size_mismatch_clevrtex(tmp_path):
+    rng = np.random.default_rng(1)
+    d = tmp_path / "clevrtex_full" / "0"
+    for i in range(10):
+        _save(d / f"CLEVRTEX_full_{i:06d}.png", np.concatenate([_rgb(rng, 24, 32), np.full((24, 32, 1), 255, np.uint8)], -1))
+        h, w = (48, 64) if i == 0 else (24, 32)                           # item 0 (test): mask at twice the size
+        p = Image.fromarray(np.zeros((h, w), np.uint8), "P")
+        p.putpalette([0] * 768)
+        p.save(str(d / f"CLEVRTEX_full_{i:06d}_flat.png"))
+    assert build_dataset("clevrtex", "val", root=str(tmp_path), image_size=16)[0]["mask"].shape == (16, 16)
+    with pytest.raises(DatasetError) as e:
+        build_dataset("clevrtex", "test", root=str(tmp_path), image_size=16)[0]
+    _assert_size_error(e, d / "CLEVRTEX_full_000000_flat.png", d / "CLEVRTEX_full_000000.png", (64, 48), (32, 24))
+
+
+def test_data_mask_size_mismatch_other_loaders(tmp_path):
+    rng = np.random.default_rng(2)
+    # generic foreground layout images/ + masks/
+    g = tmp_path / "generic"
+    for i in range(10):
+        _save(g / "images" / f"im{i}.png", _rgb(rng, 40, 40))
+        _save(g / "masks" / f"im{i}.png", np.zeros((20, 20) if i == 0 else (40, 40), np.uint8))
+    with pytest.raises(DatasetError) as e:
+        build_dataset("dogs", "test", root=str(g))[0]
+    _assert_size_error(e, g / "masks" / "im0.png", g / "images" / "im0.png", (20, 20), (40, 40))
+    # ObjectsRoom PNG export
+    o = tmp_path / "or"
+    _save(o / "test" / "images" / "img_0.png", _rgb(rng, 64, 64))
+    _save(o / "test" / "masks" / "mask_0.png", np.zeros((32, 32), np.uint8))
+    with pytest.raises(DatasetError) as e:
+        build_dataset("objectsroom", "test", root=str(o))[0]
+    _assert_size_error(e, o / "test" / "masks" / "mask_0.png", o / "test" / "images" / "img_0.png", (32, 32), (64, 64))
+    # ShapeStacks: rgb 224 px, iseg .map 112 px
+    d = tmp_path / "ss" / "recordings" / "sc"
+    _save(d / "rgb-w=0-f=0-l=0-c=original-cam_1-mono-0.png", _rgb(rng, 224, 224))
+    Image.fromarray(np.zeros((112, 112, 4), np.uint8), "RGBA").save(
+        str(d / "iseg-w=0-f=0-l=0-c=original-cam_1-mono-0.map"), format="PNG")
+    data._WARNED.clear()
+    with pytest.warns(UserWarning):
+        ds = build_dataset("shapestacks", "test", root=str(tmp_path / "ss"))
+    with pytest.raises(DatasetError) as e:
+        ds[0]
+    _assert_size_error(e, d / "iseg-w=0-f=0-l=0-c=original-cam_1-mono-0.map",
+                       d / "rgb-w=0-f=0-l=0-c=original-cam_1-mono-0.png", (112, 112), (224, 224))
+    # MOVi-A Kubric PNG sequence
+    v = tmp_path / "movi" / "validation" / "vid"
+    _save(v / "rgba_00000.png", np.concatenate([_rgb(rng, 32, 32), np.full((32, 32, 1), 255, np.uint8)], -1))
+    _save(v / "segmentation_00000.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(DatasetError) as e:
+        build_dataset("movi_a", "val", root=str(tmp_path / "movi"), image_size=32)[0]
+    _assert_size_error(e, v / "segmentation_00000.png", v / "rgba_00000.png", (16, 16), (32, 32))
+    # YCB (Yang & Yang release)
+    y = tmp_path / "ycb"
+    _save(y / "test" / "image" / "a.png", _rgb(rng, 32, 32))
+    _save(y / "test" / "mask" / "a.png", np.zeros((32, 48), np.uint8))
+    with pytest.raises(DatasetError) as e:
+        build_dataset("ycb", "test", root=str(y))[0]
+    _assert_size_error(e, y / "test" / "mask" / "a.png", y / "test" / "image" / "a.png", (48, 32), (32, 32))
+
+
+# -----------------------------------------------------------------------------
+# data: an empty split
+
+def test_data_empty_split_says_how_many(tmp_path):
+    rng = np.random.default_rng(3)
+    d = tmp_path / "clevrtex_full" / "0"
+    for i in range(3):
+        _save(d / f"CLEVRTEX_full_{i:06d}.png", _rgb(rng, 24, 32))
+        Image.fromarray(np.zeros((24, 32), np.uint8), "P").save(str(d / f"CLEVRTEX_full_{i:06d}_flat.png"))
+    with pytest.raises(DatasetError) as e:
+        build_dataset("clevrtex", "test", root=str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path) in msg
+    assert "test split is empty" in msg and "3 images found" in msg and "first 10%" in msg and "at least 10" in msg
+    with pytest.raises(DatasetError, match="val split is empty.*3 images found.*at least 5"):
+        build_dataset("clevrtex", "val", root=str(tmp_path))
+    assert len(build_dataset("clevrtex", "train", root=str(tmp_path))) == 3
+    # generic foreground layout, 4 images
+    g = tmp_path / "generic"
+    for i in range(4):
+        _save(g / "images" / f"im{i}.png", _rgb(rng, 8, 8))
+        _save(g / "masks" / f"im{i}.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match="birds at .*test split is empty.*4 images found.*at least 10"):
+        build_dataset("birds", "test", root=str(g))
+    assert len(build_dataset("birds", "train", root=str(g))) == 4
+    # any loader: 0 items, e.g. max_items=0
+    with pytest.raises(DatasetError, match="train split is empty.*max_items=0"):
+        build_dataset("clevrtex", "train", root=str(tmp_path), max_items=0)
+    with pytest.raises(DatasetError, match="split is empty"):
+        build_dataset("synthetic", "test", size=0)
+    assert len(build_dataset("synthetic", "test", size=2, image_size=16)) == 2
+
+
+# -----------------------------------------------------------------------------
+# common.predict_folder with a fake model
+
+K, S = 3, 16
+
+
+def _fake_model(seen=None):
+    """recon = input; masks: slot = column * K // S (so the argmax is known)."""
+    def model_fn(x):
+        if seen is not None:
+            seen.append(x.clone())
+        cols = torch.arange(S) * K // S                                    # [S]
+        masks = torch.nn.functional.one_hot(cols, K).T[None, :, None, :].expand(1, K, S, S).float()
+        return x, masks + 0.01 * torch.rand(1, K, S, S)
+    return model_fn
+
+
+def _input_panel(path, rows=("input", "reconstruction", "segmentation"), min_side=128):
+    """The input panel of a predict picture, located as save_image_grid lays it out."""
+    font = common._label_font()
+    label_w = max(math.ceil(font.getlength(n)) for n in rows)
+    side = S * math.ceil(min_side / S)
+    x0, y0 = 2 * common._PAD + label_w, common._PAD
+    return np.asarray(Image.open(path).convert("RGB"))[y0:y0 + side, x0:x0 + side]
+
+
+def test_common_predict_folder_outputs(tmp_path, capsys):
+    src, out = tmp_path / "imgs", tmp_path / "out"
+    rng = np.random.default_rng(4)
+    _save(src / "a.png", _rgb(rng, 30, 40))
+    _save(src / "a.jpg", _rgb(rng, 30, 30))
+    g16 = (np.linspace(5000, 25000, 48 * 48).reshape(48, 48)).astype(np.uint16)
+    Image.fromarray(g16).save(str(src / "g16.png"))                        # 16-bit grey, mode I;16
+    assert Image.open(src / "g16.png").mode.startswith("I")
+    (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (src / "notes.txt").write_text("not an image")                          # ignored: not an image extension
+    for mode in ("L", "LA", "P", "RGBA", "CMYK"):
+        Image.fromarray(_rgb(rng, 20, 20)).convert(mode).save(str(src / f"m_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"))
+    seen = []
+    written = common.predict_folder(src, _fake_model(seen), S, out)
+    cap = capsys.readouterr()
+    names = sorted(os.listdir(out))
+    assert "a.png.png" in names and "a.jpg.png" in names                   # the extension is kept
+    assert "a.png_labels.png" in names and "a.jpg_labels.png" in names
+    assert len(written) == 8 and len(names) == 16
+    warn = [l for l in cap.err.splitlines() if l.strip()]
+    assert len(warn) == 1 and warn[0].startswith("warning: ") and str(src / "bad.png") in warn[0] and "skipped" in warn[0]
+    summary = [l for l in cap.out.splitlines() if l.strip()]
+    assert summary == [f"wrote 8 segmentation(s) to {out} (1 skipped)"]
+    # 16-bit grey is scaled by 65535, not clipped to white (model input and the saved input panel)
+    want = g16.mean() / 65535
+    x = seen[sorted(p.name for p in src.iterdir() if p.suffix != ".txt" and p.name != "bad.png").index("g16.png")]
+    assert abs(x.mean().item() - want) < 0.01 and x.shape == (1, 3, S, S)
+    assert abs(_input_panel(out / "g16.png.png").mean() / 255 - want) < 0.01
+    # every panel at least 128 px: 3 rows of 128 + pads
+    w, h = Image.open(out / "a.png.png").size
+    assert h >= 3 * 128 and w >= 128
+    # label map: uint8 [S, S], the argmax of the masks
+    lab = np.asarray(Image.open(out / "a.png_labels.png"))
+    assert lab.dtype == np.uint8 and lab.shape == (S, S) and lab.max() < K
+    assert np.array_equal(lab, np.broadcast_to(np.arange(S) * K // S, (S, S)))
+
+
+def test_common_predict_folder_file_and_failures(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    _save(tmp_path / "one.webp", _rgb(rng, 20, 30))
+    written = common.predict_folder(tmp_path / "one.webp", _fake_model(), S, tmp_path / "out")
+    assert [p.name for p in written] == ["one.webp.png"] and (tmp_path / "out" / "one.webp_labels.png").exists()
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not a png")
+    (bad / "y.jpg").write_bytes(b"")
+    for path in (bad, tmp_path / "nowhere", tmp_path / "out2"):
+        if path.name == "out2":
+            path.mkdir()                                                    # a folder without images
+        with pytest.raises(SystemExit) as e:
+            common.predict_folder(path, _fake_model(), S, tmp_path / "o")
+        assert e.value.code == 1
+        err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+        assert len(err) == 1 and str(path) in err[0]
+    assert not list((tmp_path / "o").glob("*.png"))
+
+
+# -----------------------------------------------------------------------------
+# predict through the scripts, tiny untrained checkpoints
+
+BOQSA_TINY = ["--image_size=16", "--num_slots=4", "--slot_dim=16", "--mlp_dim=16", "--hid_dim=8",
+              "--enc_strides=1,1", "--dec_strides=2", "--num_workers=0"]
+AST_TINY_PREDICT = ["--segformer_sizes=8,16,24,32", "--segformer_depths=1,1,1,1", "--decoder_hidden_size=16",
+            "--transformer_dim=32", "--transformer_heads=2", "--transformer_ff=64", "--transformer_layers=2",
+            "--z_what_dim=8", "--num_slots=3", "--image_size=32", "--num_workers=0"]
+
+
+def _images(folder):
+    rng = np.random.default_rng(6)
+    _save(folder / "a.png", _rgb(rng, 30, 40))
+    _save(folder / "a.jpg", _rgb(rng, 30, 30))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nxx")
+
+
+@pytest.mark.parametrize("script", ["boqsa", "ast_seg"])
+def test_common_predict_through_the_scripts(tmp_path, capsys, script):
+    mod, tiny = (boqsa, BOQSA_TINY) if script == "boqsa" else (ast_seg, AST_TINY_PREDICT)
+    torch.manual_seed(0)
+    cfg = mod.build_config(tiny)
+    model = mod.BOQSA(cfg) if script == "boqsa" else mod.ASTSeg(cfg)
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": model.state_dict(), "config": asdict(cfg)}, out / "ckpt.pt")
+    imgs = tmp_path / "imgs"
+    _images(imgs)
+    mod.main([f"--predict={imgs}", f"--out_dir={out}", "--device=cpu", *tiny])
+    cap = capsys.readouterr()
+    assert "broken.png" in cap.err and "wrote 2 segmentation(s)" in cap.out
+    assert sorted(os.listdir(out / "predict")) == ["a.jpg.png", "a.jpg_labels.png", "a.png.png", "a.png_labels.png"]
+    lab = np.asarray(Image.open(out / "predict" / "a.png_labels.png"))
+    n_masks = cfg.num_slots + (1 if script == "ast_seg" else 0)           # AST-Seg: slot 0 is the background
+    assert lab.dtype == np.uint8 and lab.shape == (cfg.image_size,) * 2 and lab.max() < n_masks
+    assert min(Image.open(out / "predict" / "a.png.png").size) >= 128
+    with pytest.raises(SystemExit) as e:                                  # a single unreadable file
+        mod.main([f"--predict={imgs / 'broken.png'}", f"--out_dir={out}", "--device=cpu", *tiny])
+    assert e.value.code == 1
