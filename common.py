@@ -230,12 +230,9 @@ def mbo(true, pred) -> torch.Tensor:
     Raises:
         TypeError for floating-point inputs, ValueError for mismatched shapes.
     """
-    t, p = _label_maps(true, pred)
-    out = torch.empty(t.shape[0], dtype=torch.float64)
-    for b in range(t.shape[0]):
-        t_labels, _, iou = _iou_table(t[b], p[b])
-        best = iou[t_labels > 0].max(1)                  # per object; every image has >= 1 pred segment
-        out[b] = best.mean() if best.size else float("nan")
+    t, _ = _label_maps(true, pred)
+    out = msc(true, pred, foreground_only=True)          # the same per-object best IoU, mean over objects
+    out[torch.from_numpy(~(t > 0).any(axis=1))] = float("nan")   # no object: undefined, not 0
     return out
 
 
