@@ -1007,7 +1007,8 @@ def checkpoint_config(cfg, explicit=()):
     """
     path = inference_checkpoint(cfg)
     if os.path.exists(path):
-        saved = load_checkpoint(path, weights_only=False).get("config")  # official ones pickle hparams
+        # ours load with the safe unpickler; an official --init_from file pickles its hparams
+        saved = load_checkpoint(path, weights_only=not (cfg.init_from and path == cfg.init_from)).get("config")
         if isinstance(saved, dict):
             for key in MODEL_KEYS:
                 if key in saved and not (key == "iters" and key in explicit):
