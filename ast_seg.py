@@ -1,8 +1,8 @@
 """AST-Seg: unsupervised multi-object segmentation with attention and soft-argmax (Sauvalle &
 de La Fortelle, WACV 2023).
 
-Paper: ../shared/papers/ast_seg_sauvalle2023.md.  Facts from the official code (BrunoSauvalle/AST,
-background model BrunoSauvalle/AE-NE): ../shared/REFERENCE.md, section AST-Seg.  One file, read top
+Paper: Sauvalle & de La Fortelle, WACV 2023 (section, equation and table numbers below are the paper's).
+Official code: GitHub BrunoSauvalle/AST (files named MF_*.py), background model BrunoSauvalle/AE-NE.  One file, read top
 to bottom:
 
     1. Config          defaults (CPU-sized, built-in data) and per-dataset presets (Tab. 6, Sec. 5.1)
@@ -73,7 +73,7 @@ class Config:
     transformer_heads: int = 8      # Tab. 6
     transformer_ff: int = 512       # Tab. 6
     transformer_layers: int = 6     # Tab. 6; 0 = no transformer encoder (ablation, Tab. 4)
-    transformer_dropout: float = 0.1  # torch default (REFERENCE.md)
+    transformer_dropout: float = 0.1  # torch default (official MF_models_encoder.py)
     s_min: float = 1.3              # minimum inverse scale (Tab. 6)
     s_max: float = 6.0              # maximum inverse scale (Tab. 6: 24 at 128 px; 6 = 24 x 32/128 here, else
                                     # the first glimpses, at s ~ (s_min + s_max)/2, are 2 px and never learn)
@@ -249,7 +249,7 @@ def build_segformer(cfg, out_channels):
 
 class Segformer(nn.Module):
     """Segformer feature and attention map generator: images [B,3,H,W] in [0,1] (no ImageNet
-    normalisation, REFERENCE.md) -> maps [B, K + d_phi, H/4, W/4]."""
+    normalisation, official MF_models_encoder.py) -> maps [B, K + d_phi, H/4, W/4]."""
 
     def __init__(self, cfg, out_channels):
         super().__init__()
@@ -330,7 +330,7 @@ class UNet(nn.Module):
 
 def position_map(h, w):
     """Pixel coordinates [2,h,w] normalised to [-1,1] (eq. 12-13): channel 0 = x (column), 1 = y (row);
-    corner cells at exactly +-1 (REFERENCE.md). A size of 1 gives 0."""
+    corner cells at exactly +-1 (official MF_models_encoder.py). A size of 1 gives 0."""
     xs = torch.linspace(-1.0, 1.0, w) if w > 1 else torch.zeros(1)
     ys = torch.linspace(-1.0, 1.0, h) if h > 1 else torch.zeros(1)
     y, x = torch.meshgrid(ys, xs, indexing="ij")
@@ -397,7 +397,7 @@ def split_latents(latents, cfg):
         z_what [B,K,z_what_dim]
     Layout (official): x, y, s (1 or 2), alpha logit, z_what. With official_activation_bug the
     logit is read at index 4 as in the official renderer, which under isotropic scaling is
-    z_what[0] (REFERENCE.md); by default it is read from its own channel 2 + n_scale.
+    z_what[0] (official MF_models_renderer.py); by default it is read from its own channel 2 + n_scale.
     """
     ns = 1 if cfg.scaling == "isotropic" else 2
     positions = latents[..., 0:2].clamp(-1.0, 1.0)
@@ -432,7 +432,7 @@ def glimpse_generator(z_what_dim, glimpse_size):
 def stn_place(glimpses, positions, scales, height, width):
     """Spatial transformer placement (Alg. 2): glimpses [N,C,g,g] -> layers [N,C,H,W].
 
-    theta = [[s_x, 0, -x s_x], [0, s_y, -y s_y]] (REFERENCE.md): the glimpse centre lands at (x, y)
+    theta = [[s_x, 0, -x s_x], [0, s_y, -y s_y]] (official MF_models_renderer.py): the glimpse centre lands at (x, y)
     (normalised coordinates, x along the width) and its side covers 2 / s of the image side.
     affine_grid / grid_sample with align_corners=False, bilinear, zero padding outside the glimpse.
     positions [N,2], scales [N,2].
@@ -484,7 +484,7 @@ class Renderer(nn.Module):
         return dict(recon=recon, weights=weights, layers=layers, glimpses=g.reshape(B, K, *g.shape[1:]))
 
 
-# 2d. Background model: AE-NE autoencoder (Sauvalle & de La Fortelle 2021, ref. [38]; REFERENCE.md)
+# 2d. Background model: AE-NE autoencoder (Sauvalle & de La Fortelle 2021, ref. [38]; official AE-NE background/models.py)
 
 
 def _ae_ne_positions(h, w):
@@ -539,7 +539,7 @@ def _ae_ne_geometry(h, w):
 class Background(nn.Module):
     """AE-NE background autoencoder: images [B,3,H,W] in [0,1] -> [B,4,H,W] in (0,1)
     (RGB background + noise estimate). Encoder to a 1x1 code of nz = 16, mirrored transposed-conv
-    generator, GroupNorm + CELU, positional channels at every block, sigmoid output (REFERENCE.md).
+    generator, GroupNorm + CELU, positional channels at every block, sigmoid output (official background/models.py).
     AE-NE was made for the fixed scene of a video; on the built-in set every image has its own plain
     background colour, and per-image GroupNorm (over 16 channels x all pixels) all but removes that
     colour: fed 255 * image (official) the bias-free code is invariant to brightness, and even at
@@ -575,7 +575,7 @@ class Background(nn.Module):
 
 
 def background_loss(images, out, tau=0.25, beta=6.0, r=75):
-    """AE-NE robust loss (ref. [38]; REFERENCE.md). images [B,3,H,W] in [0,1], out [B,4,H,W] in [0,1].
+    """AE-NE robust loss (ref. [38]; official AE-NE background/train.py). images [B,3,H,W] in [0,1], out [B,4,H,W] in [0,1].
 
     e = sum_c SmoothL1_beta=3(255 x, 255 b) / 255 per pixel; weights exp(-beta * avgpool(tanh(e / tau)))
     (no gradient, window 2 (W // r) + 1) down-weight pixels the background cannot explain (objects);
@@ -661,7 +661,7 @@ class ASTSeg(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3. Official checkpoints (REFERENCE.md: encoder / generator / background encoder / generator dicts)
+# 3. Official checkpoints (official MF_train.py: encoder / generator / background encoder / generator dicts)
 
 # Segformer parameter names, transformers 4.x <-> 5.x (transformers/conversion_mapping.py, "SegformerModel"
 # and "SegformerForSemanticSegmentation"): (4.x regex, 5.x replacement), (5.x regex, 4.x replacement)

@@ -1,7 +1,7 @@
 """BO-QSA: Bi-level Optimised Query Slot Attention (Jia et al., ICLR 2023), mixture and transformer decoders.
 
-Paper: ../shared/papers/boqsa_jia2023.md.  Facts from the official code (YuLiu-LY/BO-QSA):
-../shared/REFERENCE.md, section BO-QSA.  One file, read top to bottom:
+Paper: Jia et al., ICLR 2023 (section, equation and table numbers below are the paper's).
+Official code: GitHub YuLiu-LY/BO-QSA.  One file, read top to bottom:
 
     1. Config          defaults (CPU-sized, built-in data) and per-dataset presets (Tab. 9-13)
     2. Model           CNN encoder (Tab. 9) -> SlotAttention with learned queries (Sec. 3.1)
@@ -75,7 +75,7 @@ class Config:
     iters: int = 3                  # slot-attention iterations, the last one after the STE (Tab. 12)
     init: str = "query"             # query (QSA, Sec. 3.1) | gaussian (SA, learned mu/sigma)
     grad: str = "bo"                # bo (Alg. 1, detach + STE) | detach (I-SA) | full (plain backprop)
-    attn_eps: float = 1.0           # eps in attn / (attn.sum + eps) (official choice, REFERENCE.md)
+    attn_eps: float = 1.0           # eps in attn / (attn.sum + eps) (official models/slot_attn.py)
     drop_path: float = 0.2          # DropPath on the slot MLP residual (official code)
     sigma_steps: int = 2000         # N_sigma: cosine annealing of the query noise 1 -> 0 (App. A.3.1: 30k)
     # transformer decoder, used with --decoder=transformer (App. A.3.3, Tab. 12; CPU-sized here)
@@ -269,7 +269,7 @@ class SlotAttention(nn.Module):
       grad="bo":     as detach, then `slots = SG(slots) + init - SG(init)` before the last iteration
                      (Alg. 1 line 5): a straight-through estimator that gives `init` the gradient
                      of the last iteration's input.
-    With iters = 3 this is Alg. 1 with T = 2 inner steps plus the final step (REFERENCE.md: the STE
+    With iters = 3 this is Alg. 1 with T = 2 inner steps plus the final step (official models/slot_attn.py: the STE
     comes before the last of the 3 iterations). Raises ValueError for an unknown `grad`.
     """
 
@@ -574,14 +574,14 @@ class BOQSA(nn.Module):
             return mu + self.slots_log_sigma.exp() * torch.randn_like(mu)
         mu = self.queries.weight.unsqueeze(0).expand(batch, K, D)
         if self.training and sigma > 0:
-            mu = mu + sigma * mu.detach() * torch.randn_like(mu)           # REFERENCE.md: std sigma*|mu|
+            mu = mu + sigma * mu.detach() * torch.randn_like(mu)           # official slot_attn.py: std sigma*|mu|
         return mu
 
     def _inputs(self, images):
         H, W = images.shape[-2:]
         if (H, W) != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {H}x{W}")
-        # REFERENCE.md: inputs in [-1,1] for the mixture model, [0,1] for the transformer model
+        # official methods/method_*.py: inputs in [-1,1] for the mixture model, [0,1] for the transformer model
         return images * 2.0 - 1.0 if self.cfg.decoder == "mixture" else images
 
     def _attn_masks(self, attn):
@@ -647,7 +647,7 @@ class BOQSA(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3. Official checkpoints (REFERENCE.md: Lightning, prefix "model.")
+# 3. Official checkpoints (official test/*.py: Lightning, prefix "model.")
 
 _OFFICIAL_RENAMES = [  # (official prefix, our prefix), first match wins
     ("slot_attn.slot_attention.norm_feature.", "slot_attention.norm_inputs."),
@@ -718,7 +718,7 @@ def lr_factor(step, cfg):
 
 def load_dataset(cfg, split):
     """data.build_dataset(cfg.dataset, split) at cfg.image_size; exits with the loader's one-line message."""
-    # REFERENCE.md: the official BO-QSA code resizes the whole 320x240 ClevrTex frame, no centre crop
+    # official data/clevrtex_dataset.py: the official BO-QSA code resizes the whole 320x240 ClevrTex frame, no centre crop
     options = {"crop": None} if cfg.dataset.startswith("clevrtex") else {}
     try:
         return data.build_dataset(cfg.dataset, split, root=cfg.data_dir or None, image_size=cfg.image_size, **options)

@@ -1,8 +1,8 @@
 """Min-cut OCL: Differentiable Mathematical Programming for Object-Centric Representation Learning
 (Pervez, Lippe & Gavves, ICLR 2023).
 
-Paper: ../shared/papers/mincut_ocl_pervez2023.md.  Facts from the official code (alpz/graph-ocl):
-../shared/REFERENCE.md, section Min-cut OCL.  One file, read top to bottom:
+Paper: Pervez et al., ICLR 2023 (section, equation and table numbers below are the paper's).
+Official code: GitHub alpz/graph-ocl (slot_cut/model.py, cut/st.py, cut/qp.py).  One file, read top to bottom:
 
     1. Config          defaults (CPU-sized, built-in data) and per-dataset presets (Sec. 6.1, App. D)
     2. QP layer        the regularised equality-constrained s-t cut QP (eq. 2, Sec. 3.1) with three
@@ -112,7 +112,7 @@ class Config:
                                     # always solve in float32); float32 as the official code
 
 
-# Paper settings (Sec. 6.1, App. D; REFERENCE.md): 128x128 input, first layer stride 2 -> 64x64 QP grid,
+# Paper settings (Sec. 6.1, App. D; official slot_cut/): 128x128 input, first layer stride 2 -> 64x64 QP grid,
 # 12 slots of size 64, Adam 4e-4, batch 64, decoder 8 -> 128 with 64 channels. max_steps: the official
 # 500 epochs of the 40k ClevrTex training images at batch 64 (the paper gives only "1.5 days", App. D).
 _PAPER = dict(image_size=128, enc_stride=2, num_slots=12, slot_dim=64, batch_size=64, dec_channels=64,

@@ -1333,7 +1333,7 @@ def test_boqsa_bfloat16_autocast_matches_float32(decoder):
 # ---------------------------------------------------------------- official checkpoints
 
 def _official_state_dict(K=4, D=16, C=8, M=16, enc_hw=16, gen=None):
-    """Random weights in the official Lightning layout (REFERENCE.md, BO-QSA key names)."""
+    """Random weights in the official Lightning layout (official BO-QSA key names)."""
     g = gen or torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3
     sd = {}
@@ -1366,7 +1366,7 @@ def _official_state_dict(K=4, D=16, C=8, M=16, enc_hw=16, gen=None):
 
 
 def _official_forward(sd, x, iters=3, eps=1.0):
-    """Independent functional re-statement of the official forward (REFERENCE.md), x in [-1,1]."""
+    """Independent functional re-statement of the official forward (models/model_mixture_dec.py), x in [-1,1]."""
     sd = {k[len("model."):]: v for k, v in sd.items()}
     h = x
     for i in range(2):
