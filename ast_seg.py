@@ -21,10 +21,11 @@ Run:
     python ast_seg.py --scenario=baseline              # everything from scratch together (BT)
     python ast_seg.py --eval_only                      # evaluate out_dir/ckpt.pt
     python ast_seg.py --init_from=official.pth --eval_only --dataset=clevrtex --data_dir=PATH
+Training evaluates on --eval_split (val) every eval_interval steps (metrics.jsonl: val_*), then once
+on the test split (out_dir/eval_<dataset>.json); every run, and --eval_only, ends with one summary line.
 Ablations (Tab. 4): --transformer_layers=0, --feature_net=unet, --pixel_weight=0, --scenario=frozen,
 --scaling=isotropic|anisotropic, --num_slots.
 """
-import json
 import math
 import os
 import re
@@ -35,11 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
 from common import (DTYPES, CheckpointError, ResumableSampler, MetricsLog, check_config, check_finite_step,
                     check_out_dir, clip_gradients, ddp_cleanup, ddp_setup, error_line, fail, get_device,
                     get_rng_state, load_checkpoint, load_resume_checkpoint, mse, nanmean, parse_args,
-                    predict_folder, progress, save_checkpoint, save_slot_grid, seed_everything,
+                    progress, save_checkpoint, save_slot_grid, seed_everything,
                     segmentation_metrics, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
@@ -103,17 +105,22 @@ class Config:
     betas: tuple = (0.9, 0.98)      # Tab. 6
     adam_eps: float = 1e-9          # Tab. 6
     # run
-    out_dir: str = "out/ast_seg"
-    seed: int = 0
+    out_dir: str = "out/ast_seg"    # checkpoints, metrics.jsonl, sample images and eval results
+    seed: int = 0                   # random seed (initialisation, data order)
     device: str = "auto"            # auto | cpu | cuda | mps
-    log_interval: int = 10
+    log_interval: int = 10          # print and log the training losses every N steps
     eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
-    eval_items: int = 256           # test images used for the periodic evaluation (0 = whole split)
+    eval_items: int = 256           # images of the periodic evaluation, on --eval_split (0 = whole split)
+    eval_split: str = "val"         # split of the periodic evaluations during training (val: choose settings on
+                                    # it); the final evaluation is on test
+    test_items: int = 0             # test images of the final evaluation and --eval_only (0: the whole split,
+                                    # at the end of training only when it has <= 1024, else eval_items)
     resume: bool = True             # continue from out_dir/ckpt.pt when it exists
     stop_at: int = 0                # stop (with a checkpoint) at this global step; 0 = run to the end
     init_from: str = ""             # official AST-Seg checkpoint (.pth) or one of ours to start from
     ckpt: str = ""                  # checkpoint to evaluate / predict with; default init_from, else out_dir/ckpt.pt
-    eval_only: bool = False         # evaluate --ckpt on the test split, write out_dir/eval_<dataset>.json, exit
+    eval_only: bool = False         # evaluate --ckpt on the test split, write out_dir/eval_<dataset>.json, print
+                                    # the summary line, exit
     predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
     dtype: str = "float32"          # float32 | bfloat16: autocast of the foreground training forward
 
@@ -138,15 +145,18 @@ PRESETS["clevr6"] = dict(PRESETS["clevr"])
 
 _CHOICES = dict(scaling=("anisotropic", "isotropic"), feature_net=("segformer", "unet"),
                 scenario=("curriculum", "baseline", "frozen"), phase=("all", "background"), bg_norm=("group", "batch"),
-                dtype=DTYPES)
+                dtype=DTYPES, eval_split=data.SPLITS)
 
 
 def build_config(argv=None):
     """Config from the command line: defaults <- PRESETS[--dataset] <- explicit flags.
 
-    Exits (code 2, one line) for an unknown choice of scaling/feature_net/scenario/phase/segformer."""
-    first = parse_args(Config(), argv)          # validates every flag, gives us --dataset
-    cfg = parse_args(Config(**PRESETS.get(first.dataset, {})), argv)
+    Exits (code 2, one line) for an unknown choice of scaling/feature_net/scenario/phase/segformer.
+    `--help` (after --dataset) lists the flags with that preset's values as the defaults."""
+    first = parse_args(Config(), argv, only=("dataset",))   # picks the preset
+    cfg = parse_args(Config(**PRESETS.get(first.dataset, {})), argv,
+                     epilog=f"Defaults above: the {first.dataset} preset; "
+                            "--dataset=NAME --help shows another dataset's.")
     for key, choices in _CHOICES.items():
         if getattr(cfg, key) not in choices:
             fail(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(choices)}", code=2)
@@ -169,7 +179,7 @@ def validate_config(cfg):
                                 "bg_input_scale"),
                  nonnegative=("num_workers", "decoder_hidden_size", "transformer_layers", "transformer_dropout",
                               "glimpse_size", "pixel_weight", "pixel_warmup", "bg_steps", "freeze_steps", "max_steps",
-                              "warmup_steps", "eval_items", "stop_at"))
+                              "warmup_steps", "eval_items", "test_items", "stop_at"))
     for key in ("segformer_sizes", "segformer_depths"):
         if getattr(cfg, key) and len(getattr(cfg, key)) != 4:
             fail(f"--{key}={','.join(map(str, getattr(cfg, key)))}: give 4 comma-separated numbers, one per stage", code=2)
@@ -835,7 +845,7 @@ def load_dataset(cfg, split):
     try:
         return data.build_dataset(cfg.dataset, split, root=cfg.data_dir or None, image_size=cfg.image_size)
     except data.DatasetError as e:
-        fail(str(e))
+        fail(str(e) + (common.VAL_SPLIT_HINT if split == "val" else ""))   # val: read for --eval_split
 
 
 def train_loader(cfg, ddp, batch_size, start_step, seed):
@@ -854,8 +864,9 @@ def train_loader(cfg, ddp, batch_size, start_step, seed):
 
 
 @torch.no_grad()
-def evaluate(model, cfg, device, num_items=0, image_path=None):
-    """Metrics on the test split: dict of means (ARI, ARI-FG, mIoU, MSC-FG, mBO, MSE).
+def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
+    """Metrics on the first `num_items` images (0 = all) of `split` (train | val | test): dict of means (ARI,
+    ARI-FG, mIoU, MSC-FG, mBO, MSE).
 
     Segmentation = argmax of the layer weights (0 = background, Sec. 4.1). MSE is the per-image sum
     of squared errors over C,H,W with images in [0,1] (ClevrTex convention, as the paper's tables).
@@ -863,7 +874,7 @@ def evaluate(model, cfg, device, num_items=0, image_path=None):
     """
     was_training = model.training
     model.eval()
-    ds = load_dataset(cfg, "test")
+    ds = load_dataset(cfg, split)
     has_masks = getattr(ds, "has_masks", True)
     if num_items and num_items < len(ds):
         ds = torch.utils.data.Subset(ds, range(num_items))
@@ -896,28 +907,12 @@ def format_metrics(m):
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
 
 
-# Every Config field that changes the model's parameters or its forward: a checkpoint refuses to resume under
-# another value, and --eval_only / --predict copy them from the checkpoint. Not here: pretrained and
-# bg_logit_init (initial values only, overwritten by the checkpoint), the losses' weights and the schedule.
+# The Config fields that shape the model: resume refuses another value; --eval_only / --predict copy them.
+# (Not here: pretrained and bg_logit_init, initial values overwritten by the checkpoint; losses' weights; schedule.)
 MODEL_KEYS = ("image_size", "num_slots", "scaling", "feature_net", "segformer", "segformer_sizes", "segformer_depths",
               "decoder_hidden_size", "z_what_dim", "transformer_dim", "transformer_heads", "transformer_ff",
               "transformer_layers", "transformer_dropout", "s_min", "s_max", "glimpse_size",
               "official_activation_bug", "bg_complex", "bg_input_scale", "bg_norm")
-
-
-def _same(saved, value):
-    return saved == value or isinstance(value, tuple) and tuple(saved) == value
-
-
-def check_resume_config(ckpt, cfg, path):
-    """Exit with one line when the checkpoint at `path` was trained with another value of a MODEL_KEYS field."""
-    saved = ckpt.get("config") or {}
-    if saved.get("official_activation_bug") and cfg.init_from:   # switched on by loading an official checkpoint
-        cfg.official_activation_bug = True
-    for key in MODEL_KEYS:
-        if key in saved and not _same(saved[key], getattr(cfg, key)):
-            fail(f"{path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; pass --{key}={saved[key]} "
-                 f"to resume it, or start over with --resume=false or another --out_dir")
 
 
 def load_weights(model, state_dict, path):
@@ -944,7 +939,6 @@ def load_model_file(model, path):
         except (KeyError, RuntimeError) as e:
             fail(f"{path}: does not fit this model ({error_line(e)[:200]}); set --dataset/--num_slots/"
                  f"--image_size/--scaling/--segformer to the checkpoint's settings")
-    print(f"loaded {path}")
 
 
 def phase_plan(cfg):
@@ -960,10 +954,22 @@ def phase_plan(cfg):
 
 def train(cfg):
     """The training loop over the scenario's phases: resumes from out_dir/ckpt.pt (phase included),
-    logs to out_dir/metrics.jsonl, saves PNGs and an atomic checkpoint every eval_interval steps."""
+    logs to out_dir/metrics.jsonl, saves PNGs and an atomic checkpoint every eval_interval steps.
+
+    Every eval_interval steps (and at the end of each phase) an evaluation of eval_items images of
+    cfg.eval_split (default val), logged as <split>_<metric>. At the end of the schedule, rank 0 evaluates
+    on the test split (common.finish_training: the whole split up to 1024 images, else eval_items;
+    --test_items sets it), writes out_dir/eval_<dataset>.json and prints the summary line (steps, wall
+    time since this call, test metrics, out_dir); a run resumed after that evaluation prints its summary
+    line again. A run stopped by --stop_at ends with the summary line of its last eval_split evaluation."""
+    start_time = time.time()
     check_out_dir(cfg.out_dir)
     ddp = ddp_setup(device=cfg.device)
     device = ddp.device
+    if ddp.is_main:                                       # the periodic evaluations' split: its errors before any step
+        load_dataset(cfg, "train")                        # (first train's: a missing dataset is not a missing split)
+        n_eval = len(load_dataset(cfg, cfg.eval_split))
+        n_eval = min(cfg.eval_items, n_eval) if cfg.eval_items else n_eval
     seed_everything(cfg.seed + ddp.rank)
     torch.set_flush_denormal(True)      # denormal floats made CPU training steps up to 6x slower
     model = ASTSeg(cfg).to(device)
@@ -972,14 +978,19 @@ def train(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step = 0
     ckpt = load_resume_checkpoint(ckpt_path) if cfg.resume else None    # falls back to ckpt_prev.pt
+    resumed_at = ckpt["step"] if ckpt is not None else None
     if ckpt is not None:
-        check_resume_config(ckpt, cfg, ckpt_path)
+        saved = ckpt.get("config") or {}
+        if saved.get("official_activation_bug") and cfg.init_from:   # switched on by loading an official checkpoint
+            cfg.official_activation_bug = True
+        common.check_same_model(saved, cfg, ckpt_path, MODEL_KEYS)
         load_weights(model, ckpt["model"], ckpt_path)
         step = ckpt["step"]
         if ddp.is_main:
             print(f"resuming from {ckpt_path} at step {step} (phase {ckpt['phase']})")
     elif cfg.init_from:
         load_model_file(model, cfg.init_from)
+        print(f"loaded {cfg.init_from}")
     elif cfg.feature_net == "segformer" and not cfg.pretrained and ddp.is_main:
         print("no --pretrained: the Segformer backbone starts from random weights (the paper starts from "
               "ImageNet weights and needs them, e.g. --pretrained=nvidia/mit-b3)")
@@ -990,15 +1001,17 @@ def train(cfg):
     if log is not None:
         log.truncate(step)                                # a resumed run logs its later steps again
     bar = progress(total, initial=step, desc="train", disable=not ddp.is_main)
-    state = dict(phase=None, optimizer=None)
+    state = dict(phase=None, optimizer=None, metrics=None)
 
     def save_and_evaluate(phase):
         rng = get_rng_state()                             # evaluation must not move the training RNG
         save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=state["optimizer"].state_dict(),
                                         step=step, phase=phase, rng=rng, config=asdict(cfg)))
-        metrics = evaluate(model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"))
-        log.log(step, phase=phase, **{f"test_{k}": v for k, v in metrics.items()})
-        bar.write(f"step {step} ({phase}): {format_metrics(metrics)}  (saved {ckpt_path})")
+        metrics = evaluate(model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"),
+                           split=cfg.eval_split)
+        log.log(step, phase=phase, **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()})
+        bar.write(f"step {step} ({phase}, {cfg.eval_split}): {format_metrics(metrics)}  (saved {ckpt_path})")
+        state["metrics"] = metrics
         set_rng_state(rng)
 
     for index, (phase, first, last) in enumerate(schedule):
@@ -1053,52 +1066,17 @@ def train(cfg):
                 save_and_evaluate(phase)
     bar.close()
     ddp_cleanup()
+    if ddp.is_main and total and step == total:         # the end of the schedule: the final evaluation, on test
+        common.finish_training(cfg, model, device, evaluate, format_metrics, load_dataset, script="ast_seg.py",
+                               step=step, start_time=start_time, checkpoint=ckpt_path, resumed_at=resumed_at)
+    elif ddp.is_main and state["metrics"] is not None:   # stopped by --stop_at: its last evaluation
+        print(common.summary_line("ast_seg.py", cfg.dataset, cfg.eval_split, n_eval, state["metrics"], steps=step,
+                                  wall_s=time.time() - start_time, out_dir=cfg.out_dir, resumed_at=resumed_at,
+                                  total_steps=total, fmt=format_metrics))
 
 
 # -----------------------------------------------------------------------------
 # 5. Evaluation and prediction
-
-
-def load_for_inference(cfg, device):
-    """Model from --ckpt, else --init_from (ours or official), else out_dir/ckpt.pt; exits if none exists."""
-    model = ASTSeg(cfg).to(device)
-    path = inference_checkpoint(cfg)
-    if not cfg.ckpt and not cfg.init_from and not os.path.exists(path):
-        fail(f"no checkpoint at {path}: train first (python ast_seg.py) or pass --ckpt=PATH")
-    load_model_file(model, path)
-    return model.eval()
-
-
-def inference_checkpoint(cfg):
-    """The file --eval_only / --predict read: --ckpt, else --init_from, else out_dir/ckpt.pt (the output folder
-    may differ from the checkpoint's, which may be read-only)."""
-    return cfg.ckpt or cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
-
-
-def checkpoint_config(cfg):
-    """Copy the model settings (MODEL_KEYS) saved in one of our checkpoints into cfg so --eval_only needs no flags."""
-    path = inference_checkpoint(cfg)
-    if os.path.exists(path):
-        try:
-            saved = load_checkpoint(path, weights_only=False).get("config")   # a file the user chose to trust
-        except CheckpointError as e:
-            fail(str(e))
-        if isinstance(saved, dict):
-            for key in MODEL_KEYS:
-                if key in saved:
-                    setattr(cfg, key, type(getattr(cfg, key))(saved[key]))
-    return cfg
-
-
-def predict(cfg, device):
-    """--predict=FOLDER or FILE: common.predict_folder with this model, into <out_dir>/predict/
-    (<name>.png picture, <name>_labels.png slot index map; slot 0, the background, is black)."""
-    model = load_for_inference(cfg, device)
-
-    def model_fn(x):
-        out = model(x.to(device))
-        return out["recon"].clamp(0, 1), out["masks"]
-    return predict_folder(cfg.predict, model_fn, cfg.image_size, os.path.join(cfg.out_dir, "predict"))
 
 
 def main(argv=None):
@@ -1114,18 +1092,15 @@ def _main(argv):
     cfg = build_config(argv)
     torch.set_flush_denormal(True)      # denormal floats made CPU steps up to 6x slower
     if cfg.eval_only or cfg.predict:
-        cfg = checkpoint_config(cfg)
-        check_out_dir(cfg.out_dir)
+        # our checkpoints and official ones (--init_from / --ckpt): files the user chose to trust
+        cfg = common.checkpoint_config(cfg, MODEL_KEYS, weights_only=False)
+        check_out_dir(cfg.out_dir)                        # may differ from the checkpoint's (read-only) folder
         device = get_device(cfg.device)
-        if cfg.predict:
-            return predict(cfg, device)
-        model = load_for_inference(cfg, device)
-        metrics = evaluate(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
-        path = os.path.join(cfg.out_dir, f"eval_{cfg.dataset}.json")
-        with open(path, "w") as f:
-            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=1)
-        print(f"{cfg.dataset} test: {format_metrics(metrics)}  (saved {path})")
-        return metrics
+        model = common.load_for_inference(cfg, device, ASTSeg, load_model_file, "ast_seg.py")
+        if cfg.predict:                                   # label_offset 0: slot 0, the background, is black
+            return common.predict_images(cfg, model, device)
+        return common.evaluate_checkpoint(cfg, model, device, evaluate, format_metrics, script="ast_seg.py",
+                                          load_dataset=load_dataset)
     train(cfg)
 
 

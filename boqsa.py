@@ -8,7 +8,7 @@ Official code: GitHub YuLiu-LY/BO-QSA.  One file, read top to bottom:
                        and the bi-level STE update (Alg. 1) -> mixture decoder (Tab. 10, App. A.1)
                        or dVAE + autoregressive transformer decoder (SLATE; App. A.1, A.3.3, Tab. 12)
     3. Official ckpt   key conversion from the official Lightning checkpoints
-    4. Training        Adam, warmup + exponential decay, grad clipping (Tab. 11), DDP, resume
+    4. Training        Adam, warmup + exponential decay, grad clipping (official train script), DDP, resume
     5. Evaluation      ARI-FG, MSC-FG, mBO, mIoU, MSE (synthetic); foreground IoU / Dice (Birds, Dogs, Cars,
                        Flowers; Tab. 5); AP / PQ / precision / recall (YCB, ScanNet, COCO; Tab. 4);
                        zero-shot transfer (Tab. 8, 15); query attention maps (Sec. 5.4); --predict
@@ -23,14 +23,14 @@ Run:
     python boqsa.py --eval_only --dataset=cars --data_dir=PATH --init_from=out/dogs/ckpt.pt   # Dogs -> Cars
     python boqsa.py --eval_only --iters=1 --concept_maps   # Fig. 2: other test-time iterations; Fig. 4 maps
     torchrun --nproc_per_node=2 boqsa.py --max_steps=20
+Training evaluates on --eval_split (val) every eval_interval steps (metrics.jsonl: val_*), then once
+on the test split (out_dir/eval_<dataset>.json); every run, and --eval_only, ends with one summary line.
 The ablations of Tab. 7 are flags:  --init=gaussian|query  x  --grad=full|detach|bo
     SA = gaussian/full   I-SA = gaussian/detach   BO-SA = gaussian/bo
     QSA = query/full     I-QSA = query/detach     BO-QSA = query/bo (default)
 """
-import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, asdict
 
@@ -38,11 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
 from common import (DTYPES, CheckpointError, ObjectSegMetrics, ResumableSampler, MetricsLog, check_config,
                     check_finite_step, check_out_dir, clip_gradients, ddp_cleanup, ddp_setup, error_line, fail,
                     fg_iou_dice, get_device, get_rng_state, labels_to_rgb, load_checkpoint, load_resume_checkpoint,
-                    mse, nanmean, parse_args, predict_folder, progress, resolve_dtype, save_checkpoint, save_image_grid,
+                    mse, nanmean, parse_args, progress, resolve_dtype, save_checkpoint, save_image_grid,
                     save_slot_grid, seed_everything, segmentation_metrics, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
@@ -66,11 +67,18 @@ class Config:
     num_slots: int = 7              # K (Tab. 13)
     slot_dim: int = 64              # Tab. 11 "Slot Dim"
     mlp_dim: int = 128              # Tab. 11 "MLP Hidden Dim"
-    hid_dim: int = 32               # encoder / decoder channels (Tab. 9, 10: 64)
+    enc_channels: int = 32          # channels of the 4 encoder convs (Tab. 9: 64; official --encoder_channels
+                                    # 64 64 64 64)
+    dec_channels: int = 32          # channels of the mixture decoder's ConvT 5x5 layers (Tab. 10: 64; official
+                                    # --decoder_channels 64 64 64 64)
     enc_kernel: int = 5             # encoder conv kernel (Tab. 9: 5x5)
     dec_kernel: int = 5             # decoder ConvTranspose kernel (Tab. 10: 5x5; the output layer stays 3x3)
-    enc_strides: tuple = (1, 1, 1, 1)   # Tab. 9: first stride 2 at 128 px (ShapeStacks, ClevrTex), 1 at 64 px
-    dec_strides: tuple = (2, 2, 1, 1)   # Tab. 10: (2,2,2,2) at 128 px, (2,2,2,1) at 64 px; 8 * prod = image_size
+    enc_stride: int = 1             # stride of the first of the 4 encoder convs, the others stride 1 (Tab. 9: 2 at
+                                    # 128 px on ShapeStacks/ClevrTex, 1 at 64 px; official --encoder_strides 2 1 1 1)
+    dec_strides: tuple = (2, 2, 1, 1, 1)  # stride of every ConvT 5x5 of the mixture decoder, then a ConvT 3x3 to 4
+                                    # channels; dec_init_size * prod = image_size (Tab. 10: 2,2,2,2,1 at 128 px,
+                                    # 2,2,2,1,1 at 64 px; official --decoder_strides 2 2 2 2 + the stride-1 ConvT
+                                    # of models/mixture_decoder.py)
     dec_init_size: int = 8          # spatial broadcast resolution (App. A.3.2, Locatello et al.)
     iters: int = 3                  # slot-attention iterations, the last one after the STE (Tab. 12)
     init: str = "query"             # query (QSA, Sec. 3.1) | gaussian (SA, learned mu/sigma)
@@ -87,28 +95,33 @@ class Config:
     dec_heads: int = 4              # Tab. 12: 4
     dec_dropout: float = 0.1        # Tab. 12: 0.1
     tau_start: float = 1.0          # Gumbel-softmax temperature, cosine 1.0 -> 0.1 (Tab. 12)
-    tau_final: float = 0.1
+    tau_final: float = 0.1          # final Gumbel-softmax temperature (Tab. 12: 0.1)
     tau_steps: int = 2000           # Tab. 12: 30k
     lr_dvae: float = 3e-4           # Tab. 12: dVAE lr, no warmup (the rest uses --lr with warmup)
     recon_items: int = 32           # test images reconstructed autoregressively (one pass per token; slow)
     # optimisation (Tab. 11)
     batch_size: int = 16            # global batch (Tab. 11: 128)
-    lr: float = 4e-4
+    lr: float = 4e-4                # Adam learning rate after the warmup (Tab. 11: 4e-4)
     warmup_steps: int = 300         # Tab. 11: 5k
     decay_steps: int = 20000        # lr factor 0.5 ** (step / decay_steps) (Tab. 11: 50k)
     max_steps: int = 6000           # 30 min on 2 CPU cores with native bf16, 90 min in float32 (Tab. 11: 250k)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0          # gradient-norm clipping (official train_mixture_dec.py: 1.0; 0 = off)
     # run
-    out_dir: str = "out/boqsa"
-    seed: int = 0
+    out_dir: str = "out/boqsa"      # checkpoints, metrics.jsonl, sample images and eval results
+    seed: int = 0                   # random seed (initialisation, data order)
     device: str = "auto"            # auto | cpu | cuda | mps
-    log_interval: int = 10
+    log_interval: int = 10          # print and log the training loss every N steps
     eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
-    eval_items: int = 256           # test images used for the periodic evaluation (0 = whole split)
+    eval_items: int = 256           # images of the periodic evaluation, on --eval_split (0 = whole split)
+    eval_split: str = "val"         # split of the periodic evaluations during training (val: choose settings on
+                                    # it); the final evaluation is on test
+    test_items: int = 0             # test images of the final evaluation and --eval_only (0: the whole split,
+                                    # at the end of training only when it has <= 1024, else eval_items)
     resume: bool = True             # continue from out_dir/ckpt.pt when it exists
     init_from: str = ""             # official BO-QSA checkpoint (.ckpt/.pt) or one of ours to start from
     ckpt: str = ""                  # --eval_only / --predict: checkpoint to use (default out_dir/ckpt.pt)
-    eval_only: bool = False         # evaluate out_dir/ckpt.pt (or init_from) on the test split and exit
+    eval_only: bool = False         # evaluate out_dir/ckpt.pt (or init_from) on the test split, write
+                                    # out_dir/eval_<dataset>.json, print the summary line and exit
     predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
     concept_maps: bool = False      # with --eval_only: save each query's attention map (Sec. 5.4, Fig. 4)
     compile: bool = False           # torch.compile the model
@@ -116,16 +129,18 @@ class Config:
                                     # the CPU/GPU runs it natively, else float32; the paper presets: float32
 
 
-# Paper settings per dataset: slots and image size (Tab. 13), encoder strides (Tab. 9), decoder
-# strides (Tab. 10), batch 128 and the full schedule (Tab. 11). ClevrTex: 11 slots (App. A.3.4).
+# Paper settings per dataset: slots and image size (Tab. 13), encoder channels and first stride (Tab. 9), decoder
+# channels and strides (Tab. 10; the last stride-1 ConvT written out, official models/mixture_decoder.py), batch
+# 128 and the full schedule (Tab. 11). ClevrTex: 11 slots (App. A.3.4).
 # Precision: float32, as the official Trainer (bf16 autocast stays a speed option: --dtype=bfloat16).
 _PAPER = dict(batch_size=128, warmup_steps=5000, decay_steps=50000, max_steps=250000, sigma_steps=30000,
-              hid_dim=64, num_workers=8, eval_interval=5000, eval_items=0, dtype="float32")
+              enc_channels=64, dec_channels=64, num_workers=8, eval_interval=5000, eval_items=0, dtype="float32")
 PRESETS = {
     "synthetic": {},
-    "shapestacks": dict(_PAPER, num_slots=8, image_size=128, enc_strides=(2, 1, 1, 1), dec_strides=(2, 2, 2, 2)),
-    "objectsroom": dict(_PAPER, num_slots=5, image_size=64, enc_strides=(1, 1, 1, 1), dec_strides=(2, 2, 2, 1)),
-    "clevrtex": dict(_PAPER, num_slots=11, image_size=128, enc_strides=(2, 1, 1, 1), dec_strides=(2, 2, 2, 2)),
+    # official scripts/train/mix_dec_*.sh: --encoder_strides 2 1 1 1 --decoder_strides 2 2 2 2 at 128 px
+    "shapestacks": dict(_PAPER, num_slots=8, image_size=128, enc_stride=2, dec_strides=(2, 2, 2, 2, 1)),
+    "objectsroom": dict(_PAPER, num_slots=5, image_size=64, enc_stride=1, dec_strides=(2, 2, 2, 1, 1)),
+    "clevrtex": dict(_PAPER, num_slots=11, image_size=128, enc_stride=2, dec_strides=(2, 2, 2, 2, 1)),
 }
 # the ClevrTex settings also serve CLEVR and the ClevrTex test variants (same 128 px, 11 slots)
 for _name in ("clevrtex_ood", "clevrtex_camo", "clevr", "clevr6"):
@@ -133,7 +148,7 @@ for _name in ("clevrtex_ood", "clevrtex_camo", "clevr", "clevr6"):
 PRESETS["clevr6"]["num_slots"] = 7
 # real images (Tab. 13, 128 px, encoder stride 1 (Tab. 9)); N_sigma = 0 on Cars and Flowers (App. A.3.1).
 # YCB / ScanNet / COCO: 6 slots (App. A.3.4); the paper runs them with the transformer decoder only.
-_REAL = dict(_PAPER, image_size=128, enc_strides=(1, 1, 1, 1), dec_strides=(2, 2, 2, 2))
+_REAL = dict(_PAPER, image_size=128, enc_stride=1, dec_strides=(2, 2, 2, 2, 1))
 for _name, _k in (("birds", 3), ("dogs", 2), ("cars", 2), ("flowers", 2), ("ycb", 6), ("scannet", 6), ("coco", 6)):
     PRESETS[_name] = dict(_REAL, num_slots=_k, sigma_steps=0 if _name in ("cars", "flowers") else 30000)
 
@@ -141,29 +156,24 @@ for _name, _k in (("birds", 3), ("dogs", 2), ("cars", 2), ("flowers", 2), ("ycb"
 # Official code: encoder strides 1 everywhere (attention maps at full resolution), slot and MLP size 256.
 _SLATE = dict(slot_dim=256, mlp_dim=256, vocab_size=1024, d_model=256, dec_layers=4, dec_heads=4, dec_dropout=0.1,
               lr=1e-4, lr_dvae=3e-4, warmup_steps=10000, decay_steps=50000, max_steps=250000, tau_steps=30000,
-              batch_size=128, enc_strides=(1, 1, 1, 1), recon_items=64, dtype="float32")
+              batch_size=128, enc_stride=1, recon_items=64, dtype="float32")
 SLATE_PRESETS = {
     # CPU-sized: a faster schedule for a 30-minute run on 2 cores (bf16, 8000 steps); the paper's 64
     # channels (Tab. 9) with 3x3 encoder kernels, which keep the paper's receptive field relative to the
     # image at 32 px (9/32 px, as 17/64 at 64 px; 5x5 sees 17/32) and are faster; 8 slots: the background
     # takes about 2, and more spare slots split objects (README, Results)
-    "synthetic": dict(lr=3e-4, warmup_steps=300, tau_steps=5500, max_steps=8000, num_slots=8, hid_dim=64,
+    "synthetic": dict(lr=3e-4, warmup_steps=300, tau_steps=5500, max_steps=8000, num_slots=8, enc_channels=64,
                       enc_kernel=3),
     "shapestacks": dict(_SLATE, num_slots=12),
     "objectsroom": dict(_SLATE, num_slots=6),
 }
 
 
-def explicit_flags(argv=None):
-    """Names of the config fields given on the command line (`--key=value`, `--key value`, `--flag`)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--") and len(a) > 2}
-
-
 def build_config(argv=None):
     """Config from the command line: defaults <- PRESETS[--dataset] (<- SLATE_PRESETS for
-    --decoder=transformer) <- explicit flags. Exits with one line for an unknown --decoder."""
-    first = parse_args(Config(), argv)          # validates every flag, gives us --dataset and --decoder
+    --decoder=transformer) <- explicit flags. Exits with one line for an unknown --decoder. `--help` (after
+    --dataset / --decoder) lists the flags with that preset's values as the defaults."""
+    first = parse_args(Config(), argv, only=("dataset", "decoder", "dtype"))   # picks the preset
     if first.decoder not in ("mixture", "transformer"):
         fail(f"--decoder must be mixture or transformer, got {first.decoder!r}")
     if first.dtype not in DTYPES:
@@ -171,22 +181,22 @@ def build_config(argv=None):
     preset = dict(PRESETS.get(first.dataset, {}))
     if first.decoder == "transformer":
         preset.update(SLATE_PRESETS.get(first.dataset, _SLATE))
-    cfg = parse_args(Config(**preset), argv)
-    check_config(cfg, positive=("image_size", "num_slots", "slot_dim", "mlp_dim", "hid_dim", "enc_strides",
-                                "dec_strides", "dec_init_size", "iters", "vocab_size", "dvae_hid", "d_model",
-                                "dec_layers", "dec_heads", "batch_size", "lr", "lr_dvae", "decay_steps",
+    cfg = parse_args(Config(**preset), argv, epilog=f"Defaults above: the {first.dataset} preset"
+                     f"{' with --decoder=transformer' if first.decoder == 'transformer' else ''}; "
+                     "--dataset=NAME --help shows another dataset's.")
+    check_config(cfg, positive=("image_size", "num_slots", "slot_dim", "mlp_dim", "enc_channels", "dec_channels",
+                                "enc_stride", "dec_strides", "dec_init_size", "iters", "vocab_size", "dvae_hid",
+                                "d_model", "dec_layers", "dec_heads", "batch_size", "lr", "lr_dvae", "decay_steps",
                                 "log_interval", "eval_interval", "tau_start", "tau_final"),
                  nonnegative=("num_workers", "sigma_steps", "tau_steps", "warmup_steps", "max_steps", "grad_clip",
-                              "attn_eps", "drop_path", "dec_dropout", "recon_items", "eval_items"),
-                 choices=dict(init=("query", "gaussian"), grad=("bo", "detach", "full")))
+                              "attn_eps", "drop_path", "dec_dropout", "recon_items", "eval_items", "test_items"),
+                 choices=dict(init=("query", "gaussian"), grad=("bo", "detach", "full"), eval_split=data.SPLITS))
     for name in ("enc_kernel", "dec_kernel"):
         k = getattr(cfg, name)
         if k < 1 or k % 2 == 0:                                     # 'same' padding needs an odd kernel
             fail(f"--{name} must be an odd kernel size (3, 5, ...), got {k}")
-    enc = math.prod(cfg.enc_strides)
-    if cfg.image_size % enc:
-        fail(f"--image_size={cfg.image_size} is not divisible by the encoder strides' product {enc} "
-             f"(--enc_strides={','.join(map(str, cfg.enc_strides))})", code=2)
+    if cfg.image_size % cfg.enc_stride:
+        fail(f"--image_size={cfg.image_size} is not divisible by --enc_stride={cfg.enc_stride}", code=2)
     if cfg.decoder == "mixture" and cfg.dec_init_size * math.prod(cfg.dec_strides) != cfg.image_size:
         fail(f"--image_size={cfg.image_size} does not match the decoder: --dec_init_size={cfg.dec_init_size} "
              f"x prod(--dec_strides={','.join(map(str, cfg.dec_strides))}) = "
@@ -222,22 +232,27 @@ class SoftPositionEmbed(nn.Module):
         return x + self.dense(self.grid)
 
 
+ENC_LAYERS = 4      # Tab. 9: 4 conv 5x5 layers (official --encoder_channels 64 64 64 64)
+
+
 class Encoder(nn.Module):
     """CNN encoder (Tab. 9) + soft position embedding + per-pixel MLP.
 
-    images [B,3,H,W] in [-1,1] -> features [B, N=H'*W', slot_dim], H' = H / prod(strides).
+    images [B,3,H,W] in [-1,1] -> features [B, N=H'*W', slot_dim], H' = H / enc_stride.
+    ENC_LAYERS conv layers with enc_channels maps, the first with stride enc_stride, the others 1.
     """
 
     def __init__(self, cfg):
         super().__init__()
-        chans = [3] + [cfg.hid_dim] * len(cfg.enc_strides)
+        chans = [3] + [cfg.enc_channels] * ENC_LAYERS
+        strides = [cfg.enc_stride] + [1] * (ENC_LAYERS - 1)                # official --encoder_strides 2 1 1 1
         self.convs = nn.ModuleList(
             nn.Conv2d(cin, cout, cfg.enc_kernel, stride=s, padding=cfg.enc_kernel // 2)  # Tab. 9: 5x5, pad 2, ReLU
-            for cin, cout, s in zip(chans[:-1], chans[1:], cfg.enc_strides))
-        size = cfg.image_size // math.prod(cfg.enc_strides)
-        self.pos = SoftPositionEmbed(cfg.hid_dim, size, size)
+            for cin, cout, s in zip(chans[:-1], chans[1:], strides))
+        size = cfg.image_size // cfg.enc_stride
+        self.pos = SoftPositionEmbed(cfg.enc_channels, size, size)
         self.mlp = nn.Sequential(                                          # LN -> Linear -> ReLU -> Linear
-            nn.LayerNorm(cfg.hid_dim), nn.Linear(cfg.hid_dim, cfg.mlp_dim), nn.ReLU(),
+            nn.LayerNorm(cfg.enc_channels), nn.Linear(cfg.enc_channels, cfg.mlp_dim), nn.ReLU(),
             nn.Linear(cfg.mlp_dim, cfg.slot_dim))
 
     def forward(self, images):
@@ -246,14 +261,6 @@ class Encoder(nn.Module):
             x = F.relu(conv(x))
         x = self.pos(x.permute(0, 2, 3, 1))                                # [B,H',W',C]
         return self.mlp(x.flatten(1, 2))                                   # [B,N,D]
-
-
-def drop_path(x, p, training):
-    """Stochastic depth per sample: zero the whole residual branch of a sample with prob p."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
 
 
 class SlotAttention(nn.Module):
@@ -297,6 +304,14 @@ class SlotAttention(nn.Module):
         nn.init.xavier_uniform_(self.mlp[2].weight)                        # linear(...)
         nn.init.zeros_(self.mlp[2].bias)
 
+    @staticmethod
+    def drop_residual(x, p, training):
+        """DropPath (stochastic depth) per sample: zero the whole residual branch of a sample with prob p."""
+        if p == 0.0 or not training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - p)
+        return x * keep / (1.0 - p)
+
     def step(self, slots, k, v):
         """One refinement s <- h(s, f_attn(s, x)) (eq. 1, eq. 5). Returns (slots, attn [B,K,N])."""
         B, K, D = slots.shape
@@ -306,7 +321,7 @@ class SlotAttention(nn.Module):
         weights = attn / (attn.sum(dim=-1, keepdim=True) + self.eps)       # weighted mean over pixels
         updates = torch.einsum("bkn,bnd->bkd", weights, v)
         slots = self.gru(updates.reshape(-1, D), slots.reshape(-1, D)).reshape(B, K, D)
-        slots = slots + drop_path(self.mlp(self.norm_mlp(slots)), self.drop_path, self.training)
+        slots = slots + self.drop_residual(self.mlp(self.norm_mlp(slots)), self.drop_path, self.training)
         return slots, attn
 
     def forward(self, inputs, init, grad="bo"):
@@ -329,8 +344,10 @@ class MixtureDecoder(nn.Module):
     """Spatial broadcast mixture decoder (Tab. 10; Watters et al. 2019; App. A.1).
 
     slots [B,K,D] -> rgb [B,K,3,H,W] (no activation), mask logits [B,K,1,H,W].
-    Each slot is broadcast to dec_init_size^2, gets a position embedding, then 5 ConvTranspose
-    5x5 (dec_kernel) + ReLU layers (strides dec_strides then 1) and a final ConvTranspose 3x3 to 4 channels.
+    Each slot is broadcast to dec_init_size^2, gets a position embedding, then one ConvTranspose 5x5
+    (dec_kernel) + ReLU layer with dec_channels maps per dec_strides entry (the paper's (2,2,2,2,1): Tab. 10,
+    official models/mixture_decoder.py: one block per --decoder_strides entry + one stride-1 block) and a
+    final ConvTranspose 3x3 to 4 channels.
     """
 
     def __init__(self, cfg):
@@ -338,13 +355,12 @@ class MixtureDecoder(nn.Module):
         s0 = cfg.dec_init_size
         self.init_size = s0
         self.pos = SoftPositionEmbed(cfg.slot_dim, s0, s0)
-        chans = [cfg.slot_dim] + [cfg.hid_dim] * (len(cfg.dec_strides) + 1)
-        strides = list(cfg.dec_strides) + [1]
+        chans = [cfg.slot_dim] + [cfg.dec_channels] * len(cfg.dec_strides)
         self.layers = nn.ModuleList(
             nn.ConvTranspose2d(cin, cout, cfg.dec_kernel, stride=s, padding=cfg.dec_kernel // 2,  # Tab. 10: 5x5
                                output_padding=1 if s == 2 else 0)
-            for cin, cout, s in zip(chans[:-1], chans[1:], strides))
-        self.out = nn.ConvTranspose2d(cfg.hid_dim, 4, 3, stride=1, padding=1)   # RGB + mask logit
+            for cin, cout, s in zip(chans[:-1], chans[1:], cfg.dec_strides))
+        self.out = nn.ConvTranspose2d(chans[-1], 4, 3, stride=1, padding=1)    # RGB + mask logit
         if s0 * math.prod(cfg.dec_strides) != cfg.image_size:
             raise ValueError(f"decoder output {s0}*prod({cfg.dec_strides}) != image_size {cfg.image_size}: "
                              f"set --dec_strides or --dec_init_size")
@@ -695,12 +711,52 @@ def convert_official_state_dict(state_dict):
     return out
 
 
+def official_settings(hparams):
+    """Our Config fields from an official checkpoint's hyper-parameters (the flags of the official
+    train/train_mixture_dec.py; absent ones are skipped): --encoder_channels (equal widths) -> enc_channels,
+    --decoder_channels (equal widths) -> dec_channels, --encoder_strides (2 1 1 1) -> enc_stride = its first
+    entry, --decoder_strides (2 2 2 2) -> dec_strides with the stride-1 ConvT that the official Decoder
+    (models/mixture_decoder.py) adds after them: (2, 2, 2, 2, 1).
+    hparams: a dict or an argparse Namespace (Lightning's "hyper_parameters"); anything else counts as {}.
+    Returns a dict {field: value}. Raises ValueError (one line) for a setting BOQSA cannot build: another
+    number of encoder layers than ENC_LAYERS, an encoder stride other than 1 after the first, unequal widths."""
+    hp = hparams if isinstance(hparams, dict) else getattr(hparams, "__dict__", {})
+    out = {}
+    strides = hp.get("encoder_strides")
+    if strides is not None:
+        strides = [int(s) for s in strides]
+        if len(strides) != ENC_LAYERS or any(s != 1 for s in strides[1:]):
+            raise ValueError(f"official --encoder_strides {' '.join(map(str, strides))}: BOQSA has {ENC_LAYERS} "
+                             f"encoder convs, only the first with a stride other than 1 (--enc_stride)")
+        out["enc_stride"] = strides[0]
+    for name, ours in (("encoder_channels", "enc_channels"), ("decoder_channels", "dec_channels")):
+        chans = hp.get(name)
+        if chans is not None:
+            if len(set(int(c) for c in chans)) != 1:
+                raise ValueError(f"official --{name} {' '.join(map(str, chans))}: BOQSA has one width for all "
+                                 f"these layers (--{ours})")
+            out[ours] = int(chans[0])
+    if hp.get("decoder_strides") is not None:
+        out["dec_strides"] = tuple(int(s) for s in hp["decoder_strides"]) + (1,)
+    return out
+
+
 def load_official(model, path):
-    """Load an official BO-QSA checkpoint into `model` (strict). Exits with a message on mismatch."""
+    """Load an official BO-QSA checkpoint into `model` (strict). Exits with one line on a mismatch, naming
+    the flag when the checkpoint's hyper-parameters (official_settings) differ from model.cfg."""
+    ckpt = load_checkpoint(path, weights_only=False)                  # Lightning pickles hparams
     try:
-        sd = convert_official_state_dict(load_checkpoint(path, weights_only=False))  # Lightning pickles hparams
+        sd = convert_official_state_dict(ckpt)
     except KeyError as e:
         fail(f"{path}: {e.args[0]}; only official mixture-decoder checkpoints can be converted")
+    try:
+        settings = official_settings(ckpt.get("hyper_parameters"))
+    except ValueError as e:
+        fail(f"{path}: {e}")
+    for key, value in settings.items():
+        if not common.same_setting(value, getattr(model.cfg, key)):
+            fail(f"{path} was trained with --{key}={common.flag_value(value)}, not "
+                 f"{common.flag_value(getattr(model.cfg, key))}; pass --{key}={common.flag_value(value)}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         fail(f"{path}: does not match this config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
@@ -723,7 +779,7 @@ def load_dataset(cfg, split):
     try:
         return data.build_dataset(cfg.dataset, split, root=cfg.data_dir or None, image_size=cfg.image_size, **options)
     except data.DatasetError as e:
-        fail(str(e))
+        fail(str(e) + (common.VAL_SPLIT_HINT if split == "val" else ""))   # val: read for --eval_split
 
 
 def train_loader(cfg, ddp, start_step):
@@ -756,8 +812,8 @@ def batch_metrics(dataset, true, masks):
 
 
 @torch.no_grad()
-def evaluate(model, cfg, device, num_items=0, image_path=None):
-    """Metrics on the test split: dict of means.
+def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
+    """Metrics on the first `num_items` images (0 = all) of `split` (train | val | test): dict of means.
 
     Synthetic sets: ARI, ARI-FG, MSC-FG, mBO, mIoU. Birds / Dogs / Cars / Flowers: IoU and Dice
     (batch_metrics). YCB / ScanNet / COCO: AP, PQ, precision, recall over the whole split
@@ -769,7 +825,7 @@ def evaluate(model, cfg, device, num_items=0, image_path=None):
     Datasets without instance masks report MSE only. Writes the PNG grid to `image_path`.
     """
     model.eval()
-    ds = load_dataset(cfg, "test")
+    ds = load_dataset(cfg, split)
     has_masks = getattr(ds, "has_masks", True)
     if num_items and num_items < len(ds):
         ds = torch.utils.data.Subset(ds, range(num_items))
@@ -863,8 +919,47 @@ def group_lr(name, step, cfg):
     return cfg.lr * lr_factor(step, cfg)
 
 
+# The Config fields that shape the model: resume refuses another value; --eval_only / --predict copy them.
+MODEL_KEYS = ("decoder", "num_slots", "slot_dim", "mlp_dim", "enc_channels", "dec_channels", "enc_stride",
+              "dec_strides", "dec_init_size", "init", "iters", "attn_eps", "image_size", "vocab_size", "dvae_hid",
+              "dvae_kernel", "d_model", "dec_layers", "dec_heads", "tau_final", "enc_kernel", "dec_kernel")
+
+def upgrade_saved_config(ckpt):
+    """The config dict of checkpoint `ckpt` (a dict with "config") in today's names, so that our checkpoints
+    saved with the old ones still resume and evaluate. An old config is one with hid_dim or enc_strides
+    (every config saved before the rename has both): hid_dim -> enc_channels and dec_channels,
+    enc_strides (s, 1, 1, 1) -> enc_stride=s, dec_strides + (1,) (the old rule added that stride-1 ConvT
+    after the listed ones). Returns a new dict (the checkpoint unchanged); a current config, or a missing
+    or non-dict one, as it is. Raises CheckpointError (one line) for old enc_strides that today's encoder
+    cannot build (not 4 entries, or a stride other than 1 after the first)."""
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict) or not {"hid_dim", "enc_strides"} & set(saved):
+        return saved
+    saved = dict(saved)
+    if "hid_dim" in saved:
+        width = saved.pop("hid_dim")
+        saved.setdefault("enc_channels", width)
+        saved.setdefault("dec_channels", width)
+    if "enc_strides" in saved:
+        strides = tuple(saved.pop("enc_strides"))
+        if len(strides) != ENC_LAYERS or any(s != 1 for s in strides[1:]):
+            raise CheckpointError(f"the checkpoint was trained with --enc_strides={common.flag_value(strides)}, which "
+                                  f"boqsa.py no longer builds ({ENC_LAYERS} encoder convs, --enc_stride for the first)")
+        saved["enc_stride"] = strides[0]
+    if "dec_strides" in saved:
+        saved["dec_strides"] = tuple(saved["dec_strides"]) + (1,)
+    return saved
+
+
 def train(cfg):
-    """The training loop: resumes from out_dir/ckpt.pt, logs to out_dir/metrics.jsonl, saves PNGs."""
+    """The training loop: resumes from out_dir/ckpt.pt, logs to out_dir/metrics.jsonl, saves PNGs.
+
+    Every eval_interval steps (and at the last one) a checkpoint and an evaluation of eval_items images of
+    cfg.eval_split (default val), logged as <split>_<metric>. After the last step, rank 0 evaluates on the
+    test split (common.finish_training: the whole split up to 1024 images, else eval_items; --test_items
+    sets it), writes out_dir/eval_<dataset>.json and prints the summary line (steps, wall time since this
+    call, test metrics, out_dir); a run resumed after that evaluation prints its summary line again."""
+    start_time = time.time()
     ddp = ddp_setup(device=cfg.device)
     device = ddp.device
     seed_everything(cfg.seed + ddp.rank)
@@ -885,7 +980,7 @@ def train(cfg):
     if cfg.resume:
         ckpt = load_resume_checkpoint(ckpt_path)                           # ckpt.pt, else ckpt_prev.pt, else None
     if ckpt is not None:
-        check_same_model(ckpt["config"], cfg, ckpt_path)
+        common.check_same_model(upgrade_saved_config(ckpt), cfg, ckpt_path, MODEL_KEYS)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
@@ -900,6 +995,8 @@ def train(cfg):
         # I-SA / I-QSA leave the initialisation without gradient: tell DDP not to wait for it
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.grad == "detach")
     data_iter = iter(train_loader(cfg, ddp, step))       # the sampler skips the batches already seen
+    if ddp.is_main:
+        load_dataset(cfg, cfg.eval_split)                 # the periodic evaluations' split: its errors before any step
     if ckpt is not None:
         set_rng_state(ckpt["rng"])                        # after iter(): it draws a seed from torch's RNG
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl")) if ddp.is_main else None
@@ -910,9 +1007,10 @@ def train(cfg):
         rng = get_rng_state()                             # evaluation must not move the training RNG
         save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                         step=step, rng=rng, config=asdict(cfg)))
-        metrics = evaluate(raw_model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"))
-        log.log(step, **{f"test_{k}": v for k, v in metrics.items()})
-        bar.write(f"step {step}: {format_metrics(metrics)}  (saved {ckpt_path})")
+        metrics = evaluate(raw_model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"),
+                           split=cfg.eval_split)
+        log.log(step, **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()})
+        bar.write(f"step {step} ({cfg.eval_split}): {format_metrics(metrics)}  (saved {ckpt_path})")
         set_rng_state(rng)
 
     bar = progress(cfg.max_steps, initial=step, desc="train", disable=not ddp.is_main)
@@ -929,7 +1027,7 @@ def train(cfg):
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)      # Tab. 11: clip at 1.0 (0 = off)
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)      # official gradient_clip_val=1.0 (0 = off)
         check_finite_step(step, loss.item(), grad_norm, ckpt_path, cfg.lr)  # a diverged run stops here
         optimizer.step()
         step += 1
@@ -946,6 +1044,11 @@ def train(cfg):
             save_and_evaluate()
     bar.close()
     ddp_cleanup()
+    if ddp.is_main and step and step == cfg.max_steps:   # the final evaluation, on the test split
+        common.finish_training(cfg, raw_model, device, evaluate, format_metrics, load_dataset, script="boqsa.py",
+                               step=step, start_time=start_time, checkpoint=ckpt_path,
+                               resumed_at=ckpt["step"] if ckpt is not None else None, extra=dict(iters=cfg.iters),
+                               note=f"{cfg.iters} slot-attention iterations")
 
 
 # -----------------------------------------------------------------------------
@@ -966,87 +1069,34 @@ def load_init(model, path):
         load_official(model, path)
 
 
-def inference_checkpoint(cfg):
-    """The checkpoint --eval_only / --predict use: --ckpt, else --init_from, else out_dir/ckpt.pt."""
-    return cfg.ckpt or cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
-
-
-def load_for_inference(cfg, device):
-    """Model from --ckpt / --init_from (ours or official) / out_dir/ckpt.pt; exits with one line if none."""
-    model = BOQSA(cfg).to(device)
-    path = inference_checkpoint(cfg)
-    if not os.path.exists(path):
-        fail(f"no checkpoint at {path}: train first (python boqsa.py) or pass --ckpt=PATH / --init_from=PATH")
-    load_init(model, path)
-    print(f"loaded {path}")
-    return model.eval()
-
-
-MODEL_KEYS = ("decoder", "num_slots", "slot_dim", "mlp_dim", "hid_dim", "enc_strides", "dec_strides", "dec_init_size",
-               "init", "iters", "attn_eps", "image_size", "vocab_size", "dvae_hid", "dvae_kernel", "d_model",
-               "dec_layers", "dec_heads", "tau_final", "enc_kernel", "dec_kernel")
-
-
-def check_same_model(saved, cfg, path):
-    """Exit with one line if the checkpoint's config `saved` differs from cfg in any MODEL_KEYS field."""
-    for key in MODEL_KEYS:
-        if key not in saved:
-            continue
-        value = type(getattr(cfg, key))(saved[key])
-        if value != getattr(cfg, key):
-            fail(f"{path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
-                 f"use another --out_dir or --resume=false")
-
-
 def checkpoint_config(cfg, explicit=()):
-    """Copy the model settings saved in the checkpoint into cfg so --eval_only needs no flags.
-
-    The dataset may differ from the training one (zero-shot transfer, Tab. 8, 15): the images are
-    then loaded at the checkpoint's image size. Keys in `explicit` keep the command line's value;
-    only --iters may differ from training (Fig. 2: test-time iterations), the others are model shape.
-    """
-    path = inference_checkpoint(cfg)
-    if os.path.exists(path):
-        # ours load with the safe unpickler; an official --init_from file pickles its hparams
-        saved = load_checkpoint(path, weights_only=not (cfg.init_from and path == cfg.init_from)).get("config")
-        if isinstance(saved, dict):
-            for key in MODEL_KEYS:
-                if key in saved and not (key == "iters" and key in explicit):
-                    setattr(cfg, key, type(getattr(cfg, key))(saved[key]))
-    return cfg
-
-
-def predict(cfg, device):
-    """--predict=FOLDER or FILE: common.predict_folder with this model, into <out_dir>/predict/
-    (<name>.png picture, <name>_labels.png slot index map). Every slot is coloured (no background slot)."""
-    model = load_for_inference(cfg, device)
-
-    def model_fn(x):
-        out = model(x.to(device))
-        return out["recon"].clamp(0, 1), out["masks"]
-    return predict_folder(cfg.predict, model_fn, cfg.image_size, os.path.join(cfg.out_dir, "predict"), label_offset=1)
+    """common.checkpoint_config with MODEL_KEYS, so --eval_only needs no flags. The dataset may differ
+    from the training one (zero-shot transfer, Tab. 8, 15). Of the keys in `explicit` (given on the
+    command line) only --iters keeps the command line's value (Fig. 2: test-time iterations); the
+    others are model shape. Ours load with the safe unpickler; an official --init_from file pickles
+    its hparams. A checkpoint saved with the old names is read through upgrade_saved_config. Returns cfg;
+    exits with one line when the file is corrupt."""
+    official = bool(cfg.init_from) and common.inference_checkpoint(cfg) == cfg.init_from
+    return common.checkpoint_config(cfg, MODEL_KEYS, keep={"iters"} & set(explicit), weights_only=not official,
+                                    upgrade=upgrade_saved_config)
 
 
 def run(cfg, argv=None):
     """--predict, --eval_only (results also in <out_dir>/eval_<dataset>.json) or training."""
     if cfg.eval_only or cfg.predict:
-        cfg = checkpoint_config(cfg, explicit_flags(argv))
+        cfg = checkpoint_config(cfg, common.explicit_fields(Config(), argv))
         check_out_dir(cfg.out_dir)                        # may differ from the checkpoint's (read-only) folder
         device = get_device(cfg.device)
-        if cfg.predict:
-            return predict(cfg, device)
-        model = load_for_inference(cfg, device)
+        model = common.load_for_inference(cfg, device, BOQSA, load_init, "boqsa.py")
+        if cfg.predict:                                   # label_offset 1: every slot coloured (no background)
+            return common.predict_images(cfg, model, device, label_offset=1)
         if cfg.concept_maps:
             path = os.path.join(cfg.out_dir, f"concept_maps_{cfg.dataset}.png")
             save_concept_maps(model, cfg, device, path)
             print(f"wrote the queries' attention maps to {path}")
-        metrics = evaluate(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
-        path = os.path.join(cfg.out_dir, f"eval_{cfg.dataset}.json")
-        with open(path, "w") as f:
-            json.dump(dict(metrics, checkpoint=inference_checkpoint(cfg), iters=cfg.iters), f, indent=1)
-        print(f"{cfg.dataset} test ({cfg.iters} slot-attention iterations): {format_metrics(metrics)}  "
-              f"(saved {path})")
-        return metrics
+        return common.evaluate_checkpoint(cfg, model, device, evaluate, format_metrics, extra=dict(iters=cfg.iters),
+                                          note=f"{cfg.iters} slot-attention iterations", script="boqsa.py",
+                                          load_dataset=load_dataset)
     train(cfg)
 
 

@@ -10,13 +10,17 @@ Contents
 --------
 1. Metrics (per image, computed on CPU with numpy / sklearn / scipy)
    ari, miou, msc, mbo, mse, fg_iou_dice, segmentation_metrics, nanmean, ObjectSegMetrics (AP/PQ/Pre/Rec)
-2. Config / CLI (nanoGPT style `--key=value` overrides of a dataclass)
-   parse_args, apply_overrides, config_to_dict, ConfigError
+2. Config / CLI (argparse built from a dataclass: `--key=value` flags, help from the field comments)
+   parse_args, parse_config, explicit_fields, build_parser, apply_overrides, config_to_dict, ConfigError
 3. Runtime
    seed_everything, get_device, DDPInfo, ddp_setup, ddp_cleanup, all_reduce_mean
 4. Checkpoints (atomic writes, the previous one kept, RNG state)
    save_checkpoint, load_checkpoint, load_resume_checkpoint, prev_checkpoint_path, non_finite_tensors,
    CheckpointError, get_rng_state, set_rng_state
+4b. Inference from a checkpoint (--eval_only / --predict of every script)
+   inference_checkpoint, checkpoint_config, check_same_model, same_setting, saved_setting, flag_value,
+   load_for_inference, predict_images, evaluate_checkpoint, finish_training (the final test evaluation),
+   summary_line (the one-line end of every run), test_eval_items, format_duration, checkpoint_step
 5. Logging / progress / training-loop checks
    MetricsLog, progress, fail, error_line, ResumableSampler,
    clip_gradients, check_finite_step, check_config, check_out_dir
@@ -31,17 +35,23 @@ other labels need not be contiguous (e.g. {0, 3, 7}).
 
 from __future__ import annotations
 
+import argparse
 import colorsys
 import dataclasses
 import difflib
+import inspect
+import io
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
+import textwrap
 import time
+import tokenize
 import types
 import typing
 import warnings
@@ -61,13 +71,18 @@ __all__ = [
     # metrics
     "ari", "miou", "msc", "mbo", "mse", "fg_iou_dice", "segmentation_metrics", "nanmean",
     # config
-    "parse_args", "apply_overrides", "config_to_dict", "ConfigError",
+    "parse_args", "parse_config", "explicit_fields", "build_parser", "apply_overrides", "config_to_dict",
+    "ConfigError",
     # runtime
     "seed_everything", "get_device", "DTYPES", "native_bf16", "resolve_dtype", "train_autocast", "DDPInfo",
     "ddp_setup", "ddp_cleanup", "all_reduce_mean",
     # checkpoints
     "save_checkpoint", "load_checkpoint", "load_resume_checkpoint", "prev_checkpoint_path", "non_finite_tensors",
     "CheckpointError", "get_rng_state", "set_rng_state",
+    # inference from a checkpoint
+    "inference_checkpoint", "checkpoint_config", "check_same_model", "same_setting", "saved_setting", "flag_value",
+    "load_for_inference", "predict_images", "evaluate_checkpoint", "finish_training", "summary_line",
+    "test_eval_items", "format_duration", "format_metric_values", "checkpoint_step", "FINAL_EVAL_MAX_ITEMS",
     # logging
     "MetricsLog", "progress", "fail", "error_line", "ResumableSampler",
     # training-loop checks
@@ -569,41 +584,238 @@ def config_to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _print_help(config, ftypes: dict[str, Any]) -> None:
-    doc = (type(config).__doc__ or "").strip()
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script"
-    lines = [f"usage: {prog} [--key=value ...]", ""]
-    if doc:
-        lines += [doc, ""]
-    lines.append("options (bool flags: bare --flag sets True, or --flag=true/false/1/0):")
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    for name, tp in ftypes.items():
-        help_text = fields[name].metadata.get("help", "") if fields[name].metadata else ""
-        line = f"  --{name} ({_type_name(tp)}) default: {getattr(config, name)!r}"
-        lines.append(line + (f"  {help_text}" if help_text else ""))
-    print("\n".join(lines))
-
-
 def _is_bool_type(tp) -> bool:
+    """bool, Optional[bool] or `bool | None`: the fields a bare `--flag` sets to True."""
     if tp is bool:
         return True
     args = typing.get_args(tp)
     return typing.get_origin(tp) in (typing.Union, getattr(types, "UnionType", None)) and bool in args
 
 
-def parse_args(config, argv: Sequence[str] | None = None):
-    """Override the fields of a dataclass config from the command line (nanoGPT style).
+def _comment_text(token: str) -> str:
+    return token.lstrip("#").strip()
 
-    Accepted forms: `--key=value`, `--key value`, and for bool fields a bare `--flag`
-    (= True) or `--flag=true/false/1/0/yes/no` (also `--flag false` when the next word is
-    one of those). Dashes in keys are read as underscores (`--batch-size`). Values are
-    cast by the field's annotation: int, float, str, bool, Optional[...] ("none" -> None),
-    Literal[...], tuple/list of ints/floats written as "1,2,3".
-    Optional per-field help: `field(default=..., metadata={"help": "..."})`.
+
+def _source_comments(cls) -> tuple[dict[str, str], dict[str, str]]:
+    """The comments of a dataclass's source, read with `tokenize`: (field -> its help, field -> its group).
+
+    A field's help is its trailing comment plus the comment lines below it that are indented further
+    than the class body (continuations); a comment line at the class body's indentation is a group
+    header for the fields below it (a second header line right below continues it). Returns two empty
+    dicts when the source cannot be read (a class made in a REPL or by `make_dataclass`)."""
+    helps: dict[str, str] = {}
+    groups: dict[str, str] = {}
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (OSError, TypeError, tokenize.TokenError, IndentationError, SyntaxError):
+        return helps, groups
+    depth, body_col = 0, None
+    group = None                    # the current group header
+    header_open = False             # the last line was a header: a second one continues it
+    field_name = None               # the field on the logical line being read
+    last_field = None               # the field a continuation comment belongs to
+    line_start = True               # the next token starts a logical line
+    for i, tok in enumerate(tokens):
+        kind = tok.type
+        if kind == tokenize.INDENT:
+            depth += 1
+            if depth == 1 and body_col is None:
+                body_col = len(tok.string)
+            continue
+        if kind == tokenize.DEDENT:
+            depth -= 1
+            continue
+        if kind == tokenize.NEWLINE:
+            last_field = field_name if field_name in helps else None
+            field_name, line_start = None, True
+            continue
+        if kind == tokenize.NL:
+            if field_name is None:
+                line_start = True
+            continue
+        if kind == tokenize.COMMENT:
+            text = _comment_text(tok.string)
+            own_line = not tok.line[:tok.start[1]].strip()
+            if field_name is not None:                      # on the field's line(s)
+                helps[field_name] = f"{helps[field_name]} {text}".strip() if field_name in helps else text
+            elif own_line and body_col is not None and depth == 1:
+                if last_field is not None and tok.start[1] > body_col:
+                    helps[last_field] += " " + text         # continuation of the field above
+                elif tok.start[1] <= body_col:
+                    group = f"{group} {text}" if header_open and group else text
+                    header_open, last_field = True, None
+            continue
+        if line_start and kind not in (tokenize.ENCODING, tokenize.ENDMARKER):
+            line_start, header_open, last_field = False, False, None
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+            if depth == 1 and kind == tokenize.NAME and nxt is not None and nxt.string == ":":
+                field_name = tok.string
+                groups[field_name] = group
+    return helps, groups
+
+
+def _dataclass_comments(cls) -> tuple[dict[str, str], dict[str, str]]:
+    """_source_comments over the dataclass bases too (a subclass's own comment wins)."""
+    helps: dict[str, str] = {}
+    groups: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            h, g = _source_comments(klass)
+            helps.update(h)
+            groups.update(g)
+    return helps, groups
+
+
+def _format_default(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) if value else '""'
+    if isinstance(value, str):
+        return value if value else '""'
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def _metavar(tp, default: Any = None) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _metavar(inner[0], default) if len(inner) == 1 else "VALUE"
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if tp in (tuple, list) or origin in (tuple, list):
+        elem = args[0] if args else (type(default[0]) if default else str)
+        return f"{_metavar(elem)},..."
+    if isinstance(tp, type) and tp in (bool, int, float, str):
+        return tp.__name__.upper()
+    return "VALUE"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help lines `--name METAVAR   help`: only the underscore spelling of a flag (the dash one is an alias),
+    the description kept as written (the config's docstring)."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=30, width=None):
+        if width is None:
+            width = min(shutil.get_terminal_size().columns, 110) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        if action.nargs == 0:                                   # -h, --help
+            return ", ".join(action.option_strings)
+        fmt = "[%s]" if action.nargs == argparse.OPTIONAL else "%s"
+        return f"{action.option_strings[0]} {fmt % self._metavar_formatter(action, action.dest)(1)[0]}"
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """The argparse parser of a dataclass config (see `build_parser`). Errors are one line on stderr and
+    exit code 2 (`common.fail`); parse them with `parse_config`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "--lr -1e-3": a value, as "--lr -1" (argparse's default pattern misses the exponent form)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+    def error(self, message):  # argparse's own messages (usage line + text) -> one line
+        fail(message, code=2)
+
+
+def build_parser(config, only: Sequence[str] | None = None, epilog: str | None = None) -> ConfigArgumentParser:
+    """An `argparse` parser with one `--name` flag per field of the dataclass instance `config`.
+
+    Flags are grouped by the comment headers of the dataclass source (`# model`, ...), each flag's help is
+    the field's comment (or `metadata={"help": ...}`) plus its current value in `config` as the default.
+    `--name-with-dashes` is an alias of `--name_with_dashes`. Values are cast by the field's annotation
+    (see `parse_config`); every flag defaults to argparse.SUPPRESS, so the parsed namespace holds
+    exactly the flags that were given. `only`: the parser of just these fields, without --help.
+    """
+    ftypes = _field_types(config)
+    cls = type(config)
+    helps, groups = _dataclass_comments(cls)
+    doc = inspect.cleandoc(cls.__doc__) if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""
+    usage_note = ("Flags: --key=value or --key value (--key-name = --key_name); bool flags: bare --flag = true,\n"
+                  "--flag=false/0/no; tuples as 1,2,3; none for an Optional.")
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if epilog:
+        epilog = "\n".join(textwrap.fill(line, 100) for line in epilog.splitlines())
+    parser = ConfigArgumentParser(
+        prog=prog, usage="%(prog)s [--key=value ...]", description=f"{doc}\n\n{usage_note}" if doc else usage_note,
+        epilog=epilog, formatter_class=_HelpFormatter, allow_abbrev=False, add_help=only is None,
+        exit_on_error=False, argument_default=argparse.SUPPRESS)
+    containers: dict[str | None, Any] = {None: parser}
+    for f in dataclasses.fields(config):
+        if only is not None and f.name not in only:
+            continue
+        tp, default = ftypes[f.name], getattr(config, f.name)
+        group = groups.get(f.name)
+        if group not in containers:
+            containers[group] = parser.add_argument_group(group)
+
+        def convert(text, name=f.name, tp=tp, default=default):
+            try:
+                return _parse_value(text, tp, default)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"--{name} expects {_type_name(tp)}, got {text!r}") from None
+
+        help_text = (f.metadata or {}).get("help") or helps.get(f.name, "")
+        help_text = f"{help_text} (default: {_format_default(default)})".strip().replace("%", "%%")
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kwargs = dict(dest=f.name, type=convert, help=help_text, metavar=_metavar(tp, default))
+        if _is_bool_type(tp):
+            kwargs.update(nargs="?", const=True, metavar="BOOL")
+        containers[group].add_argument(*names, **kwargs)
+    return parser
+
+
+def parse_config(config, argv: Sequence[str] | None = None, only: Sequence[str] | None = None,
+                 epilog: str | None = None) -> tuple[Any, set[str]]:
+    """`parse_args` that also returns the names of the fields given on the command line: (config, explicit).
+
+    `only`: read just these fields and ignore every other argument (no --help, no unknown-flag error):
+    a first pass that learns `--dataset` before the preset is chosen. `epilog`: text after the --help list.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(config, only=only, epilog=epilog)
+    try:
+        namespace, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        name = (e.argument_name or "").split("/")[0]
+        if e.message.startswith(("expected one argument", "expected at most one argument")):
+            tp = _field_types(config).get(name[2:].replace("-", "_"))
+            fail(f"{name} expects a value ({_type_name(tp)})", code=2)
+        fail(e.message if e.message.startswith("--") else f"{name}: {e.message}", code=2)
+    if rest and only is None:
+        arg = rest[0]
+        if arg.startswith("--") and len(arg) > 2:
+            key = arg[2:].partition("=")[0].replace("-", "_")
+            fail(_unknown_key_message(key, list(_field_types(config))), code=2)
+        fail(f"unexpected argument {arg!r}; use --key=value", code=2)
+    given = vars(namespace)
+    for key, value in given.items():
+        setattr(config, key, value)
+    return config, set(given)
+
+
+def parse_args(config, argv: Sequence[str] | None = None, explicit: set | None = None,
+               only: Sequence[str] | None = None, epilog: str | None = None):
+    """Override the fields of a dataclass config from the command line (argparse, `build_parser`).
+
+    Accepted forms: `--key=value`, `--key value`, and for bool fields a bare `--flag` (= True) or
+    `--flag=true/false/1/0/yes/no` (also `--flag false`). Dashes in keys are read as underscores
+    (`--batch-size`); the last of a repeated flag wins. Values are cast by the field's annotation: int
+    (also "1e4" when integral), float, str, bool, Optional[...] ("none" -> None), Literal[...], tuple/list
+    of ints/floats written as "1,2,3" (or one number). `--help` lists the flags in the groups of the
+    dataclass source's comment headers, each with its comment and default.
 
     Args:
         config: a dataclass instance holding the defaults.
         argv: list of strings; defaults to `sys.argv[1:]`.
+        explicit: a set that receives the names of the fields given on the command line.
+        only, epilog: see `parse_config`.
     Returns:
         the same config object, updated in place.
     Raises:
@@ -612,37 +824,16 @@ def parse_args(config, argv: Sequence[str] | None = None):
         (`error: unknown flag --foo (did you mean --lr?); known flags: ...`), a bad value
         (`error: --lr expects float, got 'abc'`), a missing value or a stray argument.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ftypes = _field_types(config)
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg in ("-h", "--help"):
-            _print_help(config, ftypes)
-            sys.exit(0)
-        if not arg.startswith("--") or arg == "--":
-            fail(f"unexpected argument {arg!r}; use --key=value", code=2)
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in ftypes:
-            fail(_unknown_key_message(key, list(ftypes)), code=2)
-        if not eq:
-            if _is_bool_type(ftypes[key]):
-                # bare --flag means True; consume a following bool word if there is one
-                if i < len(argv) and argv[i].strip().lower() in _TRUE | _FALSE:
-                    value, i = argv[i], i + 1
-                else:
-                    value = "true"
-            elif i < len(argv) and not argv[i].startswith("--"):
-                value, i = argv[i], i + 1
-            else:
-                fail(f"--{key} expects a value ({_type_name(ftypes[key])})", code=2)
-        try:
-            _set_field(config, key, value, ftypes)
-        except ConfigError as e:
-            fail(str(e), code=2)
+    config, given = parse_config(config, argv, only=only, epilog=epilog)
+    if explicit is not None:
+        explicit.update(given)
     return config
+
+
+def explicit_fields(config, argv: Sequence[str] | None = None) -> set[str]:
+    """Names of the fields of `config` given on the command line (`--key=value`, `--key value`, `--flag`,
+    dashes read as underscores), by the same parser as `parse_args`; `config` is not changed."""
+    return parse_config(dataclasses.replace(config), argv)[1]
 
 
 # =============================================================================
@@ -989,6 +1180,368 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(s.cpu(), i)
     if state.get("mps") is not None and _mps_available():
         torch.mps.set_rng_state(state["mps"].cpu())
+
+
+# =============================================================================
+# 4b. Inference from a checkpoint (--eval_only / --predict of every script), the final test evaluation
+# =============================================================================
+# Each script passes what differs: its MODEL_KEYS (the Config fields that shape the model), a function
+# building the model from a config, one loading a file's weights into it, and its file name.
+
+def inference_checkpoint(cfg) -> str:
+    """The checkpoint file that --eval_only / --predict read.
+
+    Args:
+        cfg: a script's Config (fields `ckpt`, `init_from`, `out_dir`).
+    Returns:
+        cfg.ckpt if set, else cfg.init_from if set, else <cfg.out_dir>/ckpt.pt (a str). The output
+        folder of an evaluation may differ from the checkpoint's, which may then be read-only.
+    Raises:
+        nothing; whether the file exists is checked by `load_for_inference`.
+    """
+    return cfg.ckpt or cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+
+
+def saved_setting(saved: Any, like: Any) -> Any:
+    """A config value read from a checkpoint, in the type of the current value `like`.
+
+    Args:
+        saved: the value in the checkpoint's config dict.
+        like: the current Config value of the same field.
+    Returns:
+        tuple(saved) when `like` is a tuple and `saved` a list or tuple (tuples compare as tuples,
+        whatever the pickling made of them); type(like)(saved) when both are bool / int / float / str
+        and the conversion keeps the value (an int 6 for a float field -> 6.0; 6.5 for an int field
+        stays 6.5, so it still compares unequal); else `saved` unchanged.
+    Raises:
+        nothing.
+    """
+    if isinstance(like, tuple) and isinstance(saved, (list, tuple)):
+        return tuple(saved)
+    scalars = (bool, int, float, str)
+    if type(like) in scalars and type(saved) in scalars and type(saved) is not type(like):
+        try:
+            value = type(like)(saved)
+        except (TypeError, ValueError):
+            return saved
+        return value if value == saved else saved
+    return saved
+
+
+def same_setting(saved: Any, value: Any) -> bool:
+    """True when the checkpoint's value `saved` equals the current value `value` (via `saved_setting`)."""
+    return saved_setting(saved, value) == value
+
+
+def flag_value(value: Any) -> str:
+    """A config value as written on the command line: a tuple or list comma-joined (1,2), else str()."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def check_same_model(saved, cfg, path, model_keys: Sequence[str]) -> None:
+    """Refuse to resume a checkpoint trained with another value of a model setting.
+
+    The one rule: every key of `model_keys` that the saved config holds must equal cfg's value
+    (`same_setting`: tuples compare as tuples); a key missing from the saved config (a checkpoint
+    older than that Config field) is skipped.
+
+    Args:
+        saved: the checkpoint's config dict (ckpt["config"]); None or a non-dict counts as {}.
+        cfg: the current Config.
+        path: the checkpoint file, named in the message.
+        model_keys: the script's MODEL_KEYS.
+    Returns:
+        None when all saved keys agree.
+    Exits:
+        via `fail` (one line on stderr, status 1) at the first key that differs:
+        "<path> was trained with --KEY=SAVED, not CURRENT; pass --KEY=SAVED to resume it, or start
+        over with --resume=false or another --out_dir" (tuples written comma-joined, as on the command line).
+    """
+    saved = saved if isinstance(saved, dict) else {}
+    for key in model_keys:
+        if key in saved and not same_setting(saved[key], getattr(cfg, key)):
+            show = flag_value(saved[key])
+            fail(f"{path} was trained with --{key}={show}, not {flag_value(getattr(cfg, key))}; pass --{key}={show} "
+                 f"to resume it, or start over with --resume=false or another --out_dir")
+
+
+def checkpoint_config(cfg, model_keys: Sequence[str], keep: Sequence[str] = (), weights_only: bool = True,
+                      upgrade: typing.Optional[typing.Callable[[dict], dict]] = None):
+    """Copy the model settings saved in the inference checkpoint into cfg, so --eval_only and --predict
+    need no model flags (the dataset may differ from the training one: its images are then loaded at
+    the checkpoint's image size).
+
+    Args:
+        cfg: the Config from the command line; changed in place.
+        model_keys: the script's MODEL_KEYS, the fields copied.
+        keep: keys whose command-line value wins over the checkpoint's (e.g. boqsa's explicit --iters).
+        weights_only: torch's safe unpickler; False for a file the user chose to trust that pickles
+            other objects (an official checkpoint's hyper-parameters).
+        upgrade: the script's checkpoint dict -> its config dict in today's field names (a checkpoint
+            saved before a rename; it may raise CheckpointError); None: the saved "config" as it is.
+    Returns:
+        cfg. A key missing from the saved config keeps cfg's value; the others are converted by
+        `saved_setting`. cfg is unchanged when the file does not exist (`load_for_inference` reports
+        it) or holds no config dict (an official checkpoint).
+    Exits:
+        via `fail` (one line, status 1, CheckpointError's message naming the file) when the file
+        exists but is truncated, corrupt or unreadable.
+    """
+    path = inference_checkpoint(cfg)
+    if not os.path.exists(path):
+        return cfg
+    try:
+        ckpt = load_checkpoint(path, weights_only=weights_only)
+        saved = ckpt.get("config") if upgrade is None else upgrade(ckpt)
+    except CheckpointError as e:
+        fail(error_line(e))
+    if isinstance(saved, dict):
+        for key in model_keys:
+            if key in saved and key not in keep:
+                setattr(cfg, key, saved_setting(saved[key], getattr(cfg, key)))
+    return cfg
+
+
+def load_for_inference(cfg, device, build_model, load_weights, script: str):
+    """The model of cfg with the weights of `inference_checkpoint(cfg)`, on `device`, in eval mode.
+
+    Args:
+        cfg: the Config (after `checkpoint_config`).
+        device: torch.device.
+        build_model: cfg -> torch.nn.Module (the script's model class or factory).
+        load_weights: (model, path) -> None, loads the file's weights into the model; it exits with
+            one line itself when the file does not fit (another model, truncated, ...).
+        script: the script's file name, for the hint "train first (python <script>)".
+    Returns:
+        the model, after printing "loaded <path>".
+    Exits:
+        via `fail` (one line, status 1) when the file does not exist: "no checkpoint at <path>: train
+        first (python <script>) or pass --ckpt=PATH / --init_from=PATH".
+    """
+    path = inference_checkpoint(cfg)
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}: train first (python {script}) or pass --ckpt=PATH / --init_from=PATH")
+    model = build_model(cfg).to(device)
+    load_weights(model, path)
+    print(f"loaded {path}")
+    return model.eval()
+
+
+def predict_images(cfg, model, device, label_offset: int = 0) -> list[Path]:
+    """--predict=FOLDER or FILE: `predict_folder` with a loaded model, into <cfg.out_dir>/predict/
+    (<name>.png picture, <name>_labels.png slot index map).
+
+    Args:
+        cfg: the Config (fields `predict`, `image_size`, `out_dir`).
+        model: returns a dict with "recon" [B, 3, S, S] in [0, 1] and "masks" [B, K, S, S].
+        device: where the model is; the images are moved there.
+        label_offset: 1 colours every slot; 0 paints slot 0 black (a background slot).
+    Returns:
+        the pictures written.
+    Exits:
+        as `predict_folder` (one line) when the path is missing or holds no readable image.
+    """
+    def model_fn(x):
+        out = model(x.to(device))
+        return out["recon"].clamp(0, 1), out["masks"]
+    return predict_folder(cfg.predict, model_fn, cfg.image_size, os.path.join(cfg.out_dir, "predict"),
+                          label_offset=label_offset)
+
+
+FINAL_EVAL_MAX_ITEMS = 1024     # the end of training evaluates a test split of up to this many items whole
+# after a loader's error for the val split, which the scripts read only for the periodic evaluations
+VAL_SPLIT_HINT = ("; the periodic evaluations during training read the val split (--eval_split=val): "
+                  "provide one, or pass --eval_split=train or --eval_split=test")
+
+
+def test_eval_items(split_size: int, test_items: int = 0, eval_items: int = 0, final: bool = True) -> int:
+    """How many items of the test split an evaluation on it uses (the first ones).
+
+    The rule: --test_items=N > 0 evaluates the first N items (all of a smaller split). With --test_items=0,
+    --eval_only (final=False) evaluates the whole split; the final evaluation at the end of training the
+    whole split when it has at most FINAL_EVAL_MAX_ITEMS (1024) items (the built-in synthetic test split
+    has 512 images, synthetic_video 256 videos), else the first eval_items (0 = the whole split; the paper
+    presets set eval_items=0).
+
+    Args:
+        split_size: the number of items of the test split.
+        test_items: the Config's test_items; eval_items: its eval_items.
+        final: True at the end of training, False for --eval_only.
+    Returns:
+        the number of items evaluated, in [0, split_size].
+    """
+    if test_items > 0:
+        return min(test_items, split_size)
+    if final and split_size > FINAL_EVAL_MAX_ITEMS and eval_items > 0:
+        return min(eval_items, split_size)
+    return split_size
+
+
+def format_duration(seconds: float) -> str:
+    """Wall time for people: "4.2 s" (under 10 s), "42 s", "29 min 41 s", "3 h 05 min"."""
+    s = max(0.0, float(seconds))
+    if s < 9.95:
+        return f"{s:.1f} s"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+METRIC_NAMES = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "mbo": "mBO", "miou": "mIoU", "ari": "ARI", "mse": "MSE"}
+
+
+def format_metric_values(metrics: dict) -> str:
+    """"ARI-FG 0.7120  mIoU 0.5900  ..." in the dict's order (METRIC_NAMES, else the key), 4 decimals."""
+    return "  ".join(f"{METRIC_NAMES.get(k, k)} {float(v):.4f}" for k, v in metrics.items())
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit}" + ("" if n == 1 else "s")
+
+
+def summary_line(script: str, dataset: str, split: str, n_items: int | None, metrics: dict, steps: int | None = None,
+                 wall_s: float | None = None, out_dir: str | None = None, *, resumed_at: int | None = None,
+                 total_steps: int | None = None, unit: str = "image", note: str = "", fmt=None) -> str:
+    """The one-line summary that ends every training run and every --eval_only (all three scripts).
+
+    "<script> <dataset>: <steps> steps[ (resumed at step N)][ in <wall time>]; <split> (<n> images[, note]):
+    <metrics>; files in <out_dir>", e.g. "boqsa.py synthetic: 6000 steps in 29 min 41 s; test (512 images,
+    3 slot-attention iterations): ARI-FG 0.7120  ...  MSE 22.4000; files in out/boqsa". A part whose value
+    is None is left out (--eval_only: no wall time; steps only when the checkpoint stores them).
+
+    Args:
+        script: the script's file name; dataset: cfg.dataset; split: the split evaluated.
+        n_items: the items evaluated; metrics: name -> value; steps: training steps (the checkpoint's step).
+        wall_s: seconds from the start of train() to the end of the final evaluation.
+        out_dir: the run's folder; resumed_at: the step this process resumed at.
+        total_steps: the run's planned steps when it stopped before them ("300 of 2400 steps").
+        unit: singular ("image", "video"); note: more about the evaluation (BO-QSA's iterations).
+        fmt: metrics -> str (the script's format_metrics, as its per-evaluation lines); default
+            `format_metric_values`.
+    Returns:
+        the line (no newline).
+    """
+    run = ""
+    if steps is not None:
+        run = (f"{steps} of {_count(total_steps, 'step')}" if total_steps is not None and total_steps != steps
+               else _count(steps, "step"))
+        run += f" (resumed at step {resumed_at})" if resumed_at is not None else ""
+        run += f" in {format_duration(wall_s)}" if wall_s is not None else ""
+    what = ", ".join(x for x in (_count(n_items, unit) if n_items is not None else "", note) if x)
+    evaluated = f"{split}{f' ({what})' if what else ''}: {(fmt or format_metric_values)(metrics) or 'no metrics'}"
+    files = f"files in {out_dir}" if out_dir else ""
+    return f"{script} {dataset}: " + "; ".join(p for p in (run, evaluated, files) if p)
+
+
+def checkpoint_step(path) -> int | None:
+    """The training step stored in one of our checkpoints ("step"), read without loading the weights (mmap);
+    None for a missing, unreadable or official file, or one without an int step."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def evaluate_checkpoint(cfg, model, device, evaluate, format_metrics, extra: dict | None = None,
+                        note: str = "", *, script: str = "", load_dataset=None, unit: str = "image",
+                        checkpoint: str | None = None, steps: int | None = None, start_time: float | None = None,
+                        resumed_at: int | None = None, final: bool = False) -> dict:
+    """Evaluate a model on the test split, write <cfg.out_dir>/eval_<dataset>.json, print the summary line:
+    --eval_only (final=False) and the final evaluation at the end of training (final=True, `finish_training`).
+
+    Args:
+        cfg: the Config (fields `dataset`, `out_dir`, `test_items`, `eval_items`; missing ones count as 0).
+        model: the loaded model (`load_for_inference`) or the trained one.
+        device: torch.device.
+        evaluate: (model, cfg, device, num_items, png_path) -> dict of metrics on the test split; called
+            with the `test_eval_items` of the split (0 = the whole split when `load_dataset` is None and
+            cfg.test_items is 0) and <out_dir>/eval_samples.png.
+        format_metrics: metrics dict -> str, for the summary line.
+        extra: more JSON entries after the metrics (e.g. iters=3).
+        note: more about the evaluation, in the summary line's parentheses (e.g. "3 slot-attention iterations").
+        script: the script's file name, the line's first word; load_dataset: (cfg, split) -> dataset, to
+            count the test split; unit: "image" or "video".
+        checkpoint: the file evaluated (default `inference_checkpoint(cfg)`), in the JSON.
+        steps: the training steps (default: the checkpoint's stored step, if any); start_time: time.time()
+            at the start of training (wall time in the line), None for --eval_only; resumed_at: the step
+            this training process resumed at.
+    Returns:
+        the metrics dict of `evaluate`.
+    Writes:
+        eval_<dataset>.json: the metrics, checkpoint, `extra`, then split "test", items, step, wall_s,
+        resumed_at and the printed summary line.
+    Prints:
+        `summary_line(...)`.
+    Raises:
+        what `evaluate` raises (data.DatasetError: the scripts' main turns it into one line).
+    """
+    checkpoint = checkpoint or inference_checkpoint(cfg)
+    test_items, eval_items = getattr(cfg, "test_items", 0), getattr(cfg, "eval_items", 0)
+    if load_dataset is not None:
+        n = test_eval_items(len(load_dataset(cfg, "test")), test_items, eval_items, final)
+        num_items = n
+    else:
+        n, num_items = (test_items or None), test_items
+    metrics = evaluate(model, cfg, device, num_items, os.path.join(cfg.out_dir, "eval_samples.png"))
+    if steps is None:
+        steps = checkpoint_step(checkpoint)
+    wall = time.time() - start_time if start_time is not None else None
+    line = summary_line(script, cfg.dataset, "test", n, metrics, steps=steps, wall_s=wall, out_dir=cfg.out_dir,
+                        resumed_at=resumed_at, unit=unit, note=note, fmt=format_metrics)
+    record = {k: _jsonable(v) for k, v in metrics.items()}
+    record.update(dict(checkpoint=checkpoint), **(extra or {}))
+    record.update(split="test", items=n, step=steps, wall_s=None if wall is None else round(wall, 1),
+                  resumed_at=resumed_at, summary=line)
+    with open(os.path.join(cfg.out_dir, f"eval_{cfg.dataset}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(line)
+    return metrics
+
+
+def finish_training(cfg, model, device, evaluate, format_metrics, load_dataset, *, script: str, step: int,
+                    start_time: float, checkpoint: str, resumed_at: int | None = None, unit: str = "image",
+                    extra: dict | None = None, note: str = "") -> dict:
+    """The end of a training run (rank 0, after the last step): the final evaluation on the test split.
+
+    `evaluate_checkpoint` with final=True: the first `test_eval_items` test items (the whole split up to
+    1024 items), eval_<dataset>.json, the summary line with the steps and this process's wall time.
+    Not repeated: a process that trained no step (resumed at the end) whose eval_<dataset>.json already
+    holds the same evaluation (same checkpoint, step, split, number of items and `extra`) prints that
+    file's summary line again, after a line saying so. To evaluate again, use --eval_only.
+
+    Args:
+        as `evaluate_checkpoint`; checkpoint: the run's ckpt.pt; step: the last step; start_time:
+        time.time() at the start of train().
+    Returns:
+        the metrics (the JSON's entries when not repeated).
+    """
+    path = os.path.join(cfg.out_dir, f"eval_{cfg.dataset}.json")
+    if resumed_at == step and os.path.exists(path):
+        try:
+            with open(path) as f:
+                prev = json.load(f)
+        except (OSError, ValueError):
+            prev = None
+        n = test_eval_items(len(load_dataset(cfg, "test")), getattr(cfg, "test_items", 0),
+                            getattr(cfg, "eval_items", 0), final=True)
+        same = (isinstance(prev, dict) and isinstance(prev.get("summary"), str) and prev.get("step") == step
+                and prev.get("split") == "test" and prev.get("items") == n
+                and isinstance(prev.get("checkpoint"), str)
+                and os.path.abspath(prev["checkpoint"]) == os.path.abspath(checkpoint)
+                and all(prev.get(k) == _jsonable(v) for k, v in (extra or {}).items()))
+        if same:
+            print(f"{checkpoint} finished training at step {step}; its test evaluation in {path} "
+                  f"(not repeated; --eval_only evaluates again):")
+            print(prev["summary"])
+            return prev
+    return evaluate_checkpoint(cfg, model, device, evaluate, format_metrics, extra=extra, note=note, script=script,
+                               load_dataset=load_dataset, unit=unit, checkpoint=checkpoint, steps=step,
+                               start_time=start_time, resumed_at=resumed_at, final=True)
 
 
 # =============================================================================

@@ -1,24 +1,25 @@
 """
 Datasets for the object-centric models in this repo, read from their original on-disk formats.
 
-    ds = build_dataset("clevrtex", "train", root="/data/CLEVRTEX", image_size=128)
+    ds = build_dataset("clevrtex", "train", root="data/CLEVRTEX", image_size=128)
     item = ds[0]   # {"image": float32 [3,H,W] in [0,1], "mask": int64 [H,W], 0 = background}
 
-Names (see DATASETS for download sources and layouts, and the table in README.md):
+Names (DATASETS holds, for each, the script that uses it, the download source, the expected
+on-disk layout, the splits and the masks; `python data.py --list` prints it):
     synthetic        procedural 2-6 shapes on a plain background, exact masks, no files (default)
     synthetic_video  the same scenes with moving objects: "video" [T,3,H,W], "mask" [T,H,W]
-    shapestacks      ShapeStacks recordings/ (+ .map instance maps), splits/default/*.txt
-    objectsroom      DeepMind objects_room_train.tfrecords (GZIP), or BO-QSA's PNG export
-    clevr, clevr6    DeepMind clevr_with_masks_train.tfrecords (GZIP), or the per-scene PNG export
-    clevrtex, clevrtex_ood, clevrtex_camo   ClevrTex PNG trees (full / outd / camo variants)
-    movi_a           Kubric MOVi-A TFDS shards (TFRecord of PNG frames) or Kubric PNG sequences
+    shapestacks      ShapeStacks renders with instance maps
+    objectsroom      DeepMind Objects Room (GZIP TFRecord, or BO-QSA's PNG export)
+    clevr, clevr6    DeepMind CLEVR with masks (GZIP TFRecord, or a per-scene PNG export)
+    clevrtex, clevrtex_ood, clevrtex_camo   ClevrTex (full / outd / camo variants)
+    movi_a           Kubric MOVi-A videos (TFDS shards or Kubric PNG sequences)
     birds, dogs, cars, flowers   single-object foreground datasets (DRC / BO-QSA release layouts)
     ycb, scannet, coco           multi-object real images of Yang & Yang 2022 (BO-QSA Tab. 4)
 
 Also here, with no TensorFlow or protobuf dependency:
-    read_tfrecord / write_tfrecord   TFRecord files (none/GZIP/ZLIB), masked CRC32C checked
-    parse_example / make_example     tf.train.Example wire format, decoded by hand
-    crc32c                           vectorised CRC-32C (Castagnoli)
+    read_tfrecord    the records of a TFRecord file (none/GZIP/ZLIB), masked CRC-32C checked
+    parse_example    tf.train.Example wire format, decoded by hand
+    crc32c           CRC-32C (Castagnoli), by the google-crc32c package
 
 Conventions: images are float32 in [0,1]; masks are int64 label maps, 0 = background, ids need
 not be contiguous; masks are resized with PIL NEAREST, images with PIL BILINEAR (which, like
@@ -26,13 +27,14 @@ torchvision's Resize on PIL images, antialiases when downscaling). Every loader 
 and raises DatasetError with a one-line message: the path it expected, what it found there, and
 where to download the dataset.
 
-Run `python data.py synthetic` (or any name with --root PATH) for a summary and items/s, and
-`python data.py convert objectsroom --root SRC --out DST` to unpack a GZIP TFRecord into PNGs.
+Command line:
+    python data.py [--list] [--markdown]     the DATASETS table (the default)
+    python data.py NAME [--root PATH]        a summary of one item and the reading speed (items/s)
+    python data.py convert objectsroom|clevr --root SRC --out DST   unpack a GZIP TFRecord into PNGs
 """
 
 import bisect
 import colorsys
-import gzip
 import inspect
 import io
 import os
@@ -78,7 +80,7 @@ def _size2(image_size, default):
 
 def _hint(name):
     info = DATASETS.get(name)
-    return f"download from {info.url} and pass --data_dir=PATH" if info else ""
+    return f"download from {info.url} ({info.files}) and pass --data_dir=PATH" if info and info.url else ""
 
 
 def _describe(path):
@@ -104,114 +106,36 @@ def _need_root(name, root, expected):
 
 
 # -----------------------------------------------------------------------------
-# CRC-32C (Castagnoli), as used by TFRecord
+# CRC-32C (Castagnoli), as used by TFRecord: google-crc32c (C, Apache-2.0; see requirements.txt),
+# imported on first use, so that datasets without TFRecords work without it
 
-_POLY = 0x82F63B78  # reflected Castagnoli polynomial
-
-
-def _make_table():
-    t = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        t = np.where(t & 1, (t >> 1) ^ np.uint32(_POLY), t >> 1).astype(np.uint32)
-    return t
-
-
-_CRC_TABLE = _make_table()
-_CRC_TABLE_PY = [int(v) for v in _CRC_TABLE]
-_LANE = 256  # bytes per lane of the vectorised CRC; the positional table is _LANE x 256 uint32
-_crc_cache = {}
-
-
-def _crc_raw_py(data, c=0):
-    """CRC register after feeding `data` from state c (no init/final xor). Pure python."""
-    t = _CRC_TABLE_PY
-    for b in data:
-        c = t[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c
-
-
-def _zero_step(x):
-    # the register after feeding one zero byte; linear over GF(2)
-    return _CRC_TABLE[x & 0xFF] ^ (x >> np.uint32(8))
-
-
-def _op_tables(cols):
-    """A GF(2)-linear map on 32-bit words, given by the images of the 32 unit vectors, as four
-    256-entry byte tables so that it can be applied to many words at once."""
-    tabs = np.zeros((4, 256), dtype=np.uint32)
-    b = np.arange(256)
-    for k in range(4):
-        for j in range(8):
-            tabs[k, (b >> j) & 1 == 1] ^= cols[8 * k + j]
-    return tabs
-
-
-def _op_apply(tabs, x):
-    x = x.astype(np.uint32)
-    return (tabs[0][x & 0xFF] ^ tabs[1][(x >> 8) & 0xFF] ^ tabs[2][(x >> 16) & 0xFF] ^ tabs[3][x >> 24])
-
-
-def _shift_op(nbytes):
-    """Tables of the map 'feed `nbytes` zero bytes' (nbytes a power of two times _LANE)."""
-    if nbytes not in _crc_cache:
-        if nbytes == 1:
-            cols = _zero_step(np.uint32(1) << np.arange(32, dtype=np.uint32))
-        else:
-            half = _shift_op(nbytes // 2)
-            cols = _op_apply(half[1], half[0])   # square the operator: apply it to its own columns
-        _crc_cache[nbytes] = (cols, _op_tables(cols))
-    return _crc_cache[nbytes]
-
-
-def _positional_table():
-    # P[r, b] = contribution of byte value b at position r of a _LANE-byte lane (state 0)
-    if "P" not in _crc_cache:
-        P = np.empty((_LANE, 256), dtype=np.uint32)
-        P[-1] = _CRC_TABLE
-        for r in range(_LANE - 2, -1, -1):
-            P[r] = _zero_step(P[r + 1])
-        _crc_cache["P"] = P.ravel()
-    return _crc_cache["P"]
+_CRC32C = []   # [google_crc32c.value] once imported
 
 
 def crc32c(data):
     """CRC-32C (Castagnoli, as in iSCSI and TFRecord) of `data` (bytes-like) -> int in [0, 2**32).
 
-    Vectorised: the register is linear over GF(2), so the data is cut into 256-byte lanes whose
-    CRCs are a table gather + xor-reduce, then lanes are merged pairwise with 'shift by n zero
-    bytes' operators. About 100-200 MB/s with numpy; short inputs use a plain table loop.
+    Computed by the google-crc32c package (hardware CRC32 instructions where available, several
+    GB/s). Raises DatasetError (one line, saying how to install it) when that package is missing;
+    readers that verify CRCs need it, check_crc=False does not.
     """
-    buf = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-    n = buf.size
-    if n < 4 * _LANE:
-        return _crc_raw_py(buf.tobytes(), 0xFFFFFFFF) ^ 0xFFFFFFFF
-    # initial state 0xFFFFFFFF == state 0 with the first 4 bytes inverted
-    lanes = -(-n // _LANE)
-    pad = lanes * _LANE - n
-    x = np.zeros(lanes * _LANE, dtype=np.uint8)   # zeros in front leave a zero register unchanged
-    x[pad:] = buf
-    x[pad:pad + 4] ^= 0xFF
-    idx = x.reshape(lanes, _LANE).astype(np.int32)
-    idx += np.arange(0, _LANE * 256, 256, dtype=np.int32)
-    vals = np.bitwise_xor.reduce(_positional_table()[idx], axis=1)
-    m = _LANE
-    while vals.size > 1:
-        if vals.size % 2:   # a leading zero lane keeps the pairing aligned
-            vals = np.concatenate([np.zeros(1, np.uint32), vals])
-        vals = _op_apply(_shift_op(m)[1], vals[0::2]) ^ vals[1::2]
-        m *= 2
-    return int(vals[0]) ^ 0xFFFFFFFF
-
-
-try:  # a compiled implementation, only if it happens to be installed already
-    import crc32c as _crc32c_ext
-    _crc32c_fast = _crc32c_ext.crc32c
-except Exception:  # noqa: BLE001 - any import problem means: use ours
-    _crc32c_fast = crc32c
+    if not _CRC32C:
+        try:
+            import google_crc32c
+        except ImportError:
+            raise DatasetError("reading TFRecords with CRC checks needs the package google-crc32c "
+                               "(pip install google-crc32c, listed in requirements.txt); or pass "
+                               "check_crc=False") from None
+        if getattr(google_crc32c, "implementation", "c") != "c":
+            _warn_once("google-crc32c runs its pure-Python fallback (no C extension for this platform): "
+                       "TFRecord CRC checks will be slow")
+        _CRC32C.append(google_crc32c.value)
+    return _CRC32C[0](bytes(data) if not isinstance(data, bytes) else data)
 
 
 def _masked_crc(data):
-    c = _crc32c_fast(data)
+    """TFRecord's masked CRC: rotate the CRC-32C right by 15 bits and add 0xA282EAD8 (mod 2**32)."""
+    c = crc32c(data)
     return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -337,7 +261,8 @@ def read_tfrecord(path, compression=None, check_crc=True):
     are GZIP, TFDS shards (MOVi) are plain. With check_crc, both masked CRC-32C values of every
     record (of the length and of the data) are verified.
     Raises DatasetError naming the file and record index on a CRC mismatch, truncation or corrupt
-    compressed data; FileNotFoundError if the file does not exist.
+    compressed data, and (with check_crc) when the google-crc32c package is missing;
+    FileNotFoundError if the file does not exist; ValueError for an unknown compression.
     """
     compression = _norm_compression(path, compression)
     stream = _open_stream(path, compression)
@@ -353,44 +278,6 @@ def read_tfrecord(path, compression=None, check_crc=True):
         stream.close()
 
 
-class _ZlibWriter:
-    def __init__(self, path):
-        self.f, self.c = open(path, "wb"), zlib.compressobj(6, zlib.DEFLATED, _ZLIB_WBITS)
-
-    def write(self, b):
-        self.f.write(self.c.compress(b))
-
-    def close(self):
-        self.f.write(self.c.flush())
-        self.f.close()
-
-
-def write_tfrecord(path, records, compression=None):
-    """Write an iterable of bytes records as a TFRecord file; returns the number written.
-
-    compression: None/"" (plain), "GZIP" or "ZLIB" (zlib stream with header, as TensorFlow writes).
-    """
-    compression = (compression or "").upper() or None
-    if compression not in (None, "GZIP", "ZLIB"):
-        raise ValueError(f"compression must be None, 'GZIP' or 'ZLIB', got {compression!r}")
-    if compression == "GZIP":
-        f = gzip.open(path, "wb", compresslevel=6)
-    else:
-        f = _ZlibWriter(path) if compression == "ZLIB" else open(path, "wb")
-    n = 0
-    try:
-        for rec in records:
-            rec = bytes(rec)
-            head = struct.pack("<Q", len(rec))
-            f.write(head + struct.pack("<I", _masked_crc(head)))
-            f.write(rec)
-            f.write(struct.pack("<I", _masked_crc(rec)))
-            n += 1
-    finally:
-        f.close()
-    return n
-
-
 class _RecordIndex:
     """Random access to the records of one TFRecord file through an index of record offsets.
 
@@ -401,7 +288,7 @@ class _RecordIndex:
     ObjectsRoom); the scan keeps zlib snapshots every 16 MiB of output, and a read resumes from
     the nearest snapshot (or continues the previous read when reading in order), so a random
     access costs at most ~16 MiB of decompression and sequential reading runs at stream speed.
-    The index lives in memory, shared by all datasets of the process (module cache, forked
+    The index lives in memory, one per file for all datasets of the process (module cache, forked
     DataLoader workers inherit it). Pickling keeps the offsets and drops the zlib snapshots,
     which a new process rebuilds as it reads.
     """
@@ -437,7 +324,7 @@ class _RecordIndex:
         self._reset()
 
     def _check_pid(self):
-        if os.getpid() != self._pid:   # forked: file positions are shared with the parent
+        if os.getpid() != self._pid:   # forked: the open files' positions are the parent's too
             snaps = getattr(self, "_snapshots", None)
             self._reset()
             if snaps is not None:
@@ -667,71 +554,6 @@ def parse_example(record, one_byte_as_array=True):
     except UnicodeDecodeError:
         raise DatasetError("malformed tf.train.Example: feature name is not UTF-8") from None
     return out
-
-
-def _enc_varint(v):
-    v &= (1 << 64) - 1   # negatives as 64-bit two's complement (10 bytes)
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _enc_len(num, payload):
-    return _enc_varint(num << 3 | 2) + _enc_varint(len(payload)) + payload
-
-
-def _enc_feature(value):
-    """One feature value -> (kind field number, list message body)."""
-    if isinstance(value, (bytes, bytearray, str)):
-        value = [value]
-    elif isinstance(value, (bool, int, float, np.generic)):
-        value = np.asarray([value])
-    if isinstance(value, np.ndarray):
-        v = value.ravel()
-        if v.dtype == np.uint8:   # the DeepMind "list of one-byte strings" form
-            body = np.empty((v.size, 3), dtype=np.uint8)
-            body[:, 0], body[:, 1], body[:, 2] = 0x0A, 0x01, v
-            return 1, body.tobytes()
-        if v.dtype.kind == "f":
-            raw = v.astype("<f4").tobytes()
-            return 2, (_enc_len(1, raw) if raw else b"")
-        if v.dtype.kind in "iub":
-            raw = b"".join(_enc_varint(int(x)) for x in v)
-            return 3, (_enc_len(1, raw) if raw else b"")
-        if v.dtype.kind in "SO":
-            value = list(v)
-        else:
-            raise TypeError(f"make_example: unsupported array dtype {v.dtype}")
-    if isinstance(value, (list, tuple)):
-        if all(isinstance(x, (bytes, bytearray, str)) for x in value):
-            return 1, b"".join(_enc_len(1, x.encode() if isinstance(x, str) else bytes(x)) for x in value)
-        if all(isinstance(x, (bool, int, np.integer)) for x in value):
-            return _enc_feature(np.asarray(value, dtype=np.int64))
-        if all(isinstance(x, (bool, int, float, np.integer, np.floating)) for x in value):
-            return _enc_feature(np.asarray(value, dtype=np.float32))
-    raise TypeError(f"make_example: cannot encode a value of type {type(value).__name__}")
-
-
-def make_example(features):
-    """Serialize {name: value} as a tf.train.Example (bytes), the inverse of parse_example.
-
-    bytes / str / list of them -> bytes_list; int / list of ints / integer array -> int64_list
-    (packed); float / list of floats / float array -> float_list (packed); a np.uint8 array ->
-    bytes_list of one-byte strings (the DeepMind image/mask layout), flattened in C order.
-    Raises TypeError for anything else.
-    """
-    body = b""
-    for key, value in features.items():
-        kind, lst = _enc_feature(value)
-        entry = _enc_len(1, key.encode("utf-8")) + _enc_len(2, _enc_len(kind, lst))
-        body += _enc_len(1, entry)
-    return _enc_len(1, body)
 
 
 # -----------------------------------------------------------------------------
@@ -1036,16 +858,19 @@ _SS_RGB = re.compile(r"^rgb-.*-cam_(\d+)-mono-0\.png$")
 class ShapeStacks(_Base):
     """ShapeStacks (Groth et al. 2018), as used by GENESIS, BO-QSA and AST-Seg.
 
-    Layout: {root}/recordings/<scenario>/rgb-w=..-f=..-l=..-c=..-cam_N-mono-0.png (224x224) and
-    iseg-w=0-f=0-l=0-c=original-cam_N-mono-0.map (a PNG written by matplotlib: RGBA with
-    R=G=B=32*label; 0 background, 1..6 shapes, 7 'unassigned', which we treat as background 0).
-    Every rgb-*-mono-0.png of a scenario is an item (as GENESIS does); its mask is the map of the
-    same camera. root may also be the recordings/ folder itself. Splits: scenario names listed
-    in {root}/splits/{split_name}/{train,eval,test}.txt (val = eval). Without a splits folder
-    (like the repository's example scenario) every split uses all scenarios, with a warning.
-    Without .map files has_masks is False and items carry no "mask".
-    Preprocessing: centre crop `crop` pixels (196), resize to image_size (64 for GENESIS/AST,
-    128 for BO-QSA): BILINEAR image, NEAREST mask.
+    Download, on-disk layout, splits and masks: DATASETS["shapestacks"] (`python data.py --list`).
+    Every rgb-*-mono-0.png of a scenario is an item (as GENESIS does); its mask is the iseg .map
+    of the same camera, decoded as label = round(red channel / 32) (matplotlib's gray colormap
+    with vmin=0, vmax=8 writes R=G=B=32*label), 0 = background, 1..6 the shapes, 7 'unassigned'
+    (and anything above) -> background 0. root may be the dataset folder or its recordings/
+    folder; split_name picks splits/<split_name>/ (val = eval.txt). Without a splits folder (like
+    the repository's example scenario) every split uses all scenarios, with a warning. Without
+    .map files has_masks is False and items carry no "mask" (a warning when only some exist).
+    Items: "image" float32 [3,H,W] in [0,1], "mask" int64 [H,W].
+    Preprocessing: centre crop `crop` pixels (196; 0/None = none), resize to image_size (64 for
+    GENESIS/AST, 128 for BO-QSA): BILINEAR image, NEAREST mask.
+    Raises DatasetError when the folder, a listed scenario or every rgb image is missing, and on
+    reading a missing or corrupt file or a map of another size than its image.
     """
     name = "shapestacks"
 
@@ -1198,16 +1023,19 @@ _OR_FILES = {"train": "objects_room_train.tfrecords", "empty_room": "objects_roo
 class ObjectsRoom(_DeepMindTFRecord):
     """ObjectsRoom (DeepMind multi_object_datasets), 64x64.
 
-    Sources, picked by what is in root: (1) BO-QSA's PNG export {root}/{split}/images/img_N.png
-    + masks/mask_N.png (palette PNG, value = entity channel + 1, objects 5..7); (2) the GZIP
-    TFRecord {root}/objects_room_train.tfrecords (or root = the file itself): 'image' 64*64*3 and
-    'mask' K*64*64*1 one-byte strings, K = 7 in train. Entity masks 0-3 (sky, floor, walls) ->
-    background 0; objects (channels 4..) -> 1, 2, ... Splits (GENESIS/BO-QSA): test = first 10k
-    records, val = next 10k, train = the rest (980k). variant picks a test file instead
-    (empty_room K=4, identical_color K=10, six_objects K=10), used whole for every split.
-    Random access into the GZIP file costs up to ~16 MiB of decompression per item (see
-    _RecordIndex); for long training runs unpack it once with `python data.py convert objectsroom
-    --root SRC --out DST` and pass --data_dir=DST.
+    Download, on-disk layout, splits and masks: DATASETS["objectsroom"] (`python data.py --list`).
+    Sources, picked by what is in root: (1) BO-QSA's PNG export {split}/images/img_N.png +
+    masks/mask_N.png, mask value = entity channel + 1 (see convert); (2) the GZIP TFRecord (or
+    root = the file itself): 'image' 64*64*3 and 'mask' K*64*64*1 one-byte strings, K = 7 in
+    train. Entity masks 0-3 (sky, floor, walls) -> background 0; objects (channels 4..) -> 1, 2, ...
+    TFRecord splits are record ranges (test_size, val_size: 10k each, as GENESIS/BO-QSA); variant
+    picks a test file instead (empty_room K=4, identical_color K=10, six_objects K=10), used whole
+    for every split. Items: "image" float32 [3,64,64] in [0,1] (resized to image_size), "mask"
+    int64 [H,W]. Random access into the GZIP file costs up to ~16 MiB of decompression per item
+    (see _RecordIndex); for long training runs unpack it once with `python data.py convert
+    objectsroom --root SRC --out DST` and pass --data_dir=DST.
+    Raises DatasetError for a missing file or folder, an unknown variant, a record not in the
+    DeepMind layout, a CRC mismatch or truncation, and a mask of another size than its image.
     """
     name, native = "objectsroom", (64, 64)
 
@@ -1265,18 +1093,21 @@ _CLEVR_PNG = re.compile(r"^CLEVR_image_(\d+)\.png$")
 class Clevr(_DeepMindTFRecord):
     """CLEVR with masks (DeepMind multi_object_datasets), 240x320, 11 entity masks (0 = background).
 
-    Sources, picked by what is in root: (1) the GZIP TFRecord {root}/clevr_with_masks_train.tfrecords
-    (or root = a .tfrecords file): 'image' 240*320*3 and 'mask' 11*240*320*1 one-byte strings, 0/255;
-    (2) the per-scene PNG export (github hello-jinwoo/clevr_with_mask): CLEVR_image_N.png (stored
-    BGR by OpenCV: channels are reversed back when bgr=True) and CLEVR_mask_N_k.png, k = 0..10
-    (L mode, 0/255; absent objects all zero). The label of a pixel is the index k of its mask
-    (1..10, not renumbered; 0 = background), identical for both sources.
-    max_objects keeps scenes with at most that many non-empty object masks (clevr6: 6); the scan
-    needed for that runs once per process. Preprocessing: centre square crop of `crop` x the short
-    side (0.8 -> box (64,24,256,216), the ClevrTex convention; None = full frame), resize to
-    image_size (128). Splits: TFRecord: test = first 10k records, val = next 10k, train = rest
-    (10/10/80% of the 100k scenes); PNG folder: sorted scene ids, test = first 10%, val = next
-    10%, train = rest, and all scenes in every split (with a warning) when there are fewer than 10.
+    Download, on-disk layout, splits and masks: DATASETS["clevr"] (`python data.py --list`).
+    Sources, picked by what is in root: (1) the GZIP TFRecord (or root = a .tfrecords file):
+    'image' 240*320*3 and 'mask' 11*240*320*1 one-byte strings, 0/255; (2) the per-scene PNG
+    export, whose CLEVR_image_N.png is stored BGR by OpenCV (channels are reversed back when
+    bgr=True). The label of a pixel is the index k of its mask (1..10, not renumbered; 0 =
+    background), identical for both sources. max_objects keeps scenes with at most that many
+    non-empty object masks (clevr6: 6); the scan needed for that runs once per process.
+    TFRecord splits are record ranges (test_size, val_size: 10k each, i.e. 10/10/80% of the 100k
+    scenes); a PNG folder is cut by sorted scene id (10/10/80%, all scenes in every split, with a
+    warning, when there are fewer than 10).
+    Items: "image" float32 [3,H,W] in [0,1], "mask" int64 [H,W]. Preprocessing: centre square
+    crop of `crop` x the short side (0.8 -> box (64,24,256,216), the ClevrTex convention; None =
+    full frame), resize to image_size (128): BILINEAR image, NEAREST mask.
+    Raises DatasetError for a missing file or folder, a record not in the DeepMind layout, a CRC
+    mismatch or truncation, an empty CLEVR6 split, and a mask of another size than its image.
     """
     name, native = "clevr", (240, 320)
 
@@ -1352,13 +1183,18 @@ class Clevr6(Clevr):
 # ClevrTex
 
 class ClevrTex(_Base):
-    """ClevrTex (Karazija et al. 2021): {root}/clevrtex_<variant>/<idx//1000>/CLEVRTEX_<variant>_<idx:06d>.png
-    (RGBA 320x240) and ..._flat.png (palette PNG whose indices are the object ids 0..10, 0 =
-    background; read as indices, never converted). root may also be the clevrtex_<variant> folder.
-    Splits (ClevrTex benchmark): sorted indices, test = first 10%, val = next 10%, train = rest;
-    the outd variant (clevrtex_ood) uses all images for every split. Preprocessing: centre square
-    crop of `crop` x the short side (0.8 -> box (64,24,256,216)), resize to image_size (128),
-    BILINEAR image / NEAREST mask, alpha dropped. crop=None resizes the full frame (BO-QSA's code).
+    """ClevrTex (Karazija et al. 2021), variant "full"; items "image" [3,H,W], "mask" [H,W].
+
+    Download, on-disk layout, splits and masks: DATASETS["clevrtex"] (`python data.py --list`).
+    The mask is the _flat.png palette PNG read as indices (object ids 0..10, 0 = background;
+    never converted to RGB); root may be the clevrtex_<variant> folder itself. Splits (ClevrTex
+    benchmark): sorted indices, test = first 10%, val = next 10%, train = rest; the outd variant
+    (clevrtex_ood) uses all images for every split. Preprocessing: centre square crop of `crop` x
+    the short side (0.8 -> box (64,24,256,216)), resize to image_size (128), BILINEAR image /
+    NEAREST mask, alpha dropped. crop=None resizes the full frame (BO-QSA's code).
+    Items: "image" float32 [3,H,W] in [0,1], "mask" int64 [H,W].
+    Raises DatasetError for a missing folder, an image without its _flat.png, an empty split, a
+    mask that is not a palette/grey PNG, and a mask of another size than its image.
     """
     name, variant = "clevrtex", "full"
 
@@ -1437,16 +1273,19 @@ def _png_labels(data, label):
 class MoviA(_Base):
     """MOVi-A (Kubric; Greff et al. 2022), 128x128 videos of 24 frames with 3-10 objects.
 
+    Download, on-disk layout, splits and masks: DATASETS["movi_a"] (`python data.py --list`).
     Sources: (1) TFDS shards, uncompressed TFRecords of tf.train.Example, found by
     {root}/*{split}*tfrecord* (split names train / validation / test; searched recursively
     when root has none, e.g. root = .../movi_a): 'video' and 'segmentations' are bytes lists of
-    24 PNG frames (segmentation single-channel, 0 = background); (2) Kubric PNG sequences
-    {root}/{split}/<video_id>/rgba_00000.png ... and segmentation_00000.png (split folder
-    'validation' or 'val' for val). MOVi-A publishes no test split: test falls back to validation
-    with a warning. Frames: frame_offset, frame_offset + frame_stride, ... (num_frames of them;
-    None = as many as fit). crop: centre square crop of crop x the short side before the resize
-    (Min-cut OCL Sec. 6.3: 0.8; None = the whole frame). Items: "video" float32 [T,3,H,W] in [0,1],
-    "mask" int64 [T,H,W].
+    24 PNG frames (segmentation single-channel, 0 = background); (2) Kubric PNG sequences (split
+    folder 'validation' or 'val' for val). MOVi-A publishes no test split: test falls back to
+    validation with a warning. Frames: frame_offset, frame_offset + frame_stride, ... (num_frames
+    of them; None = as many as fit). crop: centre square crop of crop x the short side before the
+    resize (Min-cut OCL Sec. 6.3: 0.8; None = the whole frame).
+    Items: "video" float32 [T,3,H,W] in [0,1], "mask" int64 [T,H,W].
+    Raises DatasetError for missing shards and folders, a crop outside (0, 1], more frames than
+    the video has, a record without PNG frame lists, a segmentation that is not single-channel,
+    and a segmentation of another size than its frame.
     """
     name, video = "movi_a", True
 
@@ -1556,26 +1395,37 @@ def _load_sel(path):
         raise DatasetError(f"cannot read {path} as a plain numpy array of names ({e})") from None
 
 
+def _flowers_foreground(seg):
+    """Oxford-102 segmim (uint8 [H,W,3], RGB) -> bool [H,W] foreground, the official BO-QSA rule
+    (official: data/flowers_dataset.py): background where R == 0 or G == 0 or B == 254."""
+    return ~((seg[..., 0] == 0) | (seg[..., 1] == 0) | (seg[..., 2] == 254))
+
+
 class Foreground(_Base):
     """Single-object foreground datasets; items: "image" [3,H,W], "mask" [H,W] with 1 = foreground.
 
-    Layouts (the DRC / BO-QSA releases), picked by what is in root:
-      birds (CUB-200-2011): images.txt, bounding_boxes.txt, train_val_test_split.txt (DRC; split
-        0/1/2 = train/val/test; falls back to CUB's train_test_split.txt with val = test),
-        images/<name>.jpg, segmentations/<name>.png (soft 0..255; foreground = > 127). The image
-        is cropped to a square of 1.5 x the longer bounding-box side around the box centre
-        (clipped to the image), as DRC does (bbox_crop=False to skip).
-      dogs: data_tr_sel.npy / data_te_sel.npy; cars: data_mrcnn_train_select.npy /
-        data_mrcnn_test_select.npy; images data_mrcnn/{train,test}/resized/<name>_resized.png,
-        masks <name>_maskresized.png (> 127). Loaded as RGB (the official code loads BGR). No val
-        list is published: val = test.
-      flowers (Oxford 102): jpg/image_NNNNN.jpg, segmim/segmim_NNNNN.jpg (background painted
-        blue: background = B > 200 and R, G < 60), setid.mat with trnid / valid / tstid used as
-        train / val / test (the official BO-QSA code swaps train and test).
+    Download, on-disk layouts, splits and masks: DATASETS[name] (`python data.py --list`). The
+    layout is picked by what is in root:
+      birds (CUB-200-2011, DRC split file): segmentations/<name>.png are soft 0..255, foreground =
+        > 127. The image is cropped to a square of 1.5 x the longer bounding-box side around the
+        box centre (clipped to the image), as DRC does (bbox_crop=False to skip).
+      dogs, cars (DRC release): masks <name>_maskresized.png, foreground = > 127. Loaded as RGB
+        (the official code loads BGR). No val list is published: val = test.
+      flowers (Oxford 102): segmim/segmim_NNNNN.jpg paints the background blue; the foreground rule
+        is the official BO-QSA one (official: data/flowers_dataset.py, FlowersDataset.__getitem__:
+        `seg = 1 - ((seg[:,:,0:1] == 0) + (seg[:,:,1:2] == 0) + (seg[:,:,2:3] == 254))`), i.e.
+        background = R == 0 or G == 0 or B == 254 on the decoded JPEG, foreground = the rest.
+        setid.mat trnid / valid / tstid are used as train / val / test (the official code swaps
+        train and test: it trains on tstid). The official code resizes the 0/255 mask BILINEAR and
+        thresholds it at 0.5 in its IoU; here, like every loader, the 0/1 mask is resized NEAREST
+        (the same at the native size; boundary pixels may differ after a resize).
       any of them, generic: images/<name>.{jpg,png} + masks/<name>.png (> 127 = foreground),
         optional splits/{train,val,test}.txt listing names; without them sorted names, test = first
         10%, val = next 10%, train = rest.
-    Resize to image_size (128): BILINEAR image, NEAREST mask.
+    Items: "image" float32 [3,H,W] in [0,1], "mask" int64 [H,W] in {0, 1}. Resize to image_size
+    (128): BILINEAR image, NEAREST mask.
+    Raises DatasetError for a missing or unrecognised folder, a missing split/selection file, an
+    empty split, a missing or corrupt image or mask, and a mask of another size than its image.
     """
     name = "birds"
 
@@ -1683,8 +1533,7 @@ class Foreground(_Base):
         img = _rgb(_open_image(ip))
         m = _open_image(mp)
         if self.name == "flowers" and os.path.basename(mp).startswith("segmim_"):
-            s = np.asarray(m.convert("RGB")).astype(np.int32)
-            fg = ~((s[..., 2] > 200) & (s[..., 0] < 60) & (s[..., 1] < 60))
+            fg = _flowers_foreground(np.asarray(m.convert("RGB")))
         else:
             fg = np.asarray(m.convert("L")) > 127
         # every layout stores the mask at its image's size (DRC: both *_resized.png files are already
@@ -1726,12 +1575,16 @@ class Flowers(Foreground):
 class YangYang(_Base):
     """YCB / ScanNet / COCO variants of Yang & Yang (2022); items "image" [3,H,W], "mask" [H,W].
 
-    Layout (the authors' release, read by the official BO-QSA loaders): {root}/{train,test}/image/*.png
-    and {root}/{train,test}/mask/<same name>.png, 128x128. A mask is a one-channel PNG (L or palette)
-    whose pixel values are object ids, 0 = background (`np.array(Image.open(f))`; never converted to
-    RGB; of an RGB mask the first channel is used, as the official code does). Train images without
-    a mask file come without "mask". There is no val split (the official code validates on test,
-    which we do not copy): split "val" raises DatasetError. Resize: BILINEAR image, NEAREST mask.
+    Download, on-disk layout, splits and masks: DATASETS[name] (`python data.py --list`); the
+    authors' release, read by the official BO-QSA loaders. A mask is a one-channel PNG (L or
+    palette) whose pixel values are object ids, 0 = background (`np.array(Image.open(f))`; never
+    converted to RGB; of an RGB mask the first channel is used, as the official code does). Train
+    images without a mask file come without "mask". There is no val split (the official code
+    validates on test, which we do not copy): split "val" raises DatasetError.
+    Items: "image" float32 [3,H,W] in [0,1], "mask" int64 [H,W]. Resize to image_size (128):
+    BILINEAR image, NEAREST mask.
+    Raises DatasetError for split "val", a missing folder, no images, a test image without its
+    mask, and a mask of another size than its image.
     """
     name = "ycb"
 
@@ -1795,72 +1648,127 @@ class COCO(YangYang):
 
 @dataclass
 class DatasetInfo:
-    """What a dataset is and where to get it: url (download source), layout (expected on-disk
-    layout), has_masks (instance/foreground masks available), video (items are videos),
-    default_image_size (side used when image_size=None), cls (the Dataset class)."""
+    """One dataset: the single source of its download source and on-disk layout (README.md's
+    table and the class docstrings point here; `python data.py --list` prints every entry).
+
+    name: the key for build_dataset / --dataset. used_by: the scripts with a preset for it.
+    url: the page (or repository) to download from ("" = nothing to download). files: what to
+    fetch there. layout: the files expected under --data_dir=PATH. splits: how train / val /
+    test are formed. masks: what the masks are. has_masks: items carry "mask". video: items are
+    videos ("video" [T,3,H,W], "mask" [T,H,W]). default_image_size: the side used when
+    image_size=None. cls: the Dataset class.
+    """
     name: str
+    used_by: tuple
     url: str
+    files: str
     layout: str
+    splits: str
+    masks: str
     has_masks: bool
     video: bool
     default_image_size: int
     cls: type = field(repr=False, default=None)
 
 
+_ALL3 = ("boqsa.py", "mincut_ocl.py", "ast_seg.py")
+_DM = "https://github.com/deepmind/multi_object_datasets"
+_CTX = "https://www.robots.ox.ac.uk/~vgg/data/clevrtex/"
+_DRC = "https://github.com/yuPeiyu98/Deep-Region-Competition"
+_YY = "https://github.com/vLAR-group/UnsupervisedMultiObjectSegmentation"
+_GENERIC = "or the generic images/<name>.{jpg,png} + masks/<name>.png"
+_GENERIC_SPLITS = ("generic layout: splits/{train,val,test}.txt listing names, else sorted names, test = first "
+                   "10%, val = next 10%, train = rest")
+
+
+def _clevrtex_info(name, variant, archive, splits, cls):
+    return DatasetInfo(
+        name, _ALL3, _CTX, archive,
+        f"clevrtex_{variant}/<idx//1000>/CLEVRTEX_{variant}_NNNNNN.png (RGBA 320x240) + "
+        f"CLEVRTEX_{variant}_NNNNNN_flat.png (palette PNG of object ids); PATH may be clevrtex_{variant}/ itself",
+        splits, "instance (object ids 0..10, 0 = background)", True, False, 128, cls)
+
+
+def _yy_info(name, cls):
+    return DatasetInfo(
+        name, ("boqsa.py",), _YY, "the Yang & Yang 2022 release: dataset links in the repository's README",
+        "{train,test}/image/<name>.png + {train,test}/mask/<name>.png (one-channel PNG of object ids), 128x128",
+        "train / test; no val split (split val is an error; the official code validates on test)",
+        "instance (object ids, 0 = background)", True, False, 128, cls)
+
+
 DATASETS = {i.name: i for i in [
-    DatasetInfo("synthetic", "(generated on the fly, no download)", "no files", True, False, 64, SyntheticShapes),
-    DatasetInfo("synthetic_video", "(generated on the fly, no download)", "no files", True, True, 64, SyntheticVideo),
-    DatasetInfo("shapestacks", "https://shapestacks.robots.ox.ac.uk/ (shapestacks-{rgb,iseg,meta}.tar.gz from "
-                "http://shapestacks-file.robots.ox.ac.uk/static/download/v1/)",
-                "recordings/<scenario>/rgb-*-cam_N-mono-0.png + iseg-w=0-f=0-l=0-c=original-cam_N-mono-0.map; "
-                "splits/default/{train,eval,test}.txt", True, False, 64, ShapeStacks),
-    DatasetInfo("objectsroom", "https://github.com/deepmind/multi_object_datasets "
-                "(gs://multi-object-datasets/objects_room/objects_room_train.tfrecords)",
-                "objects_room_train.tfrecords (GZIP TFRecord), or BO-QSA export {train,val,test}/{images,masks}/*.png",
-                True, False, 64, ObjectsRoom),
-    DatasetInfo("clevr", "https://github.com/deepmind/multi_object_datasets "
-                "(gs://multi-object-datasets/clevr_with_masks/clevr_with_masks_train.tfrecords)",
-                "clevr_with_masks_train.tfrecords (GZIP TFRecord), or CLEVR_image_N.png (BGR) + CLEVR_mask_N_{0..10}.png",
-                True, False, 128, Clevr),
-    DatasetInfo("clevr6", "https://github.com/deepmind/multi_object_datasets "
-                "(gs://multi-object-datasets/clevr_with_masks/clevr_with_masks_train.tfrecords)",
-                "as clevr; scenes with <= 6 objects", True, False, 128, Clevr6),
-    DatasetInfo("clevrtex", "https://www.robots.ox.ac.uk/~vgg/data/clevrtex/ (clevrtex_full_part{1..5}.tar.gz)",
-                "clevrtex_full/<idx//1000>/CLEVRTEX_full_NNNNNN.png + CLEVRTEX_full_NNNNNN_flat.png", True, False,
-                128, ClevrTex),
-    DatasetInfo("clevrtex_ood", "https://www.robots.ox.ac.uk/~vgg/data/clevrtex/ (clevrtex_outd.tar.gz)",
-                "clevrtex_outd/<idx//1000>/CLEVRTEX_outd_NNNNNN.png + CLEVRTEX_outd_NNNNNN_flat.png", True, False,
-                128, ClevrTexOOD),
-    DatasetInfo("clevrtex_camo", "https://www.robots.ox.ac.uk/~vgg/data/clevrtex/ (clevrtex_camo.tar.gz)",
-                "clevrtex_camo/<idx//1000>/CLEVRTEX_camo_NNNNNN.png + CLEVRTEX_camo_NNNNNN_flat.png", True, False,
-                128, ClevrTexCamo),
-    DatasetInfo("movi_a", "https://github.com/google-research/kubric/tree/main/challenges/movi "
-                "(gs://kubric-public/tfds/movi_a/128x128/1.0.0)",
-                "movi_a-{train,validation}.tfrecord-NNNNN-of-NNNNN (TFDS shards), or "
-                "{train,validation}/<video>/rgba_NNNNN.png + segmentation_NNNNN.png", True, True, 128, MoviA),
-    DatasetInfo("birds", "https://www.vision.caltech.edu/datasets/cub_200_2011/ + DRC split "
-                "(https://github.com/yuPeiyu98/Deep-Region-Competition)",
-                "images.txt, bounding_boxes.txt, train_val_test_split.txt, images/*.jpg, segmentations/*.png; "
-                "or images/ + masks/", True, False, 128, Birds),
-    DatasetInfo("dogs", "DRC release (https://github.com/yuPeiyu98/Deep-Region-Competition, Google Drive link)",
-                "data_tr_sel.npy, data_te_sel.npy, data_mrcnn/{train,test}/resized/*_resized.png + "
-                "*_maskresized.png; or images/ + masks/", True, False, 128, Dogs),
-    DatasetInfo("cars", "DRC release (https://github.com/yuPeiyu98/Deep-Region-Competition, Google Drive link)",
-                "data_mrcnn_{train,test}_select.npy, data_mrcnn/{train,test}/resized/*_resized.png + "
-                "*_maskresized.png; or images/ + masks/", True, False, 128, Cars),
-    DatasetInfo("flowers", "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, "
-                "102segmentations.tgz, setid.mat)",
-                "jpg/image_NNNNN.jpg, segmim/segmim_NNNNN.jpg, setid.mat; or images/ + masks/", True, False, 128,
-                Flowers),
-    DatasetInfo("ycb", "Yang & Yang 2022 release (https://github.com/vLAR-group/UnsupervisedMultiObjectSegmentation, "
-                "dataset links in its README)", "{train,test}/image/*.png + {train,test}/mask/*.png (object ids, 0 = "
-                "background)", True, False, 128, YCB),
-    DatasetInfo("scannet", "Yang & Yang 2022 release (https://github.com/vLAR-group/UnsupervisedMultiObjectSegmentation, "
-                "dataset links in its README)", "{train,test}/image/*.png + {train,test}/mask/*.png (object ids, 0 = "
-                "background)", True, False, 128, ScanNet),
-    DatasetInfo("coco", "Yang & Yang 2022 release (https://github.com/vLAR-group/UnsupervisedMultiObjectSegmentation, "
-                "dataset links in its README)", "{train,test}/image/*.png + {train,test}/mask/*.png (object ids, 0 = "
-                "background)", True, False, 128, COCO),
+    DatasetInfo("synthetic", _ALL3, "", "none: generated on the fly",
+                "no files; 2-6 shapes (circle, square, triangle, diamond, ellipse) on a muted background",
+                "train 100,000 / val 512 / test 512 items (size=N), deterministic per (seed, split, index)",
+                "instance, exact (1..K in painting order)", True, False, 64, SyntheticShapes),
+    DatasetInfo("synthetic_video", ("mincut_ocl.py",), "", "none: generated on the fly",
+                "no files; the synthetic scenes, objects moving for num_frames (8) frames",
+                "train 10,000 / val 256 / test 256 videos (size=N)",
+                "instance per frame, ids fixed over time", True, True, 64, SyntheticVideo),
+    DatasetInfo("shapestacks", ("boqsa.py", "ast_seg.py"), "https://shapestacks.robots.ox.ac.uk/",
+                "shapestacks-{rgb,iseg,meta}.tar.gz from http://shapestacks-file.robots.ox.ac.uk/static/download/v1/",
+                "recordings/<scenario>/rgb-w=0-f=0-l=0-c=original-cam_N-mono-0.png (224x224) + "
+                "iseg-w=0-f=0-l=0-c=original-cam_N-mono-0.map (PNG by matplotlib imsave(vmin=0, vmax=8, "
+                "cmap='gray'): RGBA, R=G=B=32*label); splits/default/{train,eval,test}.txt; PATH may be recordings/",
+                "scenarios listed in splits/default/{train,eval,test}.txt (val = eval); without them every split "
+                "uses all scenarios, with a warning",
+                "instance (1..6; 7 = unassigned -> background); none without .map files", True, False, 64, ShapeStacks),
+    DatasetInfo("objectsroom", ("boqsa.py", "ast_seg.py"), _DM,
+                "gs://multi-object-datasets/objects_room/objects_room_train.tfrecords",
+                "objects_room_train.tfrecords (GZIP TFRecord; PATH may be the file), or BO-QSA's PNG export "
+                "{train,val,test}/images/img_N.png + masks/mask_N.png (python data.py convert objectsroom)",
+                "TFRecord: test = first 10k records, val = next 10k, train = rest; PNG export: its split folders",
+                "instance (sky, floor, walls -> background)", True, False, 64, ObjectsRoom),
+    DatasetInfo("clevr", _ALL3, _DM, "gs://multi-object-datasets/clevr_with_masks/clevr_with_masks_train.tfrecords",
+                "clevr_with_masks_train.tfrecords (GZIP TFRecord; PATH may be the file), or the PNG export of "
+                "github.com/hello-jinwoo/clevr_with_mask: CLEVR_image_N.png (stored BGR) + CLEVR_mask_N_{0..10}.png "
+                "(L, 0/255; mask 0 = background)",
+                "TFRecord: test = first 10k records, val = next 10k, train = rest; PNG: sorted scene ids, "
+                "10% / 10% / 80% (all scenes in every split when fewer than 10)",
+                "instance (mask index 1..10)", True, False, 128, Clevr),
+    DatasetInfo("clevr6", _ALL3, _DM, "gs://multi-object-datasets/clevr_with_masks/clevr_with_masks_train.tfrecords",
+                "as clevr",
+                "as clevr, then only scenes with at most 6 objects", "instance (mask index 1..10)",
+                True, False, 128, Clevr6),
+    _clevrtex_info("clevrtex", "full", "clevrtex_full_part{1..5}.tar.gz",
+                   "sorted indices: test = first 10%, val = next 10%, train = rest", ClevrTex),
+    _clevrtex_info("clevrtex_ood", "outd", "clevrtex_outd.tar.gz", "all images in every split", ClevrTexOOD),
+    _clevrtex_info("clevrtex_camo", "camo", "clevrtex_camo.tar.gz", "as clevrtex", ClevrTexCamo),
+    DatasetInfo("movi_a", ("mincut_ocl.py",), "https://github.com/google-research/kubric/tree/main/challenges/movi",
+                "gs://kubric-public/tfds/movi_a/128x128/1.0.0",
+                "TFDS shards movi_a-{train,validation}.tfrecord-NNNNN-of-NNNNN (plain TFRecords of PNG frames; "
+                "searched recursively), or Kubric PNGs {train,validation}/<video>/rgba_NNNNN.png + "
+                "segmentation_NNNNN.png",
+                "train / validation; no test split (test = validation, with a warning)",
+                "instance per frame (0 = background)", True, True, 128, MoviA),
+    DatasetInfo("birds", ("boqsa.py",), "https://www.vision.caltech.edu/datasets/cub_200_2011/",
+                f"CUB_200_2011.tgz + segmentations.tgz; train_val_test_split.txt from {_DRC}",
+                "images.txt, bounding_boxes.txt, train_val_test_split.txt, images/<name>.jpg, "
+                f"segmentations/<name>.png; {_GENERIC}",
+                "train_val_test_split.txt 0 / 1 / 2 = train / val / test (without it CUB's train_test_split.txt, "
+                f"val = test); {_GENERIC_SPLITS}",
+                "foreground (1): segmentation > 127", True, False, 128, Birds),
+    DatasetInfo("dogs", ("boqsa.py",), _DRC, "the DRC release: Google Drive link in the repository's README",
+                "data_tr_sel.npy, data_te_sel.npy, data_mrcnn/{train,test}/resized/<name>_resized.png + "
+                f"<name>_maskresized.png; {_GENERIC}",
+                f"train = data_tr_sel.npy, val = test = data_te_sel.npy; {_GENERIC_SPLITS}",
+                "foreground (1): mask > 127", True, False, 128, Dogs),
+    DatasetInfo("cars", ("boqsa.py",), _DRC, "the DRC release: Google Drive link in the repository's README",
+                "data_mrcnn_train_select.npy, data_mrcnn_test_select.npy, data_mrcnn/{train,test}/resized/"
+                f"<name>_resized.png + <name>_maskresized.png; {_GENERIC}",
+                f"train = data_mrcnn_train_select.npy, val = test = data_mrcnn_test_select.npy; {_GENERIC_SPLITS}",
+                "foreground (1): mask > 127", True, False, 128, Cars),
+    DatasetInfo("flowers", ("boqsa.py",), "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
+                "102flowers.tgz, 102segmentations.tgz, setid.mat",
+                f"jpg/image_NNNNN.jpg, segmim/segmim_NNNNN.jpg, setid.mat; {_GENERIC}",
+                f"setid.mat: train = trnid, val = valid, test = tstid (the official code swaps train and test); "
+                f"{_GENERIC_SPLITS}",
+                "foreground (1): segmim background = R == 0 or G == 0 or B == 254 (official BO-QSA rule)",
+                True, False, 128, Flowers),
+    _yy_info("ycb", YCB),
+    _yy_info("scannet", ScanNet),
+    _yy_info("coco", COCO),
 ]}
 
 
@@ -1929,11 +1837,34 @@ def convert(name, root, out, splits=SPLITS, max_items=None):
     return n_written
 
 
+def dataset_table(markdown=False):
+    """The DATASETS registry as text (str): per dataset its name, the scripts that use it, the
+    download source (url and files), the on-disk layout, the splits and the masks. markdown=True
+    gives one Markdown table row per dataset (columns: name, used by, download, layout, splits,
+    masks) instead of an indented block."""
+    rows = []
+    for i in DATASETS.values():
+        download = f"{i.url} ({i.files})" if i.url else i.files
+        rows.append((i.name, ", ".join(i.used_by), download, i.layout, i.splits, i.masks))
+    if markdown:
+        esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+        return "\n".join(["| name | used by | download | layout (--data_dir=PATH) | splits | masks |",
+                          "|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in esc])
+    out = []
+    for name, used, download, layout, splits, masks in rows:
+        out += [f"{name}  (used by {used})", f"  download: {download}", f"  layout:   {layout}",
+                f"  splits:   {splits}", f"  masks:    {masks}", ""]
+    return "\n".join(out).rstrip("\n")
+
+
 def _main(argv):
     import argparse
-    p = argparse.ArgumentParser(description="Show one item of a dataset and time reading it; or convert.")
-    p.add_argument("name", help=f"'convert', 'bench' or one of: {', '.join(DATASETS)}")
+    p = argparse.ArgumentParser(description="List the datasets (the default), show one item of a dataset and time "
+                                            "reading it, or convert a TFRecord to PNGs.")
+    p.add_argument("name", nargs="?", help=f"'convert' or one of: {', '.join(DATASETS)}")
     p.add_argument("what", nargs="?", help="for convert: objectsroom | clevr")
+    p.add_argument("--list", action="store_true", help="print every dataset: scripts, download, layout, splits, masks")
+    p.add_argument("--markdown", action="store_true", help="with --list: as a Markdown table")
     p.add_argument("--root", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--split", default="train")
@@ -1941,27 +1872,13 @@ def _main(argv):
     p.add_argument("--n", type=int, default=64, help="items to time")
     p.add_argument("--max_items", type=int, default=None)
     a = p.parse_args(argv)
+    if a.list or a.name is None:
+        print(dataset_table(markdown=a.markdown))
+        return 0
     try:
         if a.name == "convert":
             n = convert(a.what, a.root, a.out, max_items=a.max_items)
             print(f"wrote {n} items to {a.out}")
-            return 0
-        if a.name == "bench":   # TFRecord machinery on a CLEVR-sized record, no data needed
-            rng = np.random.default_rng(0)
-            rec = make_example({"image": rng.integers(0, 256, 240 * 320 * 3, dtype=np.uint8),
-                                "mask": (rng.random(11 * 240 * 320) < 0.1).astype(np.uint8) * 255,
-                                "visibility": np.ones(11, np.float32)})
-            t = time.perf_counter()
-            for _ in range(10):
-                crc32c(rec)
-            dt = (time.perf_counter() - t) / 10
-            print(f"crc32c: {len(rec) / dt / 1e6:.0f} MB/s ({len(rec) / 1e6:.1f} MB record, {dt * 1e3:.1f} ms)")
-            t = time.perf_counter()
-            for _ in range(10):
-                ex = parse_example(rec)
-            dt = (time.perf_counter() - t) / 10
-            print(f"parse_example: {dt * 1e3:.1f} ms per CLEVR record; image {ex['image'].shape} {ex['image'].dtype}, "
-                  f"mask {ex['mask'].shape}")
             return 0
         opts = {"max_items": a.max_items} if a.max_items is not None else {}
         ds = build_dataset(a.name, a.split, root=a.root, image_size=a.image_size, **opts)

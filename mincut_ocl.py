@@ -5,16 +5,19 @@ Paper: Pervez et al., ICLR 2023 (section, equation and table numbers below are t
 Official code: GitHub alpz/graph-ocl (slot_cut/model.py, cut/st.py, cut/qp.py).  One file, read top to bottom:
 
     1. Config          defaults (CPU-sized, built-in data) and per-dataset presets (Sec. 6.1, App. D)
-    2. QP layer        the regularised equality-constrained s-t cut QP (eq. 2, Sec. 3.1) with three
+    2. QP layers       2.1 the regularised equality-constrained s-t cut QP (eq. 2, Sec. 3.1) with three
                        solvers of the same QP: "sparse" (the paper's factor-once sparse method, App. B),
-                       "dct" (exact O(P log P) node solve, this project) and "dense" (plain KKT, tests)
-    3. Model           encoder -> k-partition with a background cut (Alg. 1, Alg. 2, Sec. 4) ->
-                       slots -> spatial broadcast decoder, alpha mixture, MSE (Sec. 6.1)
+                       "dct" (exact O(P log P) node solve, this project) and "dense" (plain KKT, tests);
+                       2.2 the matching QP (eq. 7, Sec. 3.2, App. C)
+    3. Models          3.1 encoder -> k-partition with a background cut (Alg. 1, Alg. 2, Sec. 4) ->
+                       slots -> spatial broadcast decoder, alpha mixture, MSE (Sec. 6.1); 3.2 the two-frame
+                       pair model (Sec. 4 "Matching and motion", Alg. 3); 3.3 its Slot Attention baseline
+                       (Sec. 6.3, Tab. 2)
     4. Training        Adam 4e-4, lr x 0.8^(step / (0.2 total)) (App. D), resume
-    5. Matching        the matching QP (eq. 7, App. C), its Cora validation (Sec. 6.2), slot tracking over
-                       videos, the two-frame pair model (Sec. 4 "Matching and motion", Alg. 3, App. A) and
-                       its Slot Attention baseline (Sec. 6.3, Tab. 2)
-    6. Evaluation      ARI, ARI-FG, mIoU, MSC-FG, mBO, MSE on the test split; video: tracked ARI / ARI-FG (Tab. 2)
+    5. Evaluation      ARI, ARI-FG, mIoU, MSC-FG, mBO, MSE on the test split; video: 5.1 slot tracking over
+                       the frames, tracked ARI / ARI-FG (Tab. 2), Fig. 6 (App. A)
+    6. Cora            the matching QP's validation on Cora citation matching (Sec. 6.2)
+    7. Run             run() and main(): --task=image | video | cora; --eval_only / --predict (common.py 4b)
 
 Run:
     python mincut_ocl.py                                   # built-in synthetic data, CPU-sized model
@@ -28,6 +31,8 @@ Run:
     python mincut_ocl.py --task=video --dataset=movi_a --data_dir=PATH
     python mincut_ocl.py --task=video --video_model=slot_attention   # Tab. 2 baseline (Hungarian tracking)
     python mincut_ocl.py --task=cora --data_dir=PATH       # Sec. 6.2: cora.content, cora.cites (LINQS)
+Training evaluates on --eval_split (val) every eval_interval steps (metrics.jsonl: val_*), then once
+on the test split (out_dir/eval_<dataset>.json); every run, and --eval_only, ends with one summary line.
 """
 import functools
 import json
@@ -44,13 +49,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
 from scipy.optimize import linear_sum_assignment, linprog
 
 from common import (DTYPES, CheckpointError, MetricsLog, ResumableSampler, all_reduce_mean, ari, check_config,
                     check_finite_step, check_out_dir, clip_gradients, ddp_cleanup, ddp_setup, error_line, fail,
                     get_device, get_rng_state, labels_to_rgb, load_checkpoint, load_resume_checkpoint, mse, nanmean,
-                    parse_args, predict_folder, progress, save_checkpoint, save_image_grid, save_slot_grid, seed_everything,
+                    parse_args, progress, save_checkpoint, save_image_grid, save_slot_grid, seed_everything,
                     segmentation_metrics, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
@@ -74,7 +80,8 @@ class Config:
     # model
     encoder: str = "cnn"            # cnn (Sec. 6.1: CLEVR) | resnet (4 BasicBlocks, Sec. 6.1: ClevrTex)
     enc_channels: int = 32          # encoder feature maps (Sec. 6.1: 64 CNN, 100 ResNet)
-    enc_stride: int = 1             # stride of the first encoder layer (Sec. 6.1: 2, 128 px -> 64x64 maps)
+    enc_stride: int = 1             # stride of the first encoder layer, the others stride 1 (Sec. 6.1: 2, 128 px
+                                    # -> 64x64 maps)
     num_slots: int = 7              # k: k-1 object cuts + 1 foreground cut (App. D: 12)
     slot_dim: int = 64              # App. D: slot size 64
     mlp_dim: int = 128              # hidden width of the slot MLPs (official: 128; input MLP 2x this)
@@ -88,35 +95,42 @@ class Config:
     sa_iters: int = 3               # slot_attention baseline: iterations (Locatello et al. 2020: 3)
     dec_channels: int = 32          # decoder feature maps (official: 64)
     dec_init_size: int = 8          # spatial broadcast resolution (Sec. 6.1: 8x8)
-    dec_strides: tuple = (2, 2)     # one ConvT 5x5 per entry; 8 * prod = image_size (official: 2,2,2,2)
+    dec_strides: tuple = (2, 2, 1, 1)  # stride of every ConvT 5x5, then a ConvT 3x3 to 4 channels; dec_init_size *
+                                    # prod = image_size (official slot_cut/model.py SlotCutModel: 2,2,2,2,1,1)
     # optimisation (App. D)
     batch_size: int = 16            # App. D: 64
     lr: float = 4e-4                # App. D: Adam 4e-4
     lr_decay: float = 0.8           # lr factor lr_decay ** (step / (decay_fraction * max_steps)) (official)
-    decay_fraction: float = 0.2
+    decay_fraction: float = 0.2     # the lr is x lr_decay every decay_fraction * max_steps steps (official)
     max_steps: int = 3000           # about 30 min on 2 CPU cores
     grad_clip: float = 0.0          # 0 = off (the official code does not clip)
     # run
-    out_dir: str = "out/mincut_ocl"
-    seed: int = 0
+    out_dir: str = "out/mincut_ocl" # checkpoints, metrics.jsonl, sample images and eval results
+    seed: int = 0                   # random seed (initialisation, data order)
     device: str = "auto"            # auto | cpu | cuda | mps
-    log_interval: int = 10
+    log_interval: int = 10          # print and log the training loss every N steps
     eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
-    eval_items: int = 256           # test images used for the periodic evaluation (0 = whole split)
+    eval_items: int = 256           # images (videos) of the periodic evaluation, on --eval_split (0 = whole split)
+    eval_split: str = "val"         # split of the periodic evaluations during training (val: choose settings on
+                                    # it); the final evaluation is on test
+    test_items: int = 0             # test images (videos) of the final evaluation and --eval_only (0: the whole
+                                    # split, at the end of training only when it has <= 1024, else eval_items)
     resume: bool = True             # continue from out_dir/ckpt.pt when it exists
     init_from: str = ""             # one of our checkpoints to start training from (weights only)
     ckpt: str = ""                  # --eval_only / --predict: checkpoint to use (default init_from, else out_dir/ckpt.pt)
-    eval_only: bool = False         # evaluate the checkpoint on the test split, write out_dir/eval_<dataset>.json
+    eval_only: bool = False         # evaluate the checkpoint on the test split, write out_dir/eval_<dataset>.json,
+                                    # print the summary line
     predict: str = ""               # task image: folder of images to segment with the checkpoint -> out_dir/predict/
     dtype: str = "float32"          # float32 | bfloat16: autocast of the training forward's CNNs (the QP layers
                                     # always solve in float32); float32 as the official code
 
 
 # Paper settings (Sec. 6.1, App. D; official slot_cut/): 128x128 input, first layer stride 2 -> 64x64 QP grid,
-# 12 slots of size 64, Adam 4e-4, batch 64, decoder 8 -> 128 with 64 channels. max_steps: the official
-# 500 epochs of the 40k ClevrTex training images at batch 64 (the paper gives only "1.5 days", App. D).
+# 12 slots of size 64, Adam 4e-4, batch 64, decoder 8 -> 128 with 64 channels (official SlotCutModel: 4 stride-2
+# and 2 stride-1 ConvT 5x5). max_steps: the official 500 epochs of the 40k ClevrTex training images at batch 64
+# (the paper gives only "1.5 days", App. D).
 _PAPER = dict(image_size=128, enc_stride=2, num_slots=12, slot_dim=64, batch_size=64, dec_channels=64,
-              dec_strides=(2, 2, 2, 2), max_steps=312500, num_workers=8, eval_interval=5000, eval_items=0,
+              dec_strides=(2, 2, 2, 2, 1, 1), max_steps=312500, num_workers=8, eval_interval=5000, eval_items=0,
               dtype="float32")                                           # float32 as the official code
 PRESETS = {
     "synthetic": {},
@@ -126,10 +140,12 @@ PRESETS = {
 PRESETS["clevr6"] = dict(PRESETS["clevr"])
 for _name in ("clevrtex_ood", "clevrtex_camo"):                          # eval-only sets of Tab. 1
     PRESETS[_name] = dict(PRESETS["clevrtex"])
-# --task=video (Sec. 6.3). eval_items counts test videos. MOVi-A: 128x128 frames, 8 slots per frame; the
+# --task=video (Sec. 6.3). eval_items and test_items count videos. MOVi-A: 128x128 frames, 8 slots per frame; the
 # paper gives no encoder or schedule for it: the CLEVR CNN and the image schedule. Frames are centre-cropped
 # to 0.8 x the side, then resized (Sec. 6.3; Fig. 5 shows uncropped frames: --crop=0).
-PRESETS["synthetic_video"] = dict(eval_items=64, max_steps=1500, out_dir="out/mincut_video")   # CPU-sized
+# synthetic_video, CPU-sized: the final evaluation and --eval_only on the first 64 of the 256 test videos
+# (about 2.5 min on 2 cores; all 256, --test_items=0, take about 10 min)
+PRESETS["synthetic_video"] = dict(eval_items=64, test_items=64, max_steps=1500, out_dir="out/mincut_video")
 PRESETS["movi_a"] = dict(PRESETS["clevr"], num_slots=8, crop=0.8, out_dir="out/mincut_movi_a")
 
 
@@ -139,18 +155,21 @@ def video_dataset(cfg):
 
 
 VIDEO_MODELS = ("mincut", "slot_attention")
+TASKS = ("image", "video", "cora")
 
 
 def build_config(argv=None):
     """Config from the command line: defaults <- PRESETS[--dataset] <- explicit flags. The Slot Attention
-    baseline of a video preset gets its own default out_dir (<preset out_dir>_sa)."""
+    baseline of a video preset gets its own default out_dir (<preset out_dir>_sa). `--help` (after --task /
+    --dataset) lists the flags with that preset's values as the defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    first = parse_args(Config(), argv)          # validates every flag, gives us --dataset
+    first = parse_args(Config(), argv, only=("task", "dataset", "video_model"))   # picks the preset
     dataset = video_dataset(first)
     preset = dict(PRESETS.get(dataset, {}))
     if first.video_model == "slot_attention" and "out_dir" in preset:
         preset["out_dir"] += "_sa"
-    cfg = parse_args(Config(**preset), argv)
+    cfg = parse_args(Config(**preset), argv, epilog=f"Defaults above: the {dataset} preset; --dataset=NAME --help "
+                     "shows another dataset's. --task=cora (Sec. 6.2) has its own flags: --task=cora --help.")
     cfg.dataset = dataset
     validate_config(cfg)
     return cfg
@@ -176,7 +195,9 @@ def validate_config(cfg):
                                 "gamma", "obj_temp", "mask_temp", "match_temp", "sa_iters", "dec_channels",
                                 "dec_init_size", "dec_strides", "batch_size", "lr", "lr_decay", "log_interval",
                                 "eval_interval"),
-                 nonnegative=("crop", "num_workers", "max_steps", "grad_clip", "decay_fraction", "eval_items"))
+                 nonnegative=("crop", "num_workers", "max_steps", "grad_clip", "decay_fraction", "eval_items",
+                              "test_items"),
+                 choices=dict(eval_split=data.SPLITS))
     if cfg.num_slots < 2 and not (cfg.task == "video" and cfg.video_model == "slot_attention"):
         fail(f"--num_slots must be >= 2 (a background slot + object slots, Sec. 4), got {cfg.num_slots}", code=2)
     if cfg.crop > 1:
@@ -204,7 +225,7 @@ def validate_config(cfg):
 
 
 # -----------------------------------------------------------------------------
-# 2. The s-t cut QP layer
+# 2.1 QP layers: the s-t cut QP (Sec. 3.1, eq. 2; App. B)
 #
 # Variables x = [p_s, p_t, p (P pixels, row-major), d (E edges), slack (E edges)].
 # Edges, in this order: the s-edge s -> v of every pixel, the t-edge v -> t of every pixel, then for
@@ -732,12 +753,23 @@ class STCutQP(nn.Module):
     Raises ValueError for an unknown solver or edge set or a w of the wrong shape/dtype.
     """
 
-    SOLVERS = {"dct": dct_cut_solve, "sparse": sparse_cut_solve, "dense": dense_cut_solve}
+    # Solver names; solver X is the function X_cut_solve, looked up by name only when X is chosen
+    # (solve_function), so a copy of STCutQP with only the dct solver's code works without the other two.
+    SOLVERS = ("dct", "sparse", "dense")
+
+    @staticmethod
+    def solve_function(solver):
+        """The function <solver>_cut_solve (dct_cut_solve, sparse_cut_solve or dense_cut_solve)."""
+        solve = globals().get(f"{solver}_cut_solve")
+        if solve is None:
+            raise ValueError(f"STCutQP: solver={solver!r} needs {solver}_cut_solve, which is not defined here")
+        return solve
 
     def __init__(self, height, width, gamma=0.5, solver="dct", edges="full"):
         super().__init__()
         if solver not in self.SOLVERS:
             raise ValueError(f"STCutQP: solver must be one of {', '.join(self.SOLVERS)}, got {solver!r}")
+        self.solve_function(solver)                                       # defined: fail here, not in forward
         check_edges(edges)
         if solver == "dense" and height * width > DENSE_MAX_PIXELS:
             raise ValueError(f"STCutQP(solver='dense') is for tests on small grids: {height}x{width} = "
@@ -754,10 +786,11 @@ class STCutQP(nn.Module):
             raise ValueError(f"STCutQP: w must be float32 or float64, got {w.dtype}")
         zero_n = w.new_zeros(w.shape[0])
         zero_p = w.new_zeros(w.shape[0], self.height, self.width)          # no cost on the potentials
-        if self.solver == "dense":
-            p_s, p_t, p, d = dense_cut_solve(zero_n, zero_n, zero_p, w, self.gamma, SEPARATION, self.edges)
+        solve = self.solve_function(self.solver)
+        if self.solver == "dense":                                           # plain autograd
+            p_s, p_t, p, d = solve(zero_n, zero_n, zero_p, w, self.gamma, SEPARATION, self.edges)
         else:
-            solve = functools.partial(self.SOLVERS[self.solver], edges=self.edges)
+            solve = functools.partial(solve, edges=self.edges)
             p_s, p_t, p, d = _SelfAdjointCut.apply(solve, self.gamma, SEPARATION, zero_n, zero_n, zero_p, w)
         return CutSolution(p=p, p_s=p_s, p_t=p_t, d_s=d[:, 0], d_t=d[:, 1], d_grid=d[:, 2:])
 
@@ -766,500 +799,7 @@ class STCutQP(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3. Model (Sec. 4, Sec. 6.1; Alg. 1, Alg. 2)
-
-
-def build_grid(height, width):
-    """Position grid [1,H,W,4] with channels [y, x, 1-y, 1-x], each in [0,1] (linspace per axis)."""
-    ys = torch.linspace(0.0, 1.0, height)
-    xs = torch.linspace(0.0, 1.0, width)
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    grid = torch.stack([y, x], dim=-1)
-    return torch.cat([grid, 1.0 - grid], dim=-1).unsqueeze(0)
-
-
-class SoftPositionEmbed(nn.Module):
-    """Adds Linear(4 -> C) of the [y, x, 1-y, 1-x] grid to channels-first features [B,C,H,W]."""
-
-    def __init__(self, channels, height, width):
-        super().__init__()
-        self.dense = nn.Linear(4, channels)
-        self.register_buffer("grid", build_grid(height, width), persistent=False)
-
-    def forward(self, x):
-        return x + self.dense(self.grid).permute(0, 3, 1, 2)
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3x3 conv + BN, identity or 1x1 projection shortcut)."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity() if cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class Encoder(nn.Module):
-    """Image encoder (Sec. 6.1): images [B,3,H,W] in [-1,1] -> features [B,C,H/s,W/s], s = enc_stride.
-
-    cnn:    4 conv 5x5 + ReLU with C maps, the first with stride s (CLEVR; Slot Attention's CNN).
-    resnet: conv 5x5 stride s (3 -> 64) + BN + ReLU, then 4 BasicBlocks with C maps (ClevrTex; official).
-    Raises ValueError for another encoder name.
-    """
-
-    def __init__(self, cfg):
-        super().__init__()
-        C, s = cfg.enc_channels, cfg.enc_stride
-        if cfg.encoder == "cnn":
-            self.net = nn.Sequential(
-                nn.Conv2d(3, C, 5, stride=s, padding=2), nn.ReLU(),
-                *[m for _ in range(3) for m in (nn.Conv2d(C, C, 5, padding=2), nn.ReLU())])
-        elif cfg.encoder == "resnet":
-            self.net = nn.Sequential(
-                nn.Conv2d(3, 64, 5, stride=s, padding=2, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                BasicBlock(64, C), BasicBlock(C, C), BasicBlock(C, C), BasicBlock(C, C))
-        else:
-            raise ValueError(f"--encoder must be cnn|resnet, got {cfg.encoder!r}")
-
-    def forward(self, images):
-        return self.net(images)
-
-
-def full_precision(t):
-    """t in float32 unless it is float32 or float64 already (--dtype=bfloat16: the QP layers solve in float32)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-class KPartition(nn.Module):
-    """k-partition with a background partition (Alg. 1, Alg. 2, Sec. 4 "Background slot").
-
-    forward(features [B,C,h,w]) -> dict
-        slots      [B,K,D] slot vectors
-        cut_masks  [B,K,h,w] partition masks (softmax over K: sum to 1 per pixel); slot 0 = background
-        fg         [B,h,w] foreground mask sigmoid(d_s - d_t) of the foreground cut, in (0,1)
-        cuts       CutSolution of the K QPs per image (batch B*K: K-1 object cuts, then the fg cut)
-    """
-
-    def __init__(self, cfg, height, width):
-        super().__init__()
-        C, K, D = cfg.enc_channels, cfg.num_slots, cfg.slot_dim
-        if K < 2:
-            raise ValueError(f"--num_slots must be >= 2 (background + objects), got {K}")
-        self.K, self.obj_temp, self.mask_temp = K, cfg.obj_temp, cfg.mask_temp
-        self.pos = SoftPositionEmbed(C, height, width)                     # Alg. 2 line 1
-
-        def weight_net(cuts):                                              # Alg. 1 line 1: y_i = f_y(x), >= 0
-            return nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.LeakyReLU(),
-                                 nn.Conv2d(C, 6 * cuts, 3, padding=1), nn.ReLU())
-        self.weights_obj = weight_net(K - 1)                               # k-1 object cuts
-        self.weights_fg = weight_net(1)                                    # 1 foreground cut
-        self.qp = STCutQP(height, width, cfg.gamma, cfg.qp_solver, cfg.edges)
-        self.norm = nn.LayerNorm(C)                                        # official norm_inputs
-        # Three slot branches (official SlotCut): input MLPs f_x (Alg. 1 line 2; official k_net2, k_net2_2,
-        # k_net2_3, each Linear(C, 2 mlp_dim)-ReLU-Linear(2 mlp_dim, D)) and output MLPs f (Alg. 2 line 4;
-        # official mlp, mlp2, mlp3, each Linear(D, mlp_dim)-ReLU-Linear(mlp_dim, D)).
-        self.mlp_in = nn.ModuleList(
-            nn.Sequential(nn.Linear(C, 2 * cfg.mlp_dim), nn.ReLU(), nn.Linear(2 * cfg.mlp_dim, D)) for _ in range(3))
-        self.mlp_out = nn.ModuleList(
-            nn.Sequential(nn.Linear(D, cfg.mlp_dim), nn.ReLU(), nn.Linear(cfg.mlp_dim, D)) for _ in range(3))
-
-    def pool_slots(self, x, masks):
-        """Slots from position-embedded features x [B,C,h,w] and partition masks [B,K,h,w] -> [B,K,D].
-
-        Official SlotCut: f_j = mlp_in[j](LayerNorm(x)), s_j = mean over pixels of masks * f_j (Alg. 1 line 5,
-        Alg. 2 line 3; all three branches use the same K masks), slots = s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
-        (Alg. 2 line 4)."""
-        h, w = x.shape[-2:]
-        xn = self.norm(x.permute(0, 2, 3, 1))                              # [B,h,w,C]
-        s = [torch.einsum("bkhw,bhwd->bkd", masks, f_x(xn)) / (h * w) for f_x in self.mlp_in]
-        return s[0] + sum(f(s_j) for f, s_j in zip(self.mlp_out, s))     # s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
-
-    def forward(self, feats):
-        B, C, h, w = feats.shape
-        K = self.K
-        x = self.pos(feats)                                                # Alg. 2 line 1
-        w_obj = self.weights_obj(x).reshape(B, K - 1, 6, h, w)            # Alg. 1 line 1
-        w_fg = self.weights_fg(x).reshape(B, 1, 6, h, w)
-        with torch.autocast(x.device.type, enabled=False):              # --dtype=bfloat16: the QP stays float32
-            cuts = self.qp(full_precision(torch.cat([w_obj, w_fg], dim=1).reshape(B * K, 6, h, w)))   # Alg. 1 l. 3
-        p = cuts.p.reshape(B, K, h, w)
-        objects = (p[:, :K - 1] / self.obj_temp).softmax(dim=1)           # Alg. 1 line 4, temperature 0.5
-        fg = torch.sigmoid(cuts.d_s - cuts.d_t).reshape(B, K, h, w)[:, K - 1]   # foreground cut (official)
-        masks = torch.cat([1 - fg[:, None], fg[:, None] * objects], dim=1)      # Sec. 4: background slot
-        masks = (masks / self.mask_temp).softmax(dim=1)                   # Sec. 6.1: temperature 0.1
-        slots = self.pool_slots(x, masks)                                 # Alg. 1 lines 2, 5; Alg. 2 lines 3-4
-        return dict(slots=slots, cut_masks=masks, fg=fg, cuts=cuts)
-
-
-class Decoder(nn.Module):
-    """Spatial broadcast decoder (Sec. 6.1; official): slots [B,K,D] -> rgb [B,K,3,H,W] in [-1,1] (tanh),
-    alpha logits [B,K,1,H,W]. Broadcast to dec_init_size^2 + position embedding, one ConvT 5x5 + LeakyReLU
-    per dec_strides entry, two ConvT 5x5 stride 1 + LeakyReLU, ConvT 3x3 -> 4 channels.
-    Raises ValueError when dec_init_size * prod(dec_strides) != image_size."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        s0, C = cfg.dec_init_size, cfg.dec_channels
-        if s0 * math.prod(cfg.dec_strides) != cfg.image_size:
-            raise ValueError(f"decoder output {s0}*prod({cfg.dec_strides}) != image_size {cfg.image_size}: "
-                             f"set --dec_strides or --dec_init_size")
-        self.init_size = s0
-        self.pos = SoftPositionEmbed(cfg.slot_dim, s0, s0)
-        layers, cin = [], cfg.slot_dim
-        for s in list(cfg.dec_strides) + [1, 1]:
-            layers += [nn.ConvTranspose2d(cin, C, 5, stride=s, padding=2, output_padding=s - 1), nn.LeakyReLU()]
-            cin = C
-        layers.append(nn.ConvTranspose2d(C, 4, 3, padding=1))              # RGB + alpha logit
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, slots):
-        B, K, D = slots.shape
-        s0 = self.init_size
-        x = self.pos(slots.reshape(B * K, D, 1, 1).expand(B * K, D, s0, s0))   # spatial broadcast
-        x = self.net(x)
-        x = x.reshape(B, K, 4, *x.shape[-2:])
-        return torch.tanh(x[:, :, :3]), x[:, :, 3:]
-
-
-class MinCutOCL(nn.Module):
-    """Object discovery with min-cut k-partition (Sec. 6.1): encoder -> KPartition -> decoder.
-
-    forward(images [B,3,H,W] float in [0,1]) -> dict
-        loss       scalar, MSE between reconstruction and input, both in [-1,1] (official)
-        recon      [B,3,H,W] reconstruction in [0,1]
-        masks      [B,K,H,W] decoder alpha masks, softmax over slots (sum to 1 per pixel; used for metrics)
-        slots      [B,K,D]
-        rgb        [B,K,3,H,W] per-slot RGB in [0,1]
-        cut_masks  [B,K,h,w] partition masks at feature resolution (slot 0 = background partition)
-        fg         [B,h,w] foreground mask of the foreground cut
-        cuts       CutSolution of the B*K cut QPs
-    Raises ValueError if the image size differs from cfg.image_size.
-    """
-
-    def __init__(self, cfg):
-        super().__init__()
-        if cfg.image_size % cfg.enc_stride:
-            raise ValueError(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}")
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        side = cfg.image_size // cfg.enc_stride                           # Sec. 6.1: 64x64 QP grid at 128 px
-        self.partition = KPartition(cfg, side, side)
-        self.decoder = Decoder(cfg)
-
-    def forward(self, images):
-        H, W = images.shape[-2:]
-        if (H, W) != (self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {H}x{W}")
-        x = images * 2.0 - 1.0                                             # [0,1] -> [-1,1]
-        part = self.partition(self.encoder(x))
-        rgb, logits = (t.to(x.dtype) for t in self.decoder(part["slots"]))   # compositing and loss in x's dtype
-        masks = logits.softmax(dim=1)                                      # alpha mixture over slots
-        recon = (masks * rgb).sum(dim=1)
-        loss = F.mse_loss(recon, x)
-        return dict(loss=loss, recon=(recon + 1) / 2, masks=masks.squeeze(2), slots=part["slots"],
-                    rgb=(rgb + 1) / 2, cut_masks=part["cut_masks"], fg=part["fg"], cuts=part["cuts"])
-
-
-# -----------------------------------------------------------------------------
-# 4. Training
-
-
-def lr_factor(step, cfg):
-    """Official schedule: lr x lr_decay ** (step / (decay_fraction * max_steps)), no warmup (App. D)."""
-    return cfg.lr_decay ** (step / max(1.0, cfg.decay_fraction * cfg.max_steps))
-
-
-def load_dataset(cfg, split):
-    """data.build_dataset(cfg.dataset, split) at cfg.image_size; exits with the loader's one-line message."""
-    options = {"crop": cfg.crop} if cfg.crop else {}                   # movi_a only (Sec. 6.3)
-    try:
-        return data.build_dataset(cfg.dataset, split, root=cfg.data_dir or None, image_size=cfg.image_size, **options)
-    except data.DatasetError as e:
-        fail(str(e))
-    except TypeError as e:                                                # an option the dataset does not have
-        fail(f"--dataset={cfg.dataset}: {e}")
-
-
-def build_model(cfg):
-    """MinCutOCL (task image), or the two-frame MinCutPairModel around it (task video, Alg. 3), or the
-    Slot Attention baseline (task video with --video_model=slot_attention, Sec. 6.3)."""
-    if cfg.task == "video" and cfg.video_model == "slot_attention":
-        return SlotAttentionModel(cfg)
-    model = MinCutOCL(cfg)
-    if cfg.task == "video":                         # matching gamma not given (Sec. 6.3): the cut QP's gamma
-        model = MinCutPairModel(model, gamma=cfg.gamma, temperature=cfg.match_temp)
-    return model
-
-
-def batch_loss(model, batch, device, task="image"):
-    """Training loss of one loader batch: images `[B, 3, H, W]` (task image) or videos `[B, T, 3, H, W]`,
-    of which one pair of adjacent frames per video is drawn from torch's global RNG (task video)."""
-    if task == "video":
-        x1, x2 = sample_adjacent_pairs(batch["video"])                    # Sec. 6.3: adjacent frames
-        if isinstance(getattr(model, "module", model), SlotAttentionModel):   # baseline (DDP: .module): 2B frames
-            return model(torch.cat([x1, x2]).to(device, non_blocking=True))["loss"]
-        return model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))["loss"]
-    return model(batch["image"].to(device, non_blocking=True))["loss"]
-
-
-def train_loader(cfg, start_step, rank=0, world_size=1):
-    """Endless shuffled loader of global batch cfg.batch_size, resuming at `start_step`; under DDP this
-    rank's slice of cfg.batch_size // world_size of every global batch."""
-    ds = load_dataset(cfg, "train")
-    sampler = ResumableSampler(len(ds), cfg.batch_size, seed=cfg.seed, start_step=start_step, rank=rank,
-                               world_size=world_size)
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // world_size, sampler=sampler,
-                                       num_workers=cfg.num_workers, drop_last=True,
-                                       persistent_workers=cfg.num_workers > 0)
-
-
-@torch.no_grad()
-def evaluate(model, cfg, device, num_items=0, image_path=None):
-    """Metrics on the test split: dict of means (ARI, ARI-FG, mIoU, MSC-FG, mBO, MSE).
-
-    Segments = argmax of the decoder alpha masks (as the official evaluation). MSE is the per-image sum
-    of squared errors over C,H,W with images in [0,1] (ClevrTex convention, Tab. 1).
-    """
-    model.eval()
-    ds = load_dataset(cfg, "test")
-    if num_items and num_items < len(ds):
-        ds = torch.utils.data.Subset(ds, range(num_items))
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 2))
-    sums, first = {}, None
-    for batch in loader:
-        images = batch["image"].to(device)
-        out = model(images)
-        pred = out["masks"].argmax(dim=1).cpu() + 1                        # slot index + 1 per pixel
-        m = {"mse": mse(images.cpu(), out["recon"].cpu())}
-        if "mask" in batch:
-            m.update(segmentation_metrics(batch["mask"], pred))
-        for k, v in m.items():
-            sums.setdefault(k, []).append(v.double())
-        if first is None:
-            first = (images.cpu(), out, pred, batch.get("mask"))
-    model.train()
-    if image_path and first is not None:
-        images, out, pred, true = first
-        save_slot_grid(image_path, images, out["recon"].cpu().clamp(0, 1), pred, true,
-                       (out["masks"].unsqueeze(2) * out["rgb"]).cpu().clamp(0, 1))
-    return {k: nanmean(torch.cat(v)) for k, v in sums.items()}
-
-
-@torch.no_grad()
-def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None):
-    """Tab. 2 on whole test videos: video ARI and ARI-FG with the slots tracked over each video by the
-    matching QP (ours, Alg. 3 lines 2-4) and by the Hungarian algorithm on slot inner products (Slot
-    Attention baseline, Sec. 6.3), side by side; segments = argmax of each frame's partition masks.
-
-    Every adjacent pair (t, t+1) is run through the model (Alg. 3, cfg.batch_size pairs at a time);
-    its per-frame slots S, T give the slots of every frame. MSE: per-frame sum of squared errors over
-    C, H, W (images in [0, 1], as `evaluate`), mean over the 2(T-1) frames reconstructed as pairs (baseline:
-    the T frames).
-
-    Args:
-        model: MinCutPairModel, or SlotAttentionModel (the Sec. 6.3 baseline: each frame is encoded alone,
-            segments = argmax of its decoder masks, its random slot initialisation seeded with cfg.seed;
-            its "qp" columns use a parameter-free MatchingQP(gamma, match_temp));
-        num_items: first N videos (0 = all);
-        image_path: if set, Fig. 6 pictures of the first video: the pair reconstruction of frames 5 and
-            20 (clamped to T-1) at image_path, the QP matching of their slots at <image_path>_matching.png;
-        videos: dataset of {"video" `[T, 3, H, W]` in [0, 1], "mask" `[T, H, W]`} (default: test split).
-    Returns:
-        dict of floats ari_qp, ari_fg_qp, ari_hungarian, ari_fg_hungarian, mse.
-    """
-    model.eval()
-    videos = load_dataset(cfg, "test") if videos is None else videos
-    baseline = isinstance(model, SlotAttentionModel)
-    errors = []
-
-    def encode_pairs(video):                                              # one video `[T, 3, H, W]`
-        video, slots, masks = video.to(device), [], []
-        for i in range(0, len(video) - 1, cfg.batch_size):
-            j = min(i + cfg.batch_size, len(video) - 1)
-            x1, x2 = video[i:j], video[i + 1:j + 1]                       # pairs (t, t+1), t = i..j-1
-            out = model(x1, x2)
-            errors.append(mse(torch.cat([x1, x2]), torch.cat([out["recon"][:, 0], out["recon"][:, 1]])))
-            slots.append(out["slots1"])                                   # Alg. 3 line 1: S of frames i..j-1
-            masks.append(out["cut_masks"][:, 0])
-        return torch.cat(slots + [out["slots2"][-1:]]), torch.cat(masks + [out["cut_masks"][-1:, 1]])
-
-    def encode_frames(video):                                             # baseline: each frame on its own
-        video, slots, masks = video.to(device), [], []
-        for i in range(0, len(video), cfg.batch_size):
-            out = model(video[i:i + cfg.batch_size])
-            errors.append(mse(video[i:i + cfg.batch_size], out["recon"]))
-            slots.append(out["slots"])
-            masks.append(out["masks"])                                    # segments: decoder masks
-        return torch.cat(slots), torch.cat(masks)
-
-    if baseline:                                                          # the baseline's matcher is parameter-free
-        torch.manual_seed(cfg.seed)                                       # its random slot init: seeded metrics
-        qp, encode = MatchingQP(cfg.num_slots, gamma=cfg.gamma, temperature=cfg.match_temp), encode_frames
-    else:
-        qp, encode = model.matching, encode_pairs
-    res = evaluate_video_tracking(encode, videos, qp=qp, num_videos=num_items)
-    metrics = {f"{key}_{method}": v for method, r in res.items() for key, v in r.items()}   # ari_qp, ...
-    metrics["mse"] = nanmean(torch.cat(errors))
-    if image_path:
-        video = torch.as_tensor(videos[0]["video"]).to(device)
-        a, b = min(5, len(video) - 1), min(20, len(video) - 1)
-        root, ext = os.path.splitext(image_path)
-        names = (f"frame {a}", f"frame {b}")
-        if baseline:                                                      # every frame of video 0, its slots
-            out = model(video)
-            slot_images = (out["masks"].unsqueeze(2) * out["rgb"]).clamp(0, 1)
-            save_slot_grid(image_path, video.cpu(), out["recon"].cpu().clamp(0, 1), out["masks"].argmax(1).cpu() + 1,
-                           torch.as_tensor(videos[0]["mask"]), slot_images.cpu())
-            save_matching_figure(f"{root}_matching{ext}", video[a], video[b], out["masks"][a], out["masks"][b],
-                                 hungarian_slot_matching(out["slots"][a:a + 1], out["slots"][b:b + 1])[0],
-                                 slot_images[a], slot_images[b], names=names)
-        else:
-            save_pair_figure(image_path, model, video)                    # App. A, Fig. 6: frames 5 and 20
-            slots, masks = model.encode_frames(video[[a, b]])
-            masks = F.interpolate(masks, size=video.shape[-2:], mode="bilinear", align_corners=False)
-            save_matching_figure(f"{root}_matching{ext}", video[a], video[b], masks[0], masks[1],
-                                 model.matching(slot_costs(slots[:1], slots[1:]))[0], names=names)
-    model.train()
-    return metrics
-
-
-def format_metrics(m):
-    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "mbo": "mBO", "miou": "mIoU", "ari": "ARI", "mse": "MSE",
-             "ari_qp": "ARI(QP)", "ari_fg_qp": "ARI-FG(QP)", "ari_hungarian": "ARI(Hungarian)",
-             "ari_fg_hungarian": "ARI-FG(Hungarian)"}
-    return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
-
-
-# Every Config field that changes the model's parameters or its forward: a checkpoint is resumed only with
-# the same values, and --eval_only / --predict take them from the checkpoint. Not here: qp_solver (the three
-# solvers compute the same QP, to round-off) and dtype (autocast of training only).
-MODEL_KEYS = ("task", "video_model", "sa_iters", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots",
-              "slot_dim", "mlp_dim", "gamma", "edges", "obj_temp", "mask_temp", "match_temp", "dec_channels",
-              "dec_init_size", "dec_strides")
-
-
-def saved_value(saved, key):
-    """A model setting from a checkpoint's config, with the type of Config's field (JSON-ish lists -> tuple);
-    the default for checkpoints older than the field (before --task: image)."""
-    return type(getattr(Config, key))(saved.get(key, getattr(Config, key)))
-
-
-def check_same_model(cfg, saved, path):
-    """Exit with one line when the checkpoint at `path` (config dict `saved`) has another MODEL_KEYS value."""
-    for key in MODEL_KEYS:
-        value = saved_value(saved, key)
-        if value != getattr(cfg, key):
-            show = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            fail(f"{path} was trained with --{key}={show}, not {getattr(cfg, key)}; pass --{key}={show} to "
-                 f"resume it, or start over with --resume=false or another --out_dir")
-
-
-def load_weights(model, state, path):
-    """load_state_dict of one of our checkpoints (dict `state` read from `path`); one line if it does not fit."""
-    if not isinstance(state.get("model"), dict):
-        fail(f"{path} is not a mincut_ocl.py checkpoint (no 'model' weights); pass a ckpt.pt written by this script")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1 if len(str(e).strip().splitlines()) > 1 else 0].strip()
-        fail(f"{path} does not fit this model ({first[:160]}); it was written with other model settings or by "
-             f"another script: pass the flags it was trained with, or another checkpoint")
-
-
-def train(cfg):
-    """The training loop: resumes from out_dir/ckpt.pt (or starts from --init_from's weights), logs to
-    out_dir/metrics.jsonl, saves PNGs. Under torchrun: DDP, each rank a slice of every global batch, only
-    rank 0 logs, evaluates and saves.
-    Task image: MinCutOCL on images (Sec. 6.1); task video: MinCutPairModel on adjacent frames (Alg. 3)."""
-    check_out_dir(cfg.out_dir)
-    ddp = ddp_setup(device=cfg.device)
-    device = ddp.device
-    if cfg.batch_size % ddp.world_size:
-        fail(f"--batch_size={cfg.batch_size} (the global batch) must be divisible by the number of processes "
-             f"{ddp.world_size}")
-    seed_everything(cfg.seed + ddp.rank)
-    torch.set_flush_denormal(True)      # denormal floats make CPU steps several times slower
-    raw_model = build_model(cfg).to(device)
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr)      # App. D: Adam, lr 4e-4
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    step = 0
-    ckpt = load_resume_checkpoint(ckpt_path) if cfg.resume else None     # falls back to ckpt_prev.pt
-    if ckpt is not None:
-        check_same_model(cfg, ckpt.get("config") or {}, ckpt_path)
-        load_weights(raw_model, ckpt, ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        if ddp.is_main:
-            print(f"resuming from {ckpt_path} at step {step}" + (f" (--init_from={cfg.init_from} is ignored)"
-                                                                   if cfg.init_from else ""))
-    elif cfg.init_from:
-        load_weights(raw_model, load_checkpoint(cfg.init_from), cfg.init_from)   # weights only: fresh optimiser
-        if ddp.is_main:
-            print(f"starting from the weights of {cfg.init_from}")
-    model = nn.parallel.DistributedDataParallel(raw_model) if ddp.enabled else raw_model
-    data_iter = iter(train_loader(cfg, step, ddp.rank, ddp.world_size))  # the sampler skips the batches seen
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"])                        # after iter(): it draws a seed from torch's RNG
-        if ddp.rank:                                      # rank 0's RNG was saved: the others draw their own
-            seed_everything(cfg.seed + ddp.rank + 1_000_003 * step)
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl")) if ddp.is_main else None
-    if ckpt is not None and log is not None:
-        log.truncate(step)                                # lines logged after the checkpoint would repeat
-
-    def save_and_evaluate():
-        rng = get_rng_state()                             # evaluation must not move the training RNG
-        save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                        step=step, rng=rng, config=asdict(cfg)))
-        evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
-        metrics = evaluate_fn(raw_model, cfg, device, cfg.eval_items,
-                              os.path.join(cfg.out_dir, f"samples_{step:07d}.png"))
-        log.log(step, **{f"test_{k}": v for k, v in metrics.items()})
-        bar.write(f"step {step}: {format_metrics(metrics)}  (saved {ckpt_path})")
-        set_rng_state(rng)
-
-    bar = progress(cfg.max_steps, initial=step, desc="train", disable=not ddp.is_main)
-    model.train()
-    t0 = time.time()
-    try:
-        while step < cfg.max_steps:
-            batch = next(data_iter)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, cfg)                # exponential decay (App. D)
-            with train_autocast(device, cfg.dtype):                        # --dtype
-                loss = batch_loss(model, batch, device, cfg.task)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)  # DDP: of the all-reduced gradients
-            loss_value = all_reduce_mean(loss.item(), ddp)                 # the global batch's: same on every rank
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                bar.close()                                                # before check_finite_step's error line
-            check_finite_step(step + 1, loss_value, grad_norm, ckpt_path, cfg.lr)   # all ranks stop together
-            optimizer.step()
-            step += 1
-            bar.update()
-            if step % cfg.log_interval == 0 and ddp.is_main:
-                dt, t0 = time.time() - t0, time.time()
-                img_s = cfg.log_interval * cfg.batch_size / dt             # task video: frame pairs / s
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{img_s:.0f}")
-                log.log(step, loss=loss_value, lr=optimizer.param_groups[0]["lr"], img_per_s=img_s)
-            if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and ddp.is_main:
-                save_and_evaluate()
-    finally:
-        bar.close()                                       # an error line (divergence, data) then has its own line
-    ddp_cleanup()
-    return raw_model
-
-
-# -----------------------------------------------------------------------------
-# 5. Matching QP (Sec. 3.2, App. C)
+# 2.2 QP layers: the matching QP (Sec. 3.2, eq. 7; App. C)
 #
 # Bipartite graph between a first set U (k slots of frame 1, index i) and a second set V (k slots of
 # frame 2, index j), every pair (i, j) an edge. Eq. (7), variables z = [d, p, s]:
@@ -1432,7 +972,906 @@ def lp_matching(cost):
 
 
 # -----------------------------------------------------------------------------
-# Cora validation (Sec. 6.2, after Wilder et al. 2018, "Melding the data-decisions pipeline")
+# 3.1 Model: k-partition with a background cut (Sec. 4, Sec. 6.1; Alg. 1, Alg. 2)
+
+
+def build_grid(height, width):
+    """Position grid [1,H,W,4] with channels [y, x, 1-y, 1-x], each in [0,1] (linspace per axis)."""
+    ys = torch.linspace(0.0, 1.0, height)
+    xs = torch.linspace(0.0, 1.0, width)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    grid = torch.stack([y, x], dim=-1)
+    return torch.cat([grid, 1.0 - grid], dim=-1).unsqueeze(0)
+
+
+class SoftPositionEmbed(nn.Module):
+    """Adds Linear(4 -> C) of the [y, x, 1-y, 1-x] grid to channels-first features [B,C,H,W]."""
+
+    def __init__(self, channels, height, width):
+        super().__init__()
+        self.dense = nn.Linear(4, channels)
+        self.register_buffer("grid", build_grid(height, width), persistent=False)
+
+    def forward(self, x):
+        return x + self.dense(self.grid).permute(0, 3, 1, 2)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 conv + BN, identity or 1x1 projection shortcut)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Encoder(nn.Module):
+    """Image encoder (Sec. 6.1): images [B,3,H,W] in [-1,1] -> features [B,C,H/s,W/s], s = enc_stride.
+
+    cnn:    4 conv 5x5 + ReLU with C maps, the first with stride s (CLEVR; Slot Attention's CNN).
+    resnet: conv 5x5 stride s (3 -> 64) + BN + ReLU, then 4 BasicBlocks with C maps (ClevrTex; official).
+    Raises ValueError for another encoder name.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, s = cfg.enc_channels, cfg.enc_stride
+        if cfg.encoder == "cnn":
+            self.net = nn.Sequential(
+                nn.Conv2d(3, C, 5, stride=s, padding=2), nn.ReLU(),
+                *[m for _ in range(3) for m in (nn.Conv2d(C, C, 5, padding=2), nn.ReLU())])
+        elif cfg.encoder == "resnet":
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 64, 5, stride=s, padding=2, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                BasicBlock(64, C), BasicBlock(C, C), BasicBlock(C, C), BasicBlock(C, C))
+        else:
+            raise ValueError(f"--encoder must be cnn|resnet, got {cfg.encoder!r}")
+
+    def forward(self, images):
+        return self.net(images)
+
+
+def full_precision(t):
+    """t in float32 unless it is float32 or float64 already (--dtype=bfloat16: the QP layers solve in float32)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class KPartition(nn.Module):
+    """k-partition with a background partition (Alg. 1, Alg. 2, Sec. 4 "Background slot").
+
+    forward(features [B,C,h,w]) -> dict
+        slots      [B,K,D] slot vectors
+        cut_masks  [B,K,h,w] partition masks (softmax over K: sum to 1 per pixel); slot 0 = background
+        fg         [B,h,w] foreground mask sigmoid(d_s - d_t) of the foreground cut, in (0,1)
+        cuts       CutSolution of the K QPs per image (batch B*K: K-1 object cuts, then the fg cut)
+    """
+
+    def __init__(self, cfg, height, width):
+        super().__init__()
+        C, K, D = cfg.enc_channels, cfg.num_slots, cfg.slot_dim
+        if K < 2:
+            raise ValueError(f"--num_slots must be >= 2 (background + objects), got {K}")
+        self.K, self.obj_temp, self.mask_temp = K, cfg.obj_temp, cfg.mask_temp
+        self.pos = SoftPositionEmbed(C, height, width)                     # Alg. 2 line 1
+
+        def weight_net(cuts):                                              # Alg. 1 line 1: y_i = f_y(x), >= 0
+            return nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.LeakyReLU(),
+                                 nn.Conv2d(C, 6 * cuts, 3, padding=1), nn.ReLU())
+        self.weights_obj = weight_net(K - 1)                               # k-1 object cuts
+        self.weights_fg = weight_net(1)                                    # 1 foreground cut
+        self.qp = STCutQP(height, width, cfg.gamma, cfg.qp_solver, cfg.edges)
+        self.norm = nn.LayerNorm(C)                                        # official norm_inputs
+        # Three slot branches (official SlotCut): input MLPs f_x (Alg. 1 line 2; official k_net2, k_net2_2,
+        # k_net2_3, each Linear(C, 2 mlp_dim)-ReLU-Linear(2 mlp_dim, D)) and output MLPs f (Alg. 2 line 4;
+        # official mlp, mlp2, mlp3, each Linear(D, mlp_dim)-ReLU-Linear(mlp_dim, D)).
+        self.mlp_in = nn.ModuleList(
+            nn.Sequential(nn.Linear(C, 2 * cfg.mlp_dim), nn.ReLU(), nn.Linear(2 * cfg.mlp_dim, D)) for _ in range(3))
+        self.mlp_out = nn.ModuleList(
+            nn.Sequential(nn.Linear(D, cfg.mlp_dim), nn.ReLU(), nn.Linear(cfg.mlp_dim, D)) for _ in range(3))
+
+    def pool_slots(self, x, masks):
+        """Slots from position-embedded features x [B,C,h,w] and partition masks [B,K,h,w] -> [B,K,D].
+
+        Official SlotCut: f_j = mlp_in[j](LayerNorm(x)), s_j = mean over pixels of masks * f_j (Alg. 1 line 5,
+        Alg. 2 line 3; all three branches use the same K masks), slots = s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
+        (Alg. 2 line 4)."""
+        h, w = x.shape[-2:]
+        xn = self.norm(x.permute(0, 2, 3, 1))                              # [B,h,w,C]
+        s = [torch.einsum("bkhw,bhwd->bkd", masks, f_x(xn)) / (h * w) for f_x in self.mlp_in]
+        return s[0] + sum(f(s_j) for f, s_j in zip(self.mlp_out, s))     # s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
+
+    def forward(self, feats):
+        B, C, h, w = feats.shape
+        K = self.K
+        x = self.pos(feats)                                                # Alg. 2 line 1
+        w_obj = self.weights_obj(x).reshape(B, K - 1, 6, h, w)            # Alg. 1 line 1
+        w_fg = self.weights_fg(x).reshape(B, 1, 6, h, w)
+        with torch.autocast(x.device.type, enabled=False):              # --dtype=bfloat16: the QP stays float32
+            cuts = self.qp(full_precision(torch.cat([w_obj, w_fg], dim=1).reshape(B * K, 6, h, w)))   # Alg. 1 l. 3
+        p = cuts.p.reshape(B, K, h, w)
+        objects = (p[:, :K - 1] / self.obj_temp).softmax(dim=1)           # Alg. 1 line 4, temperature 0.5
+        fg = torch.sigmoid(cuts.d_s - cuts.d_t).reshape(B, K, h, w)[:, K - 1]   # foreground cut (official)
+        masks = torch.cat([1 - fg[:, None], fg[:, None] * objects], dim=1)      # Sec. 4: background slot
+        masks = (masks / self.mask_temp).softmax(dim=1)                   # Sec. 6.1: temperature 0.1
+        slots = self.pool_slots(x, masks)                                 # Alg. 1 lines 2, 5; Alg. 2 lines 3-4
+        return dict(slots=slots, cut_masks=masks, fg=fg, cuts=cuts)
+
+
+class Decoder(nn.Module):
+    """Spatial broadcast decoder (Sec. 6.1; official): slots [B,K,D] -> rgb [B,K,3,H,W] in [-1,1] (tanh),
+    alpha logits [B,K,1,H,W]. Broadcast to dec_init_size^2 + position embedding, one ConvT 5x5 + LeakyReLU
+    per dec_strides entry (the stride-1 ones included: official slot_cut/model.py is 2,2,2,2,1,1), then
+    ConvT 3x3 -> 4 channels. Raises ValueError when dec_init_size * prod(dec_strides) != image_size."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        s0, C = cfg.dec_init_size, cfg.dec_channels
+        if s0 * math.prod(cfg.dec_strides) != cfg.image_size:
+            raise ValueError(f"decoder output {s0}*prod({cfg.dec_strides}) != image_size {cfg.image_size}: "
+                             f"set --dec_strides or --dec_init_size")
+        self.init_size = s0
+        self.pos = SoftPositionEmbed(cfg.slot_dim, s0, s0)
+        layers, cin = [], cfg.slot_dim
+        for s in cfg.dec_strides:
+            layers += [nn.ConvTranspose2d(cin, C, 5, stride=s, padding=2, output_padding=s - 1), nn.LeakyReLU()]
+            cin = C
+        layers.append(nn.ConvTranspose2d(cin, 4, 3, padding=1))            # RGB + alpha logit
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, slots):
+        B, K, D = slots.shape
+        s0 = self.init_size
+        x = self.pos(slots.reshape(B * K, D, 1, 1).expand(B * K, D, s0, s0))   # spatial broadcast
+        x = self.net(x)
+        x = x.reshape(B, K, 4, *x.shape[-2:])
+        return torch.tanh(x[:, :, :3]), x[:, :, 3:]
+
+
+class MinCutOCL(nn.Module):
+    """Object discovery with min-cut k-partition (Sec. 6.1): encoder -> KPartition -> decoder.
+
+    forward(images [B,3,H,W] float in [0,1]) -> dict
+        loss       scalar, MSE between reconstruction and input, both in [-1,1] (official)
+        recon      [B,3,H,W] reconstruction in [0,1]
+        masks      [B,K,H,W] decoder alpha masks, softmax over slots (sum to 1 per pixel; used for metrics)
+        slots      [B,K,D]
+        rgb        [B,K,3,H,W] per-slot RGB in [0,1]
+        cut_masks  [B,K,h,w] partition masks at feature resolution (slot 0 = background partition)
+        fg         [B,h,w] foreground mask of the foreground cut
+        cuts       CutSolution of the B*K cut QPs
+    Raises ValueError if the image size differs from cfg.image_size.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.image_size % cfg.enc_stride:
+            raise ValueError(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        side = cfg.image_size // cfg.enc_stride                           # Sec. 6.1: 64x64 QP grid at 128 px
+        self.partition = KPartition(cfg, side, side)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, images):
+        H, W = images.shape[-2:]
+        if (H, W) != (self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {H}x{W}")
+        x = images * 2.0 - 1.0                                             # [0,1] -> [-1,1]
+        part = self.partition(self.encoder(x))
+        rgb, logits = (t.to(x.dtype) for t in self.decoder(part["slots"]))   # compositing and loss in x's dtype
+        masks = logits.softmax(dim=1)                                      # alpha mixture over slots
+        recon = (masks * rgb).sum(dim=1)
+        loss = F.mse_loss(recon, x)
+        return dict(loss=loss, recon=(recon + 1) / 2, masks=masks.squeeze(2), slots=part["slots"],
+                    rgb=(rgb + 1) / 2, cut_masks=part["cut_masks"], fg=part["fg"], cuts=part["cuts"])
+
+
+# -----------------------------------------------------------------------------
+# 3.2 Moving objects: the two-frame model (Alg. 3; Sec. 4 "Matching and motion"; Sec. 6.3)
+#
+# Slots S, T of two frames (Alg. 2 via the MinCutOCL partition) -> c_ij = -<s_i, t_j> -> MatchingQP ->
+# softmax with temperature -> paired slots r_i = M_i,: T -> MLP on the pair -> one set of slots that
+# reconstructs both frames, loss = MSE(frame 1) + MSE(frame 2). The paper does not say how the pair
+# (s_i, r_i) becomes one slot nor how one slot decodes two frames: we use MLP([s_i; r_i]) -> D (the new
+# slot) and one MLP head per frame before the shared decoder (Sec. 4: "transform the new slots by MLP
+# transformations").
+
+
+def sample_adjacent_pairs(video, generator=None):
+    """Sec. 6.3: train on pairs of adjacent frames. video `[B, T, 3, H, W]` (T >= 2) -> (x1, x2), each
+    `[B, 3, H, W]`: frames t and t+1 with t drawn uniformly per video (torch `generator` for resume)."""
+    B, T = video.shape[:2]
+    if T < 2:
+        raise ValueError(f"need videos of at least 2 frames, got T={T}")
+    t = torch.randint(0, T - 1, (B,), generator=generator).to(video.device)
+    idx = torch.arange(B, device=video.device)
+    return video[idx, t], video[idx, t + 1]
+
+
+def slot_costs(s, t):
+    """Alg. 3 line 2: c_ij = -<s_i, t_j>. s `[..., K, D]`, t `[..., K, D]` -> `[..., K, K]`."""
+    return -torch.einsum("...id,...jd->...ij", s, t)
+
+
+class MinCutPairModel(nn.Module):
+    """Two-frame min-cut model with slot matching (Alg. 3, Sec. 4 "Matching and motion", Sec. 6.3).
+
+    Args:
+        base: a MinCutOCL; its encoder, partition (Alg. 1-2) and decoder are reused (attributes
+            base.encoder, base.partition, base.decoder, base.cfg.num_slots / slot_dim / mlp_dim / image_size).
+        gamma, temperature: MatchingQP regulariser and softmax temperature (Alg. 3 lines 3-4).
+    forward(frames1, frames2: `[B, 3, H, W]` float in [0, 1]) -> dict
+        loss       scalar: MSE(frame 1) + MSE(frame 2), images in [-1, 1] (Sec. 4: summed loss)
+        recon      `[B, 2, 3, H, W]` reconstructions of both frames in [0, 1]
+        masks      `[B, 2, K, H, W]` decoder alpha masks per frame (softmax over the K slots)
+        rgb        `[B, 2, K, 3, H, W]` per-slot RGB in [0, 1]
+        slots      `[B, K, D]` the matched slot set (one per pair); slots1, slots2 `[B, K, D]` S and T
+        matching   `[B, K, K]` soft matching M (rows: slots of frame 1, rows sum to 1); paired `[B, K, D]` r_i
+        cut_masks  `[B, 2, K, h, w]` partition masks of each frame at feature resolution
+    Raises ValueError if the frames differ in shape or from base.cfg.image_size.
+    """
+
+    def __init__(self, base, gamma=0.5, temperature=0.1):
+        super().__init__()
+        cfg = base.cfg
+        K, D, hidden = cfg.num_slots, cfg.slot_dim, cfg.mlp_dim
+        self.base, self.image_size = base, cfg.image_size
+        self.matching = MatchingQP(K, gamma=gamma, temperature=temperature)
+        self.pair_mlp = nn.Sequential(nn.Linear(2 * D, hidden), nn.ReLU(), nn.Linear(hidden, D))  # (s_i, r_i) -> slot
+        self.frame_heads = nn.ModuleList(
+            [nn.Sequential(nn.Linear(D, hidden), nn.ReLU(), nn.Linear(hidden, D)) for _ in range(2)])
+
+    def frame_slots(self, frames):
+        """Alg. 2 for every frame: frames `[N, 3, H, W]` in [0, 1] -> (slots `[N, K, D]`, cut masks `[N, K, h, w]`)."""
+        H, W = frames.shape[-2:]
+        if (H, W) != (self.image_size, self.image_size):
+            raise ValueError(f"expected frames of {self.image_size}x{self.image_size}, got {H}x{W}")
+        part = self.base.partition(self.base.encoder(frames * 2.0 - 1.0))
+        return part["slots"], part["cut_masks"]
+
+    def forward(self, frames1, frames2):
+        if frames1.shape != frames2.shape:
+            raise ValueError(f"frame shapes differ: {tuple(frames1.shape)} vs {tuple(frames2.shape)}")
+        B = frames1.shape[0]
+        slots, cut_masks = self.frame_slots(torch.cat([frames1, frames2]))   # one pass for both frames
+        S, T = slots[:B], slots[B:]                                      # Alg. 3 line 1
+        with torch.autocast(S.device.type, enabled=False):              # --dtype=bfloat16: the QP stays float32
+            S, T = full_precision(S), full_precision(T)
+            M = self.matching(slot_costs(S, T))                          # lines 2-4: c_ij = -<s_i, t_j>
+        R = M @ T                                                        # line 5: r_i = M_i,: T
+        joint = self.pair_mlp(torch.cat([S, R], dim=-1))                 # line 6 pairs -> new slots (Sec. 4)
+        per_frame = torch.stack([head(joint) for head in self.frame_heads], dim=1)   # [B, 2, K, D]
+        rgb, logits = (t.to(frames1.dtype) for t in self.base.decoder(per_frame.flatten(0, 1)))   # [2B,K,3|1,H,W]
+        masks = logits.softmax(dim=1)                                    # alpha mixture over slots
+        recon = (masks * rgb).sum(dim=1).unflatten(0, (B, 2))            # [B, 2, 3, H, W] in [-1, 1]
+        target = torch.stack([frames1, frames2], dim=1) * 2.0 - 1.0
+        loss = F.mse_loss(recon[:, 0], target[:, 0]) + F.mse_loss(recon[:, 1], target[:, 1])  # summed loss
+        return dict(loss=loss, recon=(recon + 1) / 2, masks=masks.squeeze(2).unflatten(0, (B, 2)),
+                    rgb=((rgb + 1) / 2).unflatten(0, (B, 2)), slots=joint, slots1=S, slots2=T, matching=M,
+                    paired=R, cut_masks=torch.stack([cut_masks[:B], cut_masks[B:]], dim=1))
+
+    @torch.no_grad()
+    def encode_frames(self, frames):
+        """Per-frame slots and masks for evaluate_video_tracking: frames `[T, 3, H, W]` in [0, 1] ->
+        (slots `[T, K, D]`, partition masks `[T, K, h, w]`); the video's frames are matched with self.matching."""
+        return self.frame_slots(frames)
+
+
+# -----------------------------------------------------------------------------
+# 3.3 The Slot Attention baseline of Tab. 2 (Sec. 6.3): "we train slot attention on individual frames.
+# Next, during evaluation, we match sets of slots for consecutive frames using the Hungarian algorithm, using
+# inter slot inner product as the similarity score." Slot Attention as in Locatello et al. (2020), Alg. 1,
+# with the same encoder and decoder as the min-cut model, so only the grouping module differs.
+
+
+class SlotAttention(nn.Module):
+    """Slot Attention (Locatello et al. 2020, Alg. 1): iterative attention with a softmax over slots.
+
+    Args:
+        num_slots: K; dim: slot size D; in_dim: input feature size C; iters: iterations (3);
+        hidden: slot MLP width; eps: added to the attention before its per-slot normalisation (1e-8).
+    forward(inputs `[B, N, C]` float, slots_init `[B, K, D]` or None) -> (slots `[B, K, D]`,
+        attn `[B, K, N]` of the last iteration: softmax over the K slots, so it sums to 1 over K at
+        every input). Without slots_init the slots are drawn from N(mu, sigma^2) (learned mu, sigma),
+        also at test time, so their order is arbitrary per image: videos need slot tracking.
+    """
+
+    def __init__(self, num_slots, dim, in_dim, iters=3, hidden=128, eps=1e-8):
+        super().__init__()
+        self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
+        self.mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        self.log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(in_dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(in_dim, dim, bias=False)
+        self.to_v = nn.Linear(in_dim, dim, bias=False)
+        self.gru = nn.GRUCell(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    def forward(self, inputs, slots_init=None):
+        B, N, _ = inputs.shape
+        K, D = self.num_slots, self.dim
+        inputs = self.norm_inputs(inputs)
+        k, v = self.to_k(inputs), self.to_v(inputs)                           # [B, N, D]
+        if slots_init is None:
+            slots_init = self.mu + self.log_sigma.exp() * torch.randn(B, K, D, device=inputs.device,
+                                                                       dtype=inputs.dtype)
+        slots = slots_init
+        for _ in range(self.iters):
+            prev = slots
+            q = self.to_q(self.norm_slots(slots))
+            attn = torch.einsum("bkd,bnd->bkn", q, k).mul(D ** -0.5).softmax(dim=1)   # softmax over slots
+            weights = (attn + self.eps) / (attn + self.eps).sum(dim=2, keepdim=True)  # weighted mean
+            updates = torch.einsum("bkn,bnd->bkd", weights, v)
+            slots = self.gru(updates.reshape(B * K, D), prev.reshape(B * K, D)).reshape(B, K, D)
+            slots = slots + self.mlp(self.norm_mlp(slots))
+        return slots, attn
+
+
+class SlotAttentionModel(nn.Module):
+    """Tab. 2 baseline: encoder -> Slot Attention -> spatial broadcast decoder, trained on single frames.
+
+    The encoder and decoder are the min-cut model's (Encoder, Decoder of cfg); the features get the
+    position embedding, a LayerNorm and a 2-layer MLP (Locatello et al. 2020) before Slot Attention.
+    forward(images `[B, 3, H, W]` float in [0, 1]) -> dict
+        loss   scalar MSE between reconstruction and input, both in [-1, 1] (as MinCutOCL)
+        recon  `[B, 3, H, W]` in [0, 1];  masks `[B, K, H, W]` decoder alpha masks (softmax over slots)
+        slots  `[B, K, D]`;  rgb `[B, K, 3, H, W]` in [0, 1];  attn `[B, K, h, w]` last attention
+    Raises ValueError if the image size differs from cfg.image_size.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.image_size % cfg.enc_stride:
+            raise ValueError(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}")
+        C, side = cfg.enc_channels, cfg.image_size // cfg.enc_stride
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.pos = SoftPositionEmbed(C, side, side)
+        self.mlp = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C))
+        self.slot_attention = SlotAttention(cfg.num_slots, cfg.slot_dim, C, cfg.sa_iters, cfg.mlp_dim)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, images):
+        H, W = images.shape[-2:]
+        if (H, W) != (self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {H}x{W}")
+        x = images * 2.0 - 1.0
+        feats = self.pos(self.encoder(x))                                    # [B, C, h, w]
+        h, w = feats.shape[-2:]
+        slots, attn = self.slot_attention(self.mlp(feats.flatten(2).transpose(1, 2)))
+        rgb, logits = (t.to(x.dtype) for t in self.decoder(slots))           # compositing and loss in x's dtype
+        masks = logits.softmax(dim=1)                                        # alpha mixture over slots
+        recon = (masks * rgb).sum(dim=1)
+        return dict(loss=F.mse_loss(recon, x), recon=(recon + 1) / 2, masks=masks.squeeze(2), slots=slots,
+                    rgb=(rgb + 1) / 2, attn=attn.reshape(*attn.shape[:2], h, w))
+
+
+# -----------------------------------------------------------------------------
+# 4. Training
+
+
+def lr_factor(step, cfg):
+    """Official schedule: lr x lr_decay ** (step / (decay_fraction * max_steps)), no warmup (App. D)."""
+    return cfg.lr_decay ** (step / max(1.0, cfg.decay_fraction * cfg.max_steps))
+
+
+def load_dataset(cfg, split):
+    """data.build_dataset(cfg.dataset, split) at cfg.image_size; exits with the loader's one-line message."""
+    options = {"crop": cfg.crop} if cfg.crop else {}                   # movi_a only (Sec. 6.3)
+    try:
+        return data.build_dataset(cfg.dataset, split, root=cfg.data_dir or None, image_size=cfg.image_size, **options)
+    except data.DatasetError as e:
+        fail(str(e) + (common.VAL_SPLIT_HINT if split == "val" else ""))   # val: read for --eval_split
+    except TypeError as e:                                                # an option the dataset does not have
+        fail(f"--dataset={cfg.dataset}: {e}")
+
+
+def build_model(cfg):
+    """MinCutOCL (task image), or the two-frame MinCutPairModel around it (task video, Alg. 3), or the
+    Slot Attention baseline (task video with --video_model=slot_attention, Sec. 6.3)."""
+    if cfg.task == "video" and cfg.video_model == "slot_attention":
+        return SlotAttentionModel(cfg)
+    model = MinCutOCL(cfg)
+    if cfg.task == "video":                         # matching gamma not given (Sec. 6.3): the cut QP's gamma
+        model = MinCutPairModel(model, gamma=cfg.gamma, temperature=cfg.match_temp)
+    return model
+
+
+def batch_loss(model, batch, device, task="image"):
+    """Training loss of one loader batch: images `[B, 3, H, W]` (task image) or videos `[B, T, 3, H, W]`,
+    of which one pair of adjacent frames per video is drawn from torch's global RNG (task video)."""
+    if task == "video":
+        x1, x2 = sample_adjacent_pairs(batch["video"])                    # Sec. 6.3: adjacent frames
+        if isinstance(getattr(model, "module", model), SlotAttentionModel):   # baseline (DDP: .module): 2B frames
+            return model(torch.cat([x1, x2]).to(device, non_blocking=True))["loss"]
+        return model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))["loss"]
+    return model(batch["image"].to(device, non_blocking=True))["loss"]
+
+
+def train_loader(cfg, start_step, rank=0, world_size=1):
+    """Endless shuffled loader of global batch cfg.batch_size, resuming at `start_step`; under DDP this
+    rank's slice of cfg.batch_size // world_size of every global batch."""
+    ds = load_dataset(cfg, "train")
+    sampler = ResumableSampler(len(ds), cfg.batch_size, seed=cfg.seed, start_step=start_step, rank=rank,
+                               world_size=world_size)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // world_size, sampler=sampler,
+                                       num_workers=cfg.num_workers, drop_last=True,
+                                       persistent_workers=cfg.num_workers > 0)
+
+
+# The Config fields that shape the model: resume refuses another value; --eval_only / --predict copy them.
+# (Not here: qp_solver, the three solvers compute the same QP to round-off; dtype, autocast of training only.)
+MODEL_KEYS = ("task", "video_model", "sa_iters", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots",
+              "slot_dim", "mlp_dim", "gamma", "edges", "obj_temp", "mask_temp", "match_temp", "dec_channels",
+              "dec_init_size", "dec_strides")
+
+def upgrade_saved_config(ckpt):
+    """The config dict of checkpoint `ckpt` (a dict with "config" and "model") in today's meaning, so that our
+    checkpoints saved under the old decoder rule still resume and evaluate. The old dec_strides left out the
+    two stride-1 ConvT 5x5 that the Decoder added: a checkpoint whose weights hold len(dec_strides) + 2 such
+    layers is an old one and gets dec_strides + (1, 1). Returns a new dict (the checkpoint unchanged); a
+    current config, or a missing or non-dict one, as it is."""
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("dec_strides"), (list, tuple)) or \
+            not isinstance(state, dict):
+        return saved
+    n_5x5 = sum(1 for k, v in state.items()                             # decoder.net.{i} / base.decoder.net.{i}
+                if (k.startswith("decoder.net.") or ".decoder.net." in k) and k.endswith(".weight")
+                and getattr(v, "ndim", 0) == 4 and v.shape[-1] == 5)
+    if n_5x5 != len(saved["dec_strides"]) + 2:
+        return saved
+    return dict(saved, dec_strides=tuple(saved["dec_strides"]) + (1, 1))
+
+
+def load_weights(model, state, path):
+    """load_state_dict of one of our checkpoints (dict `state` read from `path`); one line if it does not fit."""
+    if not isinstance(state.get("model"), dict):
+        fail(f"{path} is not a mincut_ocl.py checkpoint (no 'model' weights); pass a ckpt.pt written by this script")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1 if len(str(e).strip().splitlines()) > 1 else 0].strip()
+        fail(f"{path} does not fit this model ({first[:160]}); it was written with other model settings or by "
+             f"another script: pass the flags it was trained with, or another checkpoint")
+
+
+def train(cfg):
+    """The training loop: resumes from out_dir/ckpt.pt (or starts from --init_from's weights), logs to
+    out_dir/metrics.jsonl, saves PNGs. Under torchrun: DDP, each rank a slice of every global batch, only
+    rank 0 logs, evaluates and saves.
+    Task image: MinCutOCL on images (Sec. 6.1); task video: MinCutPairModel on adjacent frames (Alg. 3).
+    Every eval_interval steps (and at the last one) a checkpoint and an evaluation of eval_items images
+    (videos) of cfg.eval_split (default val), logged as <split>_<metric>. After the last step, rank 0
+    evaluates on the test split (common.finish_training: the whole split up to 1024 items, else
+    eval_items; --test_items sets it), writes out_dir/eval_<dataset>.json and prints the summary line
+    (steps, wall time since this call, test metrics, out_dir); a run resumed after that evaluation prints
+    its summary line again."""
+    start_time = time.time()
+    check_out_dir(cfg.out_dir)
+    ddp = ddp_setup(device=cfg.device)
+    device = ddp.device
+    if cfg.batch_size % ddp.world_size:
+        fail(f"--batch_size={cfg.batch_size} (the global batch) must be divisible by the number of processes "
+             f"{ddp.world_size}")
+    seed_everything(cfg.seed + ddp.rank)
+    torch.set_flush_denormal(True)      # denormal floats make CPU steps several times slower
+    raw_model = build_model(cfg).to(device)
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr)      # App. D: Adam, lr 4e-4
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step = 0
+    ckpt = load_resume_checkpoint(ckpt_path) if cfg.resume else None     # falls back to ckpt_prev.pt
+    resumed_at = ckpt["step"] if ckpt is not None else None
+    if ckpt is not None:
+        common.check_same_model(upgrade_saved_config(ckpt), cfg, ckpt_path, MODEL_KEYS)
+        load_weights(raw_model, ckpt, ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if ddp.is_main:
+            print(f"resuming from {ckpt_path} at step {step}" + (f" (--init_from={cfg.init_from} is ignored)"
+                                                                   if cfg.init_from else ""))
+    elif cfg.init_from:
+        load_weights(raw_model, load_checkpoint(cfg.init_from), cfg.init_from)   # weights only: fresh optimiser
+        if ddp.is_main:
+            print(f"starting from the weights of {cfg.init_from}")
+    model = nn.parallel.DistributedDataParallel(raw_model) if ddp.enabled else raw_model
+    data_iter = iter(train_loader(cfg, step, ddp.rank, ddp.world_size))  # the sampler skips the batches seen
+    if ddp.is_main:
+        load_dataset(cfg, cfg.eval_split)                 # the periodic evaluations' split: its errors before any step
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])                        # after iter(): it draws a seed from torch's RNG
+        if ddp.rank:                                      # rank 0's RNG was saved: the others draw their own
+            seed_everything(cfg.seed + ddp.rank + 1_000_003 * step)
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl")) if ddp.is_main else None
+    if ckpt is not None and log is not None:
+        log.truncate(step)                                # lines logged after the checkpoint would repeat
+
+    def save_and_evaluate():
+        rng = get_rng_state()                             # evaluation must not move the training RNG
+        save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                        step=step, rng=rng, config=asdict(cfg)))
+        evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
+        metrics = evaluate_fn(raw_model, cfg, device, cfg.eval_items,
+                              os.path.join(cfg.out_dir, f"samples_{step:07d}.png"), split=cfg.eval_split)
+        log.log(step, **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()})
+        bar.write(f"step {step} ({cfg.eval_split}): {format_metrics(metrics)}  (saved {ckpt_path})")
+        set_rng_state(rng)
+
+    bar = progress(cfg.max_steps, initial=step, desc="train", disable=not ddp.is_main)
+    model.train()
+    t0 = time.time()
+    try:
+        while step < cfg.max_steps:
+            batch = next(data_iter)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg)                # exponential decay (App. D)
+            with train_autocast(device, cfg.dtype):                        # --dtype
+                loss = batch_loss(model, batch, device, cfg.task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)  # DDP: of the all-reduced gradients
+            loss_value = all_reduce_mean(loss.item(), ddp)                 # the global batch's: same on every rank
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                bar.close()                                                # before check_finite_step's error line
+            check_finite_step(step + 1, loss_value, grad_norm, ckpt_path, cfg.lr)   # all ranks stop together
+            optimizer.step()
+            step += 1
+            bar.update()
+            if step % cfg.log_interval == 0 and ddp.is_main:
+                dt, t0 = time.time() - t0, time.time()
+                img_s = cfg.log_interval * cfg.batch_size / dt             # task video: frame pairs / s
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{img_s:.0f}")
+                log.log(step, loss=loss_value, lr=optimizer.param_groups[0]["lr"], img_per_s=img_s)
+            if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and ddp.is_main:
+                save_and_evaluate()
+    finally:
+        bar.close()                                       # an error line (divergence, data) then has its own line
+    ddp_cleanup()
+    if ddp.is_main and step and step == cfg.max_steps:   # the final evaluation, on the test split
+        common.finish_training(cfg, raw_model, device, evaluate_video if cfg.task == "video" else evaluate,
+                               format_metrics, load_dataset, script="mincut_ocl.py", step=step, start_time=start_time,
+                               checkpoint=ckpt_path, resumed_at=resumed_at,
+                               unit="video" if cfg.task == "video" else "image")
+    return raw_model
+
+
+# -----------------------------------------------------------------------------
+# 5. Evaluation (Sec. 6.1 image metrics; Sec. 6.3, Tab. 2 video)
+
+
+@torch.no_grad()
+def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
+    """Metrics on the first `num_items` images (0 = all) of `split` (train | val | test): dict of means (ARI,
+    ARI-FG, mIoU, MSC-FG, mBO, MSE).
+
+    Segments = argmax of the decoder alpha masks (as the official evaluation). MSE is the per-image sum
+    of squared errors over C,H,W with images in [0,1] (ClevrTex convention, Tab. 1).
+    """
+    model.eval()
+    ds = load_dataset(cfg, split)
+    if num_items and num_items < len(ds):
+        ds = torch.utils.data.Subset(ds, range(num_items))
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 2))
+    sums, first = {}, None
+    for batch in loader:
+        images = batch["image"].to(device)
+        out = model(images)
+        pred = out["masks"].argmax(dim=1).cpu() + 1                        # slot index + 1 per pixel
+        m = {"mse": mse(images.cpu(), out["recon"].cpu())}
+        if "mask" in batch:
+            m.update(segmentation_metrics(batch["mask"], pred))
+        for k, v in m.items():
+            sums.setdefault(k, []).append(v.double())
+        if first is None:
+            first = (images.cpu(), out, pred, batch.get("mask"))
+    model.train()
+    if image_path and first is not None:
+        images, out, pred, true = first
+        save_slot_grid(image_path, images, out["recon"].cpu().clamp(0, 1), pred, true,
+                       (out["masks"].unsqueeze(2) * out["rgb"]).cpu().clamp(0, 1))
+    return {k: nanmean(torch.cat(v)) for k, v in sums.items()}
+
+
+# -----------------------------------------------------------------------------
+# 5.1 Slot tracking over a video (Sec. 6.3, Tab. 2; App. A, Fig. 6)
+#
+# Slots of consecutive frames are matched (ours: MatchingQP on c_ij = -<s_i, t_j>, Alg. 3 lines 2-4,
+# hard assignment = argmax over j; Slot Attention baseline: Hungarian algorithm on the inner products,
+# Sec. 6.3), the matchings are chained into video-level track ids, each frame's slot masks are relabelled
+# by track id, and ARI / ARI-FG are computed over all pixels of all frames jointly.
+
+
+@torch.no_grad()
+def qp_slot_matching(s, t, qp):
+    """Match slots of two frames with the QP (Alg. 3 lines 2-4).
+
+    Args:
+        s, t: slots `[B, K, D]` of frames 1 and 2; qp: MatchingQP(K).
+    Returns:
+        soft matching M `[B, K, K]` (rows sum to 1). Its hard version is M.argmax(-1) (slot i of
+        frame 1 -> slot of frame 2), which need not be a permutation (App. C).
+    """
+    return qp(slot_costs(s, t))
+
+
+@torch.no_grad()
+def hungarian_slot_matching(s, t):
+    """Slot Attention baseline of Sec. 6.3: Hungarian algorithm maximising sum_i <s_i, t_pi(i)>.
+
+    Args:
+        s, t: slots `[B, K, D]`.
+    Returns:
+        permutation matrices `[B, K, K]` (float, same dtype/device as s): entry (i, j) = 1 iff i -> j.
+    """
+    cost = slot_costs(s, t).detach().cpu().double().numpy()
+    out = torch.zeros(s.shape[0], s.shape[1], t.shape[1], dtype=s.dtype, device=s.device)
+    for b in range(cost.shape[0]):
+        rows, cols = linear_sum_assignment(cost[b])                 # min -<s,t> = max inner product
+        out[b, torch.as_tensor(rows), torch.as_tensor(cols)] = 1
+    return out
+
+
+def chain_matchings(matchings):
+    """Chain frame-to-frame matchings into video-level track ids.
+
+    Frame 0's slot i starts track i. Slot i of frame t is assigned to slot a_i = argmax_j M_t[i, j] of
+    frame t+1; slot j of frame t+1 inherits the track of the slot i assigned to it (when several are,
+    the one with the largest M_t[i, j]); a slot that no slot is assigned to starts a new track
+    (ids K, K+1, ...).
+
+    Args:
+        matchings: `[T-1, K, K]` soft (MatchingQP) or 0/1 (Hungarian) matrices between frames t, t+1.
+    Returns:
+        int64 `[T, K]`: track id of every slot of every frame.
+    """
+    M = torch.as_tensor(matchings).detach().cpu().double()
+    T1, K = M.shape[0], M.shape[1]
+    tracks = torch.empty(T1 + 1, K, dtype=torch.long)
+    tracks[0] = torch.arange(K)
+    next_id = K
+    for t in range(T1):
+        assign = M[t].argmax(dim=1)                                   # slot i -> slot assign[i]
+        for j in range(K):
+            cand = torch.nonzero(assign == j).flatten()
+            if len(cand):
+                tracks[t + 1, j] = tracks[t, cand[M[t, cand, j].argmax()]]
+            else:
+                tracks[t + 1, j] = next_id
+                next_id += 1
+    return tracks
+
+
+def relabel_video(masks, tracks):
+    """Label map of a video with slot labels made consistent over time.
+
+    Args:
+        masks: `[T, K, H, W]` per-frame slot masks (soft or one-hot, any float/int dtype).
+        tracks: int `[T, K]` from chain_matchings.
+    Returns:
+        int64 `[T, H, W]`: track id of the argmax slot at every pixel.
+    """
+    slot = torch.as_tensor(masks).detach().cpu().argmax(dim=1)            # [T, H, W]
+    tr = torch.as_tensor(tracks).cpu().long()
+    return torch.gather(tr, 1, slot.flatten(1)).view_as(slot)
+
+
+def video_ari(true, pred):
+    """Video ARI and ARI-FG (Tab. 2): common.ari over all pixels of all frames jointly.
+
+    Args:
+        true: int `[T, H, W]` (0 = background); pred: int `[T, H, W]`, e.g. relabel_video(...).
+    Returns:
+        dict of floats "ari", "ari_fg" (1.0 when the video has no foreground pixel, as sklearn).
+    """
+    true, pred = torch.as_tensor(true).long(), torch.as_tensor(pred).long()
+    T, H, W = true.shape
+    t, p = true.reshape(1, T * H, W), pred.reshape(1, T * H, W)
+    return {"ari": float(ari(t, p)[0]), "ari_fg": float(ari(t, p, foreground_only=True)[0])}
+
+
+def track_and_score(true, masks, slots, method="qp", qp=None):
+    """Tab. 2 evaluation of one video: match slots of consecutive frames, chain, relabel, score.
+
+    Args:
+        true: int `[T, H, W]` true segmentation (0 = background).
+        masks: `[T, K, H, W]` slot masks of every frame; slots: `[T, K, D]` slot vectors.
+        method: "qp" (ours: MatchingQP) or "hungarian" (Slot Attention baseline of Sec. 6.3).
+        qp: MatchingQP(K) for method "qp".
+    Returns:
+        dict "ari", "ari_fg" (floats) and "tracks" (int64 `[T, K]`).
+    """
+    if method == "qp":
+        if qp is None:
+            raise ValueError("track_and_score(method='qp') needs a MatchingQP")
+        M = qp_slot_matching(slots[:-1], slots[1:], qp)
+    elif method == "hungarian":
+        M = hungarian_slot_matching(slots[:-1], slots[1:])
+    else:
+        raise ValueError(f"method must be 'qp' or 'hungarian', got {method!r}")
+    tracks = chain_matchings(M)
+    return {**video_ari(true, relabel_video(masks, tracks)), "tracks": tracks}
+
+
+@torch.no_grad()
+def evaluate_video_tracking(encode, videos, qp=None, methods=("qp", "hungarian"), num_videos=0):
+    """Tab. 2: video ARI and ARI-FG with slots tracked over each whole video.
+
+    Args:
+        encode: callable, frames `[T, 3, H, W]` float in [0, 1] -> (slots `[T, K, D]`, masks `[T, K, h, w]`),
+            the per-frame slots of a model (masks are resized bilinearly to the true masks' size).
+        videos: a dataset of dicts with "video" `[T, 3, H, W]` and "mask" int `[T, H, W]` (0 = background),
+            e.g. data.build_dataset("movi_a", "test") or "synthetic_video".
+        qp: MatchingQP(K), needed for method "qp".
+        methods: any of "qp" (ours, Alg. 3 matching) and "hungarian" (Slot Attention baseline, Sec. 6.3).
+        num_videos: evaluate only the first num_videos videos (0 = all).
+    Returns:
+        {method: {"ari": mean over videos, "ari_fg": mean over videos}} (floats).
+    """
+    scores = {m: {"ari": [], "ari_fg": []} for m in methods}
+    n = len(videos) if not num_videos else min(num_videos, len(videos))
+    for v in range(n):
+        item = videos[v]
+        true = torch.as_tensor(item["mask"]).long()
+        slots, masks = encode(item["video"])
+        masks = masks.float().cpu()
+        if masks.shape[-2:] != true.shape[-2:]:
+            masks = F.interpolate(masks, size=true.shape[-2:], mode="bilinear", align_corners=False)
+        for m in methods:
+            out = track_and_score(true, masks, slots.cpu(), method=m, qp=qp)
+            scores[m]["ari"].append(out["ari"])
+            scores[m]["ari_fg"].append(out["ari_fg"])
+    return {m: {key: nanmean(torch.tensor(vals, dtype=torch.float64)) for key, vals in s.items()}
+            for m, s in scores.items()}
+
+
+def save_matching_figure(path, frame_a, frame_b, masks_a, masks_b, matching, slot_images_a=None,
+                         slot_images_b=None, names=("frame 5", "frame 20")):
+    """App. A, Fig. 6: matched slots across two far-apart frames, one PNG.
+
+    Row 1: frame a, its segmentation (colour = slot i), then slot i of frame a for i = 0..K-1.
+    Row 2: frame b, its segmentation coloured by the matched slot of frame a, then the slot of frame b
+    matched to slot i (argmax_j M_ij) in the same column, so matched slots line up vertically.
+
+    Args:
+        path: output .png.
+        frame_a, frame_b: `[3, H, W]` in [0, 1].
+        masks_a, masks_b: `[K, H, W]` slot masks.
+        matching: `[K, K]` soft or 0/1 matching from frame a's slots (rows) to frame b's (columns).
+        slot_images_a, slot_images_b: optional `[K, 3, H, W]` in [0, 1] per-slot reconstructions
+            (mask * rgb); default: the frame times each slot mask.
+        names: row labels (the paper uses frames 5 and 20).
+    Returns:
+        the Path written.
+    """
+    masks_a, masks_b = masks_a.detach().float().cpu(), masks_b.detach().float().cpu()
+    frame_a, frame_b = frame_a.detach().float().cpu(), frame_b.detach().float().cpu()
+    if slot_images_a is None:
+        slot_images_a = masks_a[:, None] * frame_a
+    if slot_images_b is None:
+        slot_images_b = masks_b[:, None] * frame_b
+    K = masks_a.shape[0]
+    M = torch.as_tensor(matching).detach().cpu().double()
+    assign = M.argmax(dim=1)                                               # slot i of a -> slot of b
+    tracks = chain_matchings(M[None])                                      # [2, K] colours of b follow a
+    seg_a = labels_to_rgb(relabel_video(masks_a[None], tracks[:1]) + 1)    # +1: label 0 is black
+    seg_b = labels_to_rgb(relabel_video(masks_b[None], tracks[1:]) + 1)
+    row_a = torch.cat([frame_a[None], seg_a, slot_images_a.detach().float().cpu()])
+    row_b = torch.cat([frame_b[None], seg_b, slot_images_b.detach().float().cpu()[assign]])
+    return save_image_grid(path, [(names[0], row_a), (names[1], row_b)], max_images=K + 2)
+
+
+@torch.no_grad()
+def save_pair_figure(path, model, video, a=5, b=20):
+    """App. A, Fig. 6: reconstruct frames a and b of one video as a pair (Alg. 3) and save, per matched
+    slot, its reconstruction in both frames. video `[T, 3, H, W]` in [0, 1]; a, b are clamped to T-1.
+    Returns the Path written."""
+    T = video.shape[0]
+    a, b = min(a, T - 1), min(b, T - 1)
+    out = model(video[a:a + 1], video[b:b + 1])
+    slot_images = out["masks"][0, :, :, None] * out["rgb"][0]          # [2, K, 3, H, W]
+    K = slot_images.shape[1]
+    eye = torch.eye(K)                                                  # decoded slots share index i in both frames
+    return save_matching_figure(path, video[a], video[b], out["masks"][0, 0], out["masks"][0, 1], eye,
+                                slot_images[0], slot_images[1], names=(f"frame {a}", f"frame {b}"))
+
+
+@torch.no_grad()
+def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None, split="test"):
+    """Tab. 2 on whole videos of `split` (default test): video ARI and ARI-FG with the slots tracked over each video by the
+    matching QP (ours, Alg. 3 lines 2-4) and by the Hungarian algorithm on slot inner products (Slot
+    Attention baseline, Sec. 6.3), side by side; segments = argmax of each frame's partition masks.
+
+    Every adjacent pair (t, t+1) is run through the model (Alg. 3, cfg.batch_size pairs at a time);
+    its per-frame slots S, T give the slots of every frame. MSE: per-frame sum of squared errors over
+    C, H, W (images in [0, 1], as `evaluate`), mean over the 2(T-1) frames reconstructed as pairs (baseline:
+    the T frames).
+
+    Args:
+        model: MinCutPairModel, or SlotAttentionModel (the Sec. 6.3 baseline: each frame is encoded alone,
+            segments = argmax of its decoder masks, its random slot initialisation seeded with cfg.seed;
+            its "qp" columns use a parameter-free MatchingQP(gamma, match_temp));
+        num_items: first N videos (0 = all);
+        image_path: if set, Fig. 6 pictures of the first video: the pair reconstruction of frames 5 and
+            20 (clamped to T-1) at image_path, the QP matching of their slots at <image_path>_matching.png;
+        videos: dataset of {"video" `[T, 3, H, W]` in [0, 1], "mask" `[T, H, W]`} (default: `split`);
+        split: train | val | test, read when `videos` is None.
+    Returns:
+        dict of floats ari_qp, ari_fg_qp, ari_hungarian, ari_fg_hungarian, mse.
+    """
+    model.eval()
+    videos = load_dataset(cfg, split) if videos is None else videos
+    baseline = isinstance(model, SlotAttentionModel)
+    errors = []
+
+    def encode_pairs(video):                                              # one video `[T, 3, H, W]`
+        video, slots, masks = video.to(device), [], []
+        for i in range(0, len(video) - 1, cfg.batch_size):
+            j = min(i + cfg.batch_size, len(video) - 1)
+            x1, x2 = video[i:j], video[i + 1:j + 1]                       # pairs (t, t+1), t = i..j-1
+            out = model(x1, x2)
+            errors.append(mse(torch.cat([x1, x2]), torch.cat([out["recon"][:, 0], out["recon"][:, 1]])))
+            slots.append(out["slots1"])                                   # Alg. 3 line 1: S of frames i..j-1
+            masks.append(out["cut_masks"][:, 0])
+        return torch.cat(slots + [out["slots2"][-1:]]), torch.cat(masks + [out["cut_masks"][-1:, 1]])
+
+    def encode_frames(video):                                             # baseline: each frame on its own
+        video, slots, masks = video.to(device), [], []
+        for i in range(0, len(video), cfg.batch_size):
+            out = model(video[i:i + cfg.batch_size])
+            errors.append(mse(video[i:i + cfg.batch_size], out["recon"]))
+            slots.append(out["slots"])
+            masks.append(out["masks"])                                    # segments: decoder masks
+        return torch.cat(slots), torch.cat(masks)
+
+    if baseline:                                                          # the baseline's matcher is parameter-free
+        torch.manual_seed(cfg.seed)                                       # its random slot init: seeded metrics
+        qp, encode = MatchingQP(cfg.num_slots, gamma=cfg.gamma, temperature=cfg.match_temp), encode_frames
+    else:
+        qp, encode = model.matching, encode_pairs
+    res = evaluate_video_tracking(encode, videos, qp=qp, num_videos=num_items)
+    metrics = {f"{key}_{method}": v for method, r in res.items() for key, v in r.items()}   # ari_qp, ...
+    metrics["mse"] = nanmean(torch.cat(errors))
+    if image_path:
+        video = torch.as_tensor(videos[0]["video"]).to(device)
+        a, b = min(5, len(video) - 1), min(20, len(video) - 1)
+        root, ext = os.path.splitext(image_path)
+        names = (f"frame {a}", f"frame {b}")
+        if baseline:                                                      # every frame of video 0, its slots
+            out = model(video)
+            slot_images = (out["masks"].unsqueeze(2) * out["rgb"]).clamp(0, 1)
+            save_slot_grid(image_path, video.cpu(), out["recon"].cpu().clamp(0, 1), out["masks"].argmax(1).cpu() + 1,
+                           torch.as_tensor(videos[0]["mask"]), slot_images.cpu())
+            save_matching_figure(f"{root}_matching{ext}", video[a], video[b], out["masks"][a], out["masks"][b],
+                                 hungarian_slot_matching(out["slots"][a:a + 1], out["slots"][b:b + 1])[0],
+                                 slot_images[a], slot_images[b], names=names)
+        else:
+            save_pair_figure(image_path, model, video)                    # App. A, Fig. 6: frames 5 and 20
+            slots, masks = model.encode_frames(video[[a, b]])
+            masks = F.interpolate(masks, size=video.shape[-2:], mode="bilinear", align_corners=False)
+            save_matching_figure(f"{root}_matching{ext}", video[a], video[b], masks[0], masks[1],
+                                 model.matching(slot_costs(slots[:1], slots[1:]))[0], names=names)
+    model.train()
+    return metrics
+
+
+def format_metrics(m):
+    names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "mbo": "mBO", "miou": "mIoU", "ari": "ARI", "mse": "MSE",
+             "ari_qp": "ARI(QP)", "ari_fg_qp": "ARI-FG(QP)", "ari_hungarian": "ARI(Hungarian)",
+             "ari_fg_hungarian": "ARI-FG(Hungarian)"}
+    return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
+
+
+# -----------------------------------------------------------------------------
+# 6. Cora validation (Sec. 6.2, after Wilder et al. 2018, "Melding the data-decisions pipeline")
 #
 # Data: the LINQS Cora release, two tab-separated text files in --data_dir:
 #   cora.content   one paper per line: <paper_id> <1433 binary word indicators> <class_label>
@@ -1710,9 +2149,9 @@ class EdgeWeightNet(nn.Module):
 class CoraConfig:
     """Sec. 6.2 Cora matching experiment. Defaults: Wilder et al.'s setup with the paper's gamma.
     `python mincut_ocl.py --task=cora --key=value ...` sets these fields."""
-    task: str = "cora"            # only so that main() can parse --task=cora with this config
+    task: str = "cora"            # cora: this experiment (image, video: the flags of --task=image --help)
     data_dir: str = ""            # folder with cora.content and cora.cites (LINQS Cora release)
-    out_dir: str = "out/mincut_cora"
+    out_dir: str = "out/mincut_cora"   # cora_results.json
     n_instances: int = 27         # Wilder et al.: 27 METIS parts of the citation graph
     instance_size: int = 100      # papers per instance, 50 per side
     partitioner: str = "auto"     # metis (pymetis) | greedy (grow_partition) | auto: metis if installed, else greedy
@@ -1724,8 +2163,20 @@ class CoraConfig:
     epochs: int = 12              # Wilder et al.: 12 epochs, one instance per step
     test_frac: float = 0.2        # 80/20 split of the instances
     n_trials: int = 30            # random splits; the paper reports mean +- std
-    seed: int = 0
+    seed: int = 0                 # seed of the partition, the splits and the networks
     device: str = "cpu"           # cpu | cuda | auto (one small instance per step: the CPU is fast enough)
+
+
+def validate_cora_config(cfg):
+    """CoraConfig's values, checked before the graph is read (one line naming the flag)."""
+    check_config(cfg, positive=("n_instances", "instance_size", "hidden", "layers", "gamma", "lr", "n_trials"),
+                 nonnegative=("epochs", "gamma_decay"), choices={"partitioner": ("auto", "metis", "greedy")})
+    if cfg.instance_size % 2:
+        fail(f"--instance_size={cfg.instance_size} must be even: each instance is split into two equal sides",
+             code=2)
+    if not 0 < cfg.test_frac < 1:
+        fail(f"--test_frac is the fraction of instances held out for testing, in (0, 1), got {cfg.test_frac}",
+             code=2)
 
 
 def matching_value(links, cost):
@@ -1828,439 +2279,17 @@ def run_cora(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Slot tracking over a video (Sec. 6.3, Tab. 2; App. A, Fig. 6)
-#
-# Slots of consecutive frames are matched (ours: MatchingQP on c_ij = -<s_i, t_j>, Alg. 3 lines 2-4,
-# hard assignment = argmax over j; Slot Attention baseline: Hungarian algorithm on the inner products,
-# Sec. 6.3), the matchings are chained into video-level track ids, each frame's slot masks are relabelled
-# by track id, and ARI / ARI-FG are computed over all pixels of all frames jointly.
-
-
-def slot_costs(s, t):
-    """Alg. 3 line 2: c_ij = -<s_i, t_j>. s `[..., K, D]`, t `[..., K, D]` -> `[..., K, K]`."""
-    return -torch.einsum("...id,...jd->...ij", s, t)
-
-
-@torch.no_grad()
-def qp_slot_matching(s, t, qp):
-    """Match slots of two frames with the QP (Alg. 3 lines 2-4).
-
-    Args:
-        s, t: slots `[B, K, D]` of frames 1 and 2; qp: MatchingQP(K).
-    Returns:
-        soft matching M `[B, K, K]` (rows sum to 1). Its hard version is M.argmax(-1) (slot i of
-        frame 1 -> slot of frame 2), which need not be a permutation (App. C).
-    """
-    return qp(slot_costs(s, t))
-
-
-@torch.no_grad()
-def hungarian_slot_matching(s, t):
-    """Slot Attention baseline of Sec. 6.3: Hungarian algorithm maximising sum_i <s_i, t_pi(i)>.
-
-    Args:
-        s, t: slots `[B, K, D]`.
-    Returns:
-        permutation matrices `[B, K, K]` (float, same dtype/device as s): entry (i, j) = 1 iff i -> j.
-    """
-    cost = slot_costs(s, t).detach().cpu().double().numpy()
-    out = torch.zeros(s.shape[0], s.shape[1], t.shape[1], dtype=s.dtype, device=s.device)
-    for b in range(cost.shape[0]):
-        rows, cols = linear_sum_assignment(cost[b])                 # min -<s,t> = max inner product
-        out[b, torch.as_tensor(rows), torch.as_tensor(cols)] = 1
-    return out
-
-
-def chain_matchings(matchings):
-    """Chain frame-to-frame matchings into video-level track ids.
-
-    Frame 0's slot i starts track i. Slot i of frame t is assigned to slot a_i = argmax_j M_t[i, j] of
-    frame t+1; slot j of frame t+1 inherits the track of the slot i assigned to it (when several are,
-    the one with the largest M_t[i, j]); a slot that no slot is assigned to starts a new track
-    (ids K, K+1, ...).
-
-    Args:
-        matchings: `[T-1, K, K]` soft (MatchingQP) or 0/1 (Hungarian) matrices between frames t, t+1.
-    Returns:
-        int64 `[T, K]`: track id of every slot of every frame.
-    """
-    M = torch.as_tensor(matchings).detach().cpu().double()
-    T1, K = M.shape[0], M.shape[1]
-    tracks = torch.empty(T1 + 1, K, dtype=torch.long)
-    tracks[0] = torch.arange(K)
-    next_id = K
-    for t in range(T1):
-        assign = M[t].argmax(dim=1)                                   # slot i -> slot assign[i]
-        for j in range(K):
-            cand = torch.nonzero(assign == j).flatten()
-            if len(cand):
-                tracks[t + 1, j] = tracks[t, cand[M[t, cand, j].argmax()]]
-            else:
-                tracks[t + 1, j] = next_id
-                next_id += 1
-    return tracks
-
-
-def relabel_video(masks, tracks):
-    """Label map of a video with slot labels made consistent over time.
-
-    Args:
-        masks: `[T, K, H, W]` per-frame slot masks (soft or one-hot, any float/int dtype).
-        tracks: int `[T, K]` from chain_matchings.
-    Returns:
-        int64 `[T, H, W]`: track id of the argmax slot at every pixel.
-    """
-    slot = torch.as_tensor(masks).detach().cpu().argmax(dim=1)            # [T, H, W]
-    tr = torch.as_tensor(tracks).cpu().long()
-    return torch.gather(tr, 1, slot.flatten(1)).view_as(slot)
-
-
-def video_ari(true, pred):
-    """Video ARI and ARI-FG (Tab. 2): common.ari over all pixels of all frames jointly.
-
-    Args:
-        true: int `[T, H, W]` (0 = background); pred: int `[T, H, W]`, e.g. relabel_video(...).
-    Returns:
-        dict of floats "ari", "ari_fg" (1.0 when the video has no foreground pixel, as sklearn).
-    """
-    true, pred = torch.as_tensor(true).long(), torch.as_tensor(pred).long()
-    T, H, W = true.shape
-    t, p = true.reshape(1, T * H, W), pred.reshape(1, T * H, W)
-    return {"ari": float(ari(t, p)[0]), "ari_fg": float(ari(t, p, foreground_only=True)[0])}
-
-
-def track_and_score(true, masks, slots, method="qp", qp=None):
-    """Tab. 2 evaluation of one video: match slots of consecutive frames, chain, relabel, score.
-
-    Args:
-        true: int `[T, H, W]` true segmentation (0 = background).
-        masks: `[T, K, H, W]` slot masks of every frame; slots: `[T, K, D]` slot vectors.
-        method: "qp" (ours: MatchingQP) or "hungarian" (Slot Attention baseline of Sec. 6.3).
-        qp: MatchingQP(K) for method "qp".
-    Returns:
-        dict "ari", "ari_fg" (floats) and "tracks" (int64 `[T, K]`).
-    """
-    if method == "qp":
-        if qp is None:
-            raise ValueError("track_and_score(method='qp') needs a MatchingQP")
-        M = qp_slot_matching(slots[:-1], slots[1:], qp)
-    elif method == "hungarian":
-        M = hungarian_slot_matching(slots[:-1], slots[1:])
-    else:
-        raise ValueError(f"method must be 'qp' or 'hungarian', got {method!r}")
-    tracks = chain_matchings(M)
-    return {**video_ari(true, relabel_video(masks, tracks)), "tracks": tracks}
-
-
-@torch.no_grad()
-def evaluate_video_tracking(encode, videos, qp=None, methods=("qp", "hungarian"), num_videos=0):
-    """Tab. 2: video ARI and ARI-FG with slots tracked over each whole video.
-
-    Args:
-        encode: callable, frames `[T, 3, H, W]` float in [0, 1] -> (slots `[T, K, D]`, masks `[T, K, h, w]`),
-            the per-frame slots of a model (masks are resized bilinearly to the true masks' size).
-        videos: a dataset of dicts with "video" `[T, 3, H, W]` and "mask" int `[T, H, W]` (0 = background),
-            e.g. data.build_dataset("movi_a", "test") or "synthetic_video".
-        qp: MatchingQP(K), needed for method "qp".
-        methods: any of "qp" (ours, Alg. 3 matching) and "hungarian" (Slot Attention baseline, Sec. 6.3).
-        num_videos: evaluate only the first num_videos videos (0 = all).
-    Returns:
-        {method: {"ari": mean over videos, "ari_fg": mean over videos}} (floats).
-    """
-    scores = {m: {"ari": [], "ari_fg": []} for m in methods}
-    n = len(videos) if not num_videos else min(num_videos, len(videos))
-    for v in range(n):
-        item = videos[v]
-        true = torch.as_tensor(item["mask"]).long()
-        slots, masks = encode(item["video"])
-        masks = masks.float().cpu()
-        if masks.shape[-2:] != true.shape[-2:]:
-            masks = F.interpolate(masks, size=true.shape[-2:], mode="bilinear", align_corners=False)
-        for m in methods:
-            out = track_and_score(true, masks, slots.cpu(), method=m, qp=qp)
-            scores[m]["ari"].append(out["ari"])
-            scores[m]["ari_fg"].append(out["ari_fg"])
-    return {m: {key: nanmean(torch.tensor(vals, dtype=torch.float64)) for key, vals in s.items()}
-            for m, s in scores.items()}
-
-
-def save_matching_figure(path, frame_a, frame_b, masks_a, masks_b, matching, slot_images_a=None,
-                         slot_images_b=None, names=("frame 5", "frame 20")):
-    """App. A, Fig. 6: matched slots across two far-apart frames, one PNG.
-
-    Row 1: frame a, its segmentation (colour = slot i), then slot i of frame a for i = 0..K-1.
-    Row 2: frame b, its segmentation coloured by the matched slot of frame a, then the slot of frame b
-    matched to slot i (argmax_j M_ij) in the same column, so matched slots line up vertically.
-
-    Args:
-        path: output .png.
-        frame_a, frame_b: `[3, H, W]` in [0, 1].
-        masks_a, masks_b: `[K, H, W]` slot masks.
-        matching: `[K, K]` soft or 0/1 matching from frame a's slots (rows) to frame b's (columns).
-        slot_images_a, slot_images_b: optional `[K, 3, H, W]` in [0, 1] per-slot reconstructions
-            (mask * rgb); default: the frame times each slot mask.
-        names: row labels (the paper uses frames 5 and 20).
-    Returns:
-        the Path written.
-    """
-    masks_a, masks_b = masks_a.detach().float().cpu(), masks_b.detach().float().cpu()
-    frame_a, frame_b = frame_a.detach().float().cpu(), frame_b.detach().float().cpu()
-    if slot_images_a is None:
-        slot_images_a = masks_a[:, None] * frame_a
-    if slot_images_b is None:
-        slot_images_b = masks_b[:, None] * frame_b
-    K = masks_a.shape[0]
-    M = torch.as_tensor(matching).detach().cpu().double()
-    assign = M.argmax(dim=1)                                               # slot i of a -> slot of b
-    tracks = chain_matchings(M[None])                                      # [2, K] colours of b follow a
-    seg_a = labels_to_rgb(relabel_video(masks_a[None], tracks[:1]) + 1)    # +1: label 0 is black
-    seg_b = labels_to_rgb(relabel_video(masks_b[None], tracks[1:]) + 1)
-    row_a = torch.cat([frame_a[None], seg_a, slot_images_a.detach().float().cpu()])
-    row_b = torch.cat([frame_b[None], seg_b, slot_images_b.detach().float().cpu()[assign]])
-    return save_image_grid(path, [(names[0], row_a), (names[1], row_b)], max_images=K + 2)
-
-
-# -----------------------------------------------------------------------------
-# Moving objects: the two-frame model (Alg. 3; Sec. 4 "Matching and motion"; Sec. 6.3)
-#
-# Slots S, T of two frames (Alg. 2 via the MinCutOCL partition) -> c_ij = -<s_i, t_j> -> MatchingQP ->
-# softmax with temperature -> paired slots r_i = M_i,: T -> MLP on the pair -> one set of slots that
-# reconstructs both frames, loss = MSE(frame 1) + MSE(frame 2). The paper does not say how the pair
-# (s_i, r_i) becomes one slot nor how one slot decodes two frames: we use MLP([s_i; r_i]) -> D (the new
-# slot) and one MLP head per frame before the shared decoder (Sec. 4: "transform the new slots by MLP
-# transformations").
-
-
-def sample_adjacent_pairs(video, generator=None):
-    """Sec. 6.3: train on pairs of adjacent frames. video `[B, T, 3, H, W]` (T >= 2) -> (x1, x2), each
-    `[B, 3, H, W]`: frames t and t+1 with t drawn uniformly per video (torch `generator` for resume)."""
-    B, T = video.shape[:2]
-    if T < 2:
-        raise ValueError(f"need videos of at least 2 frames, got T={T}")
-    t = torch.randint(0, T - 1, (B,), generator=generator).to(video.device)
-    idx = torch.arange(B, device=video.device)
-    return video[idx, t], video[idx, t + 1]
-
-
-class MinCutPairModel(nn.Module):
-    """Two-frame min-cut model with slot matching (Alg. 3, Sec. 4 "Matching and motion", Sec. 6.3).
-
-    Args:
-        base: a MinCutOCL; its encoder, partition (Alg. 1-2) and decoder are reused (attributes
-            base.encoder, base.partition, base.decoder, base.cfg.num_slots / slot_dim / mlp_dim / image_size).
-        gamma, temperature: MatchingQP regulariser and softmax temperature (Alg. 3 lines 3-4).
-    forward(frames1, frames2: `[B, 3, H, W]` float in [0, 1]) -> dict
-        loss       scalar: MSE(frame 1) + MSE(frame 2), images in [-1, 1] (Sec. 4: summed loss)
-        recon      `[B, 2, 3, H, W]` reconstructions of both frames in [0, 1]
-        masks      `[B, 2, K, H, W]` decoder alpha masks per frame (softmax over the K slots)
-        rgb        `[B, 2, K, 3, H, W]` per-slot RGB in [0, 1]
-        slots      `[B, K, D]` the matched slot set (one per pair); slots1, slots2 `[B, K, D]` S and T
-        matching   `[B, K, K]` soft matching M (rows: slots of frame 1, rows sum to 1); paired `[B, K, D]` r_i
-        cut_masks  `[B, 2, K, h, w]` partition masks of each frame at feature resolution
-    Raises ValueError if the frames differ in shape or from base.cfg.image_size.
-    """
-
-    def __init__(self, base, gamma=0.5, temperature=0.1):
-        super().__init__()
-        cfg = base.cfg
-        K, D, hidden = cfg.num_slots, cfg.slot_dim, cfg.mlp_dim
-        self.base, self.image_size = base, cfg.image_size
-        self.matching = MatchingQP(K, gamma=gamma, temperature=temperature)
-        self.pair_mlp = nn.Sequential(nn.Linear(2 * D, hidden), nn.ReLU(), nn.Linear(hidden, D))  # (s_i, r_i) -> slot
-        self.frame_heads = nn.ModuleList(
-            [nn.Sequential(nn.Linear(D, hidden), nn.ReLU(), nn.Linear(hidden, D)) for _ in range(2)])
-
-    def frame_slots(self, frames):
-        """Alg. 2 for every frame: frames `[N, 3, H, W]` in [0, 1] -> (slots `[N, K, D]`, cut masks `[N, K, h, w]`)."""
-        H, W = frames.shape[-2:]
-        if (H, W) != (self.image_size, self.image_size):
-            raise ValueError(f"expected frames of {self.image_size}x{self.image_size}, got {H}x{W}")
-        part = self.base.partition(self.base.encoder(frames * 2.0 - 1.0))
-        return part["slots"], part["cut_masks"]
-
-    def forward(self, frames1, frames2):
-        if frames1.shape != frames2.shape:
-            raise ValueError(f"frame shapes differ: {tuple(frames1.shape)} vs {tuple(frames2.shape)}")
-        B = frames1.shape[0]
-        slots, cut_masks = self.frame_slots(torch.cat([frames1, frames2]))   # one pass for both frames
-        S, T = slots[:B], slots[B:]                                      # Alg. 3 line 1
-        with torch.autocast(S.device.type, enabled=False):              # --dtype=bfloat16: the QP stays float32
-            S, T = full_precision(S), full_precision(T)
-            M = self.matching(slot_costs(S, T))                          # lines 2-4: c_ij = -<s_i, t_j>
-        R = M @ T                                                        # line 5: r_i = M_i,: T
-        joint = self.pair_mlp(torch.cat([S, R], dim=-1))                 # line 6 pairs -> new slots (Sec. 4)
-        per_frame = torch.stack([head(joint) for head in self.frame_heads], dim=1)   # [B, 2, K, D]
-        rgb, logits = (t.to(frames1.dtype) for t in self.base.decoder(per_frame.flatten(0, 1)))   # [2B,K,3|1,H,W]
-        masks = logits.softmax(dim=1)                                    # alpha mixture over slots
-        recon = (masks * rgb).sum(dim=1).unflatten(0, (B, 2))            # [B, 2, 3, H, W] in [-1, 1]
-        target = torch.stack([frames1, frames2], dim=1) * 2.0 - 1.0
-        loss = F.mse_loss(recon[:, 0], target[:, 0]) + F.mse_loss(recon[:, 1], target[:, 1])  # summed loss
-        return dict(loss=loss, recon=(recon + 1) / 2, masks=masks.squeeze(2).unflatten(0, (B, 2)),
-                    rgb=((rgb + 1) / 2).unflatten(0, (B, 2)), slots=joint, slots1=S, slots2=T, matching=M,
-                    paired=R, cut_masks=torch.stack([cut_masks[:B], cut_masks[B:]], dim=1))
-
-    @torch.no_grad()
-    def encode_frames(self, frames):
-        """Per-frame slots and masks for evaluate_video_tracking: frames `[T, 3, H, W]` in [0, 1] ->
-        (slots `[T, K, D]`, partition masks `[T, K, h, w]`); the video's frames are matched with self.matching."""
-        return self.frame_slots(frames)
-
-
-@torch.no_grad()
-def save_pair_figure(path, model, video, a=5, b=20):
-    """App. A, Fig. 6: reconstruct frames a and b of one video as a pair (Alg. 3) and save, per matched
-    slot, its reconstruction in both frames. video `[T, 3, H, W]` in [0, 1]; a, b are clamped to T-1.
-    Returns the Path written."""
-    T = video.shape[0]
-    a, b = min(a, T - 1), min(b, T - 1)
-    out = model(video[a:a + 1], video[b:b + 1])
-    slot_images = out["masks"][0, :, :, None] * out["rgb"][0]          # [2, K, 3, H, W]
-    K = slot_images.shape[1]
-    eye = torch.eye(K)                                                  # decoded slots share index i in both frames
-    return save_matching_figure(path, video[a], video[b], out["masks"][0, 0], out["masks"][0, 1], eye,
-                                slot_images[0], slot_images[1], names=(f"frame {a}", f"frame {b}"))
-
-
-# -----------------------------------------------------------------------------
-# The Slot Attention baseline of Tab. 2 (Sec. 6.3): "we train slot attention on individual frames. Next,
-# during evaluation, we match sets of slots for consecutive frames using the Hungarian algorithm, using
-# inter slot inner product as the similarity score." Slot Attention as in Locatello et al. (2020), Alg. 1,
-# with the same encoder and decoder as the min-cut model, so only the grouping module differs.
-
-
-class SlotAttention(nn.Module):
-    """Slot Attention (Locatello et al. 2020, Alg. 1): iterative attention with a softmax over slots.
-
-    Args:
-        num_slots: K; dim: slot size D; in_dim: input feature size C; iters: iterations (3);
-        hidden: slot MLP width; eps: added to the attention before its per-slot normalisation (1e-8).
-    forward(inputs `[B, N, C]` float, slots_init `[B, K, D]` or None) -> (slots `[B, K, D]`,
-        attn `[B, K, N]` of the last iteration: softmax over the K slots, so it sums to 1 over K at
-        every input). Without slots_init the slots are drawn from N(mu, sigma^2) (learned mu, sigma),
-        also at test time, so their order is arbitrary per image: videos need slot tracking.
-    """
-
-    def __init__(self, num_slots, dim, in_dim, iters=3, hidden=128, eps=1e-8):
-        super().__init__()
-        self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
-        self.mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
-        self.log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
-        self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(in_dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(in_dim, dim, bias=False)
-        self.to_v = nn.Linear(in_dim, dim, bias=False)
-        self.gru = nn.GRUCell(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-
-    def forward(self, inputs, slots_init=None):
-        B, N, _ = inputs.shape
-        K, D = self.num_slots, self.dim
-        inputs = self.norm_inputs(inputs)
-        k, v = self.to_k(inputs), self.to_v(inputs)                           # [B, N, D]
-        if slots_init is None:
-            slots_init = self.mu + self.log_sigma.exp() * torch.randn(B, K, D, device=inputs.device,
-                                                                       dtype=inputs.dtype)
-        slots = slots_init
-        for _ in range(self.iters):
-            prev = slots
-            q = self.to_q(self.norm_slots(slots))
-            attn = torch.einsum("bkd,bnd->bkn", q, k).mul(D ** -0.5).softmax(dim=1)   # softmax over slots
-            weights = (attn + self.eps) / (attn + self.eps).sum(dim=2, keepdim=True)  # weighted mean
-            updates = torch.einsum("bkn,bnd->bkd", weights, v)
-            slots = self.gru(updates.reshape(B * K, D), prev.reshape(B * K, D)).reshape(B, K, D)
-            slots = slots + self.mlp(self.norm_mlp(slots))
-        return slots, attn
-
-
-class SlotAttentionModel(nn.Module):
-    """Tab. 2 baseline: encoder -> Slot Attention -> spatial broadcast decoder, trained on single frames.
-
-    The encoder and decoder are the min-cut model's (Encoder, Decoder of cfg); the features get the
-    position embedding, a LayerNorm and a 2-layer MLP (Locatello et al. 2020) before Slot Attention.
-    forward(images `[B, 3, H, W]` float in [0, 1]) -> dict
-        loss   scalar MSE between reconstruction and input, both in [-1, 1] (as MinCutOCL)
-        recon  `[B, 3, H, W]` in [0, 1];  masks `[B, K, H, W]` decoder alpha masks (softmax over slots)
-        slots  `[B, K, D]`;  rgb `[B, K, 3, H, W]` in [0, 1];  attn `[B, K, h, w]` last attention
-    Raises ValueError if the image size differs from cfg.image_size.
-    """
-
-    def __init__(self, cfg):
-        super().__init__()
-        if cfg.image_size % cfg.enc_stride:
-            raise ValueError(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}")
-        C, side = cfg.enc_channels, cfg.image_size // cfg.enc_stride
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.pos = SoftPositionEmbed(C, side, side)
-        self.mlp = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C))
-        self.slot_attention = SlotAttention(cfg.num_slots, cfg.slot_dim, C, cfg.sa_iters, cfg.mlp_dim)
-        self.decoder = Decoder(cfg)
-
-    def forward(self, images):
-        H, W = images.shape[-2:]
-        if (H, W) != (self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {H}x{W}")
-        x = images * 2.0 - 1.0
-        feats = self.pos(self.encoder(x))                                    # [B, C, h, w]
-        h, w = feats.shape[-2:]
-        slots, attn = self.slot_attention(self.mlp(feats.flatten(2).transpose(1, 2)))
-        rgb, logits = (t.to(x.dtype) for t in self.decoder(slots))           # compositing and loss in x's dtype
-        masks = logits.softmax(dim=1)                                        # alpha mixture over slots
-        recon = (masks * rgb).sum(dim=1)
-        return dict(loss=F.mse_loss(recon, x), recon=(recon + 1) / 2, masks=masks.squeeze(2), slots=slots,
-                    rgb=(rgb + 1) / 2, attn=attn.reshape(*attn.shape[:2], h, w))
-
-
-# -----------------------------------------------------------------------------
-# 6. Evaluation
-
-
-def inference_checkpoint(cfg):
-    """The checkpoint --eval_only / --predict use: --ckpt, else --init_from, else out_dir/ckpt.pt."""
-    return cfg.ckpt or cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
-
-
-def checkpoint_config(cfg):
-    """Copy the model settings (MODEL_KEYS) saved in the inference checkpoint into cfg, so --eval_only and
-    --predict need no model flags (and evaluate a video checkpoint as one without --task=video)."""
-    path = inference_checkpoint(cfg)
-    if os.path.exists(path):
-        saved = load_checkpoint(path).get("config")
-        if saved:
-            for key in MODEL_KEYS:
-                setattr(cfg, key, saved_value(saved, key))
-    return cfg
-
-
-def load_for_inference(cfg, device):
-    """The model of cfg with the inference checkpoint's weights, in eval mode; one line if there is none."""
-    path = inference_checkpoint(cfg)
-    if not os.path.exists(path):
-        fail(f"no checkpoint at {path}: train first (python mincut_ocl.py) or pass --ckpt=PATH / --init_from=PATH")
-    model = build_model(cfg).to(device)
-    load_weights(model, load_checkpoint(path), path)
-    print(f"loaded {path}")
-    return model.eval()
-
-
-def predict(cfg, device):
-    """--predict=FOLDER or FILE: common.predict_folder with the image model, into <out_dir>/predict/
-    (<name>.png picture, <name>_labels.png slot index map; slot 0, the background cut, is black)."""
-    model = load_for_inference(cfg, device)
-
-    def model_fn(x):
-        out = model(x.to(device))
-        return out["recon"].clamp(0, 1), out["masks"]
-    return predict_folder(cfg.predict, model_fn, cfg.image_size, os.path.join(cfg.out_dir, "predict"))
+# 7. Run
 
 
 def run(cfg):
-    """--predict, --eval_only (results also in <out_dir>/eval_<dataset>.json) or training."""
+    """--predict, --eval_only (results also in <out_dir>/eval_<dataset>.json) or training. --eval_only and
+    --predict take the model settings (MODEL_KEYS) from the checkpoint: common.checkpoint_config."""
     if cfg.eval_only or cfg.predict:
-        cfg = checkpoint_config(cfg)                                    # also the task it was trained for
+        cfg = common.checkpoint_config(cfg, MODEL_KEYS, upgrade=upgrade_saved_config)  # also the task it was trained for
         cfg.dataset = video_dataset(cfg)
         if cfg.predict and cfg.task != "image":
-            fail(f"--predict segments images: {inference_checkpoint(cfg)} is a --task={cfg.task} checkpoint")
+            fail(f"--predict segments images: {common.inference_checkpoint(cfg)} is a --task={cfg.task} checkpoint")
     info = data.DATASETS.get(cfg.dataset.lower())
     if info is not None and info.video != (cfg.task == "video") and not cfg.predict:
         videos = ", ".join(name for name, i in data.DATASETS.items() if i.video)
@@ -2270,48 +2299,21 @@ def run(cfg):
         return train(cfg)
     check_out_dir(cfg.out_dir)                            # may differ from the checkpoint's (read-only) folder
     device = get_device(cfg.device)
-    if cfg.predict:
-        return predict(cfg, device)
-    model = load_for_inference(cfg, device)
+    path = common.inference_checkpoint(cfg)
+    model = common.load_for_inference(cfg, device, build_model,
+                                      lambda m, p: load_weights(m, load_checkpoint(p), p), "mincut_ocl.py")
+    if cfg.predict:                                       # the image model; slot 0, the background cut, is black
+        return common.predict_images(cfg, model, device)
     evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
-    metrics = evaluate_fn(model, cfg, device, 0, os.path.join(cfg.out_dir, "eval_samples.png"))
-    path = os.path.join(cfg.out_dir, f"eval_{cfg.dataset}.json")
-    with open(path, "w") as f:
-        json.dump(dict(metrics, checkpoint=inference_checkpoint(cfg)), f, indent=1)
-    print(f"{cfg.dataset} test: {format_metrics(metrics)}  (saved {path})")
-    return metrics
-
-
-def validate_cora_config(cfg):
-    """CoraConfig's values, checked before the graph is read (one line naming the flag)."""
-    check_config(cfg, positive=("n_instances", "instance_size", "hidden", "layers", "gamma", "lr", "n_trials"),
-                 nonnegative=("epochs", "gamma_decay"), choices={"partitioner": ("auto", "metis", "greedy")})
-    if cfg.instance_size % 2:
-        fail(f"--instance_size={cfg.instance_size} must be even: each instance is split into two equal sides",
-             code=2)
-    if not 0 < cfg.test_frac < 1:
-        fail(f"--test_frac is the fraction of instances held out for testing, in (0, 1), got {cfg.test_frac}",
-             code=2)
-
-
-TASKS = ("image", "video", "cora")
-
-
-def requested_task(argv):
-    """The last --task=X or --task X in argv (parse_args lets the last one win); Config.task if none."""
-    task = Config.task
-    for i, arg in enumerate(argv):
-        if arg.startswith("--task="):
-            task = arg.partition("=")[2]
-        elif arg == "--task" and i + 1 < len(argv):
-            task = argv[i + 1]
-    return task
+    return common.evaluate_checkpoint(cfg, model, device, evaluate_fn, format_metrics, checkpoint=path,
+                                      script="mincut_ocl.py", load_dataset=load_dataset,
+                                      unit="video" if cfg.task == "video" else "image")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if requested_task(argv) == "cora":                                  # Sec. 6.2: the flags of CoraConfig
-        cfg = parse_args(CoraConfig(), argv)
+    if parse_args(Config(), argv, only=("task",)).task == "cora":      # Sec. 6.2: the flags of CoraConfig
+        cfg = parse_args(CoraConfig(), argv, epilog="The image and video flags: --task=image --help.")
         validate_cora_config(cfg)
         check_out_dir(cfg.out_dir)                                      # before the trials, not after them
         return run_cora(cfg)
