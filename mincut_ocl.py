@@ -88,6 +88,8 @@ class Config:
     gamma: float = 0.5              # QP regulariser (Sec. 6.1: 0.5)
     qp_solver: str = "dct"          # dct (exact, fast) | sparse (the paper's App. B method) | dense (tiny grids)
     edges: str = "full"             # QP grid edges: full (Sec. 3.1 text, all in-image) | official (cut/st.py: interior pixels)
+    weight_act: str = "relu"        # last activation of the edge-weight nets, weights >= 0: relu (official
+                                    # slot_cut/model.py) | softplus (never a dead channel; RESULTS.md)
     obj_temp: float = 0.5           # softmax temperature over the object cuts (Sec. 6.1: 0.5)
     mask_temp: float = 0.1          # softmax temperature of the combined masks (Sec. 6.1: 0.1)
     match_temp: float = 0.1         # task video: matching softmax temperature (Alg. 3 line 4; not given: 0.1)
@@ -156,6 +158,7 @@ def video_dataset(cfg):
 
 VIDEO_MODELS = ("mincut", "slot_attention")
 TASKS = ("image", "video", "cora")
+WEIGHT_ACTS = {"relu": nn.ReLU, "softplus": nn.Softplus}   # --weight_act: edge weights >= 0 (Alg. 1 line 1)
 
 
 def build_config(argv=None):
@@ -187,6 +190,8 @@ def validate_config(cfg):
         fail(f"--edges must be one of {', '.join(EDGE_SETS)}, got {cfg.edges!r}")
     if cfg.encoder not in ("cnn", "resnet"):
         fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
+    if cfg.weight_act not in WEIGHT_ACTS:
+        fail(f"--weight_act must be one of {', '.join(WEIGHT_ACTS)}, got {cfg.weight_act!r}")
     if cfg.video_model not in VIDEO_MODELS:
         fail(f"--video_model must be one of {', '.join(VIDEO_MODELS)}, got {cfg.video_model!r}")
     if cfg.video_model != "mincut" and cfg.task != "video":
@@ -1062,9 +1067,11 @@ class KPartition(nn.Module):
         self.K, self.obj_temp, self.mask_temp = K, cfg.obj_temp, cfg.mask_temp
         self.pos = SoftPositionEmbed(C, height, width)                     # Alg. 2 line 1
 
+        act = WEIGHT_ACTS[getattr(cfg, "weight_act", "relu")]            # ReLU as the official code
+
         def weight_net(cuts):                                              # Alg. 1 line 1: y_i = f_y(x), >= 0
             return nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.LeakyReLU(),
-                                 nn.Conv2d(C, 6 * cuts, 3, padding=1), nn.ReLU())
+                                 nn.Conv2d(C, 6 * cuts, 3, padding=1), act())
         self.weights_obj = weight_net(K - 1)                               # k-1 object cuts
         self.weights_fg = weight_net(1)                                    # 1 foreground cut
         self.qp = STCutQP(height, width, cfg.gamma, cfg.qp_solver, cfg.edges)
@@ -1412,7 +1419,7 @@ def train_loader(cfg, start_step, rank=0, world_size=1):
 # (Not here: qp_solver, the three solvers compute the same QP to round-off; dtype, autocast of training only.)
 MODEL_KEYS = ("task", "video_model", "sa_iters", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots",
               "slot_dim", "mlp_dim", "gamma", "edges", "obj_temp", "mask_temp", "match_temp", "dec_channels",
-              "dec_init_size", "dec_strides")
+              "dec_init_size", "dec_strides", "weight_act")
 
 def upgrade_saved_config(ckpt):
     """The config dict of checkpoint `ckpt` (a dict with "config" and "model") in today's meaning, so that our

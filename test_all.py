@@ -6369,3 +6369,31 @@ def test_ast_missing_val_split_is_one_line_before_any_step_and_a_missing_dataset
         ast_seg.main([*argv, f"--data_dir={tmp_path / 'nothing'}"])
     line = _summary_one_error_line(capsys)
     assert "nothing" in line and "--eval_split" not in line
+
+
+def test_mincut_weight_act_softplus_keeps_every_edge_weight_channel_alive():
+    # With the official ReLU a channel whose pre-activation is negative everywhere (e.g. the foreground
+    # cut's t-edges) outputs 0 with zero gradient, for good; softplus gives softplus(z) > 0 with gradient
+    # sigmoid(z). Both are checked against the activation applied by hand to the conv output.
+    torch.manual_seed(0)
+    feats = torch.randn(2, 8, 6, 6)
+    for act, ref in (("relu", F.relu), ("softplus", F.softplus)):
+        cfg = mc.build_config(["--enc_channels=8", f"--weight_act={act}"])
+        part = mc.KPartition(cfg, 6, 6)
+        net = part.weights_fg
+        with torch.no_grad():
+            net[2].bias.fill_(-30.0)                                   # every pre-activation very negative
+        x = part.pos(feats)
+        z = net[2](net[1](net[0](x)))
+        w = net(x)
+        torch.testing.assert_close(w, ref(z))
+        w.sum().backward()
+        g = net[2].bias.grad
+        if act == "relu":
+            assert torch.count_nonzero(w) == 0 and torch.count_nonzero(g) == 0   # dead: no way back
+        else:
+            assert (w > 0).all()
+            torch.testing.assert_close(g, torch.sigmoid(z).sum(dim=(0, 2, 3)))
+    assert "weight_act" in mc.MODEL_KEYS and mc.Config().weight_act == "relu"   # the official default
+    with pytest.raises(SystemExit):
+        mc.build_config(["--weight_act=tanh"])
