@@ -371,13 +371,6 @@ def idct2(x):
     return idct_ortho(idct_ortho(x, -2), -1)
 
 
-def _shift(x, di, dj):
-    """y[..., i, j] = x[..., i+di, j+dj] where that is inside the grid, else 0 (di, dj in {-1,0,1})."""
-    H, W = x.shape[-2:]
-    y = x[..., max(di, 0):H + min(di, 0), max(dj, 0):W + min(dj, 0)]
-    return F.pad(y, (max(-dj, 0), max(dj, 0), max(-di, 0), max(di, 0)))
-
-
 def dct_cut_solve(c_s, c_t, c_p, c_e, gamma, h, edges="full"):
     """Exact solve of the s-t cut QP (eq. 2 in the official form, see STCutQP) by a node-sized system.
 
