@@ -20,7 +20,7 @@ Official code: GitHub alpz/graph-ocl (slot_cut/model.py, cut/st.py, cut/qp.py). 
     7. Run             run() and main(): --task=image | video | cora; --eval_only / --predict (common.py 4b)
 
 Run:
-    python mincut_ocl.py                                   # built-in synthetic data, CPU-sized model
+    python mincut_ocl.py                                   # built-in synthetic data, CPU-sized model (softplus weights)
     python mincut_ocl.py --dataset=clevrtex --data_dir=PATH
     python mincut_ocl.py --eval_only --dataset=clevrtex --data_dir=PATH   # also --ckpt=PATH: writes out_dir/eval_*.json
     python mincut_ocl.py --predict=FOLDER_OF_IMAGES        # writes out/mincut_ocl/predict/*.png
@@ -89,7 +89,7 @@ class Config:
     qp_solver: str = "dct"          # dct (exact, fast) | sparse (the paper's App. B method) | dense (tiny grids)
     edges: str = "full"             # QP grid edges: full (Sec. 3.1 text, all in-image) | official (cut/st.py: interior pixels)
     weight_act: str = "relu"        # last activation of the edge-weight nets, weights >= 0: relu (official
-                                    # slot_cut/model.py) | softplus (never a dead channel; RESULTS.md)
+                                    # slot_cut/model.py) | softplus (never a dead channel; the synthetic preset)
     obj_temp: float = 0.5           # softmax temperature over the object cuts (Sec. 6.1: 0.5)
     mask_temp: float = 0.1          # softmax temperature of the combined masks (Sec. 6.1: 0.1)
     match_temp: float = 0.1         # task video: matching softmax temperature (Alg. 3 line 4; not given: 0.1)
@@ -134,8 +134,11 @@ class Config:
 _PAPER = dict(image_size=128, enc_stride=2, num_slots=12, slot_dim=64, batch_size=64, dec_channels=64,
               dec_strides=(2, 2, 2, 2, 1, 1), max_steps=312500, num_workers=8, eval_interval=5000, eval_items=0,
               dtype="float32")                                           # float32 as the official code
+# The built-in image data (a departure from the paper, for this default only): softplus edge weights. With the
+# official ReLU the foreground cut's t-edge channel dies within 50 steps and the model outputs the mean image
+# for about 1000 steps (RESULTS.md, "The mean-image phase"; README, Results: ReLU against softplus).
 PRESETS = {
-    "synthetic": {},
+    "synthetic": dict(weight_act="softplus"),
     "clevr": dict(_PAPER, encoder="cnn", enc_channels=64),                # Sec. 6.1: CNN, 64 maps
     "clevrtex": dict(_PAPER, encoder="resnet", enc_channels=100),         # Sec. 6.1: ResNet, 4 blocks, 100 maps
 }
@@ -1418,10 +1421,13 @@ def upgrade_saved_config(ckpt):
     """The config dict of checkpoint `ckpt` (a dict with "config" and "model") in today's meaning, so that our
     checkpoints saved under the old decoder rule still resume and evaluate. The old dec_strides left out the
     two stride-1 ConvT 5x5 that the Decoder added: a checkpoint whose weights hold len(dec_strides) + 2 such
-    layers is an old one and gets dec_strides + (1, 1). Returns a new dict (the checkpoint unchanged); a
-    current config, or a missing or non-dict one, as it is."""
+    layers is an old one and gets dec_strides + (1, 1). A config saved before --weight_act existed gets
+    weight_act "relu" (the only activation then; today's synthetic preset is softplus). Returns a new dict
+    (the checkpoint unchanged); a current config, or a missing or non-dict one, as it is."""
     saved = ckpt.get("config") if isinstance(ckpt, dict) else None
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if isinstance(saved, dict) and "weight_act" not in saved:
+        saved = dict(saved, weight_act="relu")
     if not isinstance(saved, dict) or not isinstance(saved.get("dec_strides"), (list, tuple)) or \
             not isinstance(state, dict):
         return saved

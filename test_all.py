@@ -2853,7 +2853,9 @@ def test_data_yang_yang_loaders(tmp_path, name):
 torch.set_flush_denormal(True)      # as the training loop: denormals made CPU steps many times slower
 
 # a Segformer far smaller than mit-b0, so every test runs in seconds on a CPU
-AST_TINY = ["--segformer_sizes=8,16,24,32", "--segformer_depths=1,1,1,1", "--decoder_hidden_size=16",
+# the paper's structure (Segformer, transformer, curriculum, float32), tiny; the synthetic preset's U-Net has its own tests
+AST_PAPER = ["--feature_net=segformer", "--scenario=curriculum", "--dtype=float32"]
+AST_TINY = [*AST_PAPER, "--segformer_sizes=8,16,24,32", "--segformer_depths=1,1,1,1", "--decoder_hidden_size=16",
         "--transformer_dim=32", "--transformer_heads=2", "--transformer_ff=64", "--transformer_layers=2",
         "--z_what_dim=8", "--num_slots=3", "--image_size=32", "--num_workers=0", "--batch_size=4",
         "--bg_batch_size=4", "--test_items=2"]
@@ -5438,7 +5440,7 @@ def test_common_predict_folder_file_and_failures(tmp_path, capsys):
 
 BOQSA_TINY = ["--image_size=16", "--num_slots=4", "--slot_dim=16", "--mlp_dim=16", "--enc_channels=8",
               "--dec_channels=8", "--dec_strides=2,1", "--num_workers=0"]
-AST_TINY_PREDICT = ["--segformer_sizes=8,16,24,32", "--segformer_depths=1,1,1,1", "--decoder_hidden_size=16",
+AST_TINY_PREDICT = [*AST_PAPER, "--segformer_sizes=8,16,24,32", "--segformer_depths=1,1,1,1", "--decoder_hidden_size=16",
             "--transformer_dim=32", "--transformer_heads=2", "--transformer_ff=64", "--transformer_layers=2",
             "--z_what_dim=8", "--num_slots=3", "--image_size=32", "--num_workers=0"]
 
@@ -6071,7 +6073,7 @@ SUM_MC = ["--image_size=16", "--enc_channels=8", "--num_slots=3", "--slot_dim=16
           "--dec_channels=8", "--dec_strides=2,1,1", "--batch_size=4", "--num_workers=0", "--eval_items=4",
           "--log_interval=1", "--test_items=4"]
 SUM_VID = ["--task=video"] + SUM_MC[:-3] + ["--eval_items=2", "--log_interval=1", "--test_items=2"]
-SUM_AST = ["--segformer_sizes=8,16,24,32", "--segformer_depths=1,1,1,1", "--decoder_hidden_size=16",
+SUM_AST = [*AST_PAPER, "--segformer_sizes=8,16,24,32", "--segformer_depths=1,1,1,1", "--decoder_hidden_size=16",
            "--transformer_dim=32", "--transformer_heads=2", "--transformer_ff=64", "--transformer_layers=2",
            "--z_what_dim=8", "--num_slots=3", "--image_size=32", "--num_workers=0", "--batch_size=4",
            "--bg_batch_size=4", "--scenario=baseline", "--eval_items=2", "--log_interval=1", "--test_items=2"]
@@ -6394,6 +6396,52 @@ def test_mincut_weight_act_softplus_keeps_every_edge_weight_channel_alive():
         else:
             assert (w > 0).all()
             torch.testing.assert_close(g, torch.sigmoid(z).sum(dim=(0, 2, 3)))
-    assert "weight_act" in mc.MODEL_KEYS and mc.Config().weight_act == "relu"   # the official default
+    assert "weight_act" in mc.MODEL_KEYS and mc.Config().weight_act == "relu"   # the official one (paper presets)
     with pytest.raises(SystemExit):
         mc.build_config(["--weight_act=tanh"])
+
+
+def test_mincut_synthetic_preset_trains_softplus_and_the_paper_presets_relu(tmp_path, capsys):
+    assert mc.build_config([]).weight_act == "softplus"                          # the built-in data's CPU default
+    assert mc.build_config(["--weight_act=relu"]).weight_act == "relu"
+    for argv in (["--dataset=clevr"], ["--dataset=clevrtex"], ["--dataset=clevr6"], ["--task=video"],
+                 ["--task=video", "--dataset=movi_a", "--data_dir=x"]):
+        assert mc.build_config(argv).weight_act == "relu", argv                   # official slot_cut/model.py
+    # a checkpoint saved before --weight_act existed was trained with ReLU: --eval_only builds ReLU nets
+    cfg = mc_tiny_config(weight_act="relu")
+    model = mc.MinCutOCL(cfg)
+    old = {k: v for k, v in asdict(cfg).items() if k != "weight_act"}
+    path = tmp_path / "old.pt"
+    common.save_checkpoint(path, dict(model=model.state_dict(), step=1, config=old))
+    now = mc.build_config([f"--ckpt={path}"])
+    assert now.weight_act == "softplus"
+    loaded = common.checkpoint_config(now, mc.MODEL_KEYS, upgrade=mc.upgrade_saved_config)
+    assert loaded.weight_act == "relu" and loaded.enc_channels == 8
+    assert isinstance(mc.MinCutOCL(loaded).partition.weights_fg[-1], torch.nn.ReLU)
+    up = mc.upgrade_saved_config(dict(model=model.state_dict(), config=old))
+    assert up["weight_act"] == "relu" and "weight_act" not in old                 # the checkpoint unchanged
+    with pytest.raises(SystemExit):                                                # resuming it with softplus: refused
+        common.check_same_model(up, mc_tiny_config(weight_act="softplus"), str(path), mc.MODEL_KEYS)
+    assert "weight_act" in capsys.readouterr().err
+
+
+def test_ast_synthetic_preset_is_the_cpu_unet_and_the_paper_presets_the_paper_model():
+    c = ast_seg.build_config([])
+    assert (c.feature_net, c.transformer_layers, c.scenario, c.max_steps, c.dtype) == ("unet", 0, "frozen", 2000, "auto")
+    assert ast_seg.build_config(["--feature_net=segformer"]).feature_net == "segformer"
+    for name in ("clevr", "clevrtex", "shapestacks", "objectsroom"):
+        c = ast_seg.build_config([f"--dataset={name}"])
+        assert (c.feature_net, c.transformer_layers, c.scenario, c.dtype) == ("segformer", 6, "curriculum",
+                                                                               "float32"), name
+
+
+def test_ast_bare_command_trains_the_unet_with_a_frozen_background(tmp_path, capsys):
+    ast_seg.main(["--bg_steps=2", "--max_steps=2", "--eval_interval=100", "--eval_items=2", "--test_items=2",
+                  "--num_workers=0", "--batch_size=4", "--bg_batch_size=4", "--num_slots=3", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "plan (frozen): background 2 steps [0, 2), foreground (background frozen) 2 steps [2, 4)" in out
+    dtype = common.resolve_dtype(torch.device("cpu"), "auto")
+    assert f"--dtype=auto: the foreground trains in {dtype}" in out and "Segformer" not in out
+    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 4 and ckpt["config"]["feature_net"] == "unet" and ckpt["config"]["transformer_layers"] == 0
+    assert not any("segformer" in k or "transformer" in k for k in ckpt["model"])
