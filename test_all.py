@@ -6445,3 +6445,19 @@ def test_ast_bare_command_trains_the_unet_with_a_frozen_background(tmp_path, cap
     ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 4 and ckpt["config"]["feature_net"] == "unet" and ckpt["config"]["transformer_layers"] == 0
     assert not any("segformer" in k or "transformer" in k for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("caps, native", [
+    (dict(architecture="x86_64", avx2=True), False),                                   # CPU B: AVX2 only
+    (dict(architecture="x86_64", avx2=True, avx512_f=True, avx512_bw=True), False),    # AVX512 without BF16
+    (dict(architecture="x86_64", avx512_f=True, avx512_bf16=True), True),              # CPU A: AVX512-BF16
+    (dict(architecture="x86_64", amx_tile=True, amx_bf16=True), True),                 # AMX
+    (dict(architecture="aarch64", neon=True, bf16=True), True),                        # Arm with BF16
+    (dict(architecture="aarch64", neon=True), False),
+])
+def test_common_native_bf16_reads_the_cpu_bf16_instructions(monkeypatch, caps, native):
+    # oneDNN accepts bf16 on AVX512 CPUs without AVX512-BF16 (torch.ops.mkldnn._is_mkldnn_bf16_supported() is
+    # True there) but emulates it: --dtype=auto must pick float32 on them
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert common.native_bf16(torch.device("cpu")) is native
+    assert common.resolve_dtype(torch.device("cpu"), "auto") == ("bfloat16" if native else "float32")
