@@ -29,7 +29,8 @@ Run:
     python mincut_ocl.py --qp_solver=sparse                # the paper's solver (slow on CPU)
     python mincut_ocl.py --task=video                      # Alg. 3 on frame pairs of synthetic_video (Tab. 2)
     python mincut_ocl.py --task=video --dataset=movi_a --data_dir=PATH
-    python mincut_ocl.py --task=video --video_model=slot_attention   # Tab. 2 baseline (Hungarian tracking)
+    python mincut_ocl.py --model=slot_attention            # Slot Attention baseline, same encoder/decoder/schedule
+    python mincut_ocl.py --task=video --model=slot_attention   # Tab. 2 baseline (Hungarian tracking)
     python mincut_ocl.py --task=cora --data_dir=PATH       # Sec. 6.2: cora.content, cora.cites (LINQS)
 Training evaluates on --eval_split (val) every eval_interval steps (metrics.jsonl: val_*), then once
 on the test split (out_dir/eval_<dataset>.json); every run, and --eval_only, ends with one summary line.
@@ -93,7 +94,8 @@ class Config:
     obj_temp: float = 0.5           # softmax temperature over the object cuts (Sec. 6.1: 0.5)
     mask_temp: float = 0.1          # softmax temperature of the combined masks (Sec. 6.1: 0.1)
     match_temp: float = 0.1         # task video: matching softmax temperature (Alg. 3 line 4; not given: 0.1)
-    video_model: str = "mincut"     # task video: mincut (Alg. 3 on frame pairs) | slot_attention (Tab. 2 baseline)
+    model: str = "mincut"           # mincut (Alg. 1-2; task video: Alg. 3 on frame pairs) | slot_attention
+                                    # (baseline between the same encoder and decoder; video: Tab. 2 baseline)
     sa_iters: int = 3               # slot_attention baseline: iterations (Locatello et al. 2020: 3)
     dec_channels: int = 32          # decoder feature maps (official: 64)
     dec_init_size: int = 8          # spatial broadcast resolution (Sec. 6.1: 8x8)
@@ -159,21 +161,21 @@ def video_dataset(cfg):
     return "synthetic_video" if cfg.task == "video" and cfg.dataset == "synthetic" else cfg.dataset
 
 
-VIDEO_MODELS = ("mincut", "slot_attention")
+MODELS = ("mincut", "slot_attention")
 TASKS = ("image", "video", "cora")
 WEIGHT_ACTS = {"relu": nn.ReLU, "softplus": nn.Softplus}   # --weight_act: edge weights >= 0 (Alg. 1 line 1)
 
 
 def build_config(argv=None):
     """Config from the command line: defaults <- PRESETS[--dataset] <- explicit flags. The Slot Attention
-    baseline of a video preset gets its own default out_dir (<preset out_dir>_sa). `--help` (after --task /
+    baseline gets its own default out_dir (<the preset's out_dir>_sa). `--help` (after --task /
     --dataset) lists the flags with that preset's values as the defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    first = parse_args(Config(), argv, only=("task", "dataset", "video_model"))   # picks the preset
+    first = parse_args(Config(), argv, only=("task", "dataset", "model"))   # picks the preset
     dataset = video_dataset(first)
     preset = dict(PRESETS.get(dataset, {}))
-    if first.video_model == "slot_attention" and "out_dir" in preset:
-        preset["out_dir"] += "_sa"
+    if first.model == "slot_attention":
+        preset["out_dir"] = preset.get("out_dir", Config.out_dir) + "_sa"
     cfg = parse_args(Config(**preset), argv, epilog=f"Defaults above: the {dataset} preset; --dataset=NAME --help "
                      "shows another dataset's. --task=cora (Sec. 6.2) has its own flags: --task=cora --help.")
     cfg.dataset = dataset
@@ -195,10 +197,8 @@ def validate_config(cfg):
         fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
     if cfg.weight_act not in WEIGHT_ACTS:
         fail(f"--weight_act must be one of {', '.join(WEIGHT_ACTS)}, got {cfg.weight_act!r}")
-    if cfg.video_model not in VIDEO_MODELS:
-        fail(f"--video_model must be one of {', '.join(VIDEO_MODELS)}, got {cfg.video_model!r}")
-    if cfg.video_model != "mincut" and cfg.task != "video":
-        fail(f"--video_model={cfg.video_model} is the Tab. 2 video baseline: add --task=video")
+    if cfg.model not in MODELS:
+        fail(f"--model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
     check_config(cfg, positive=("image_size", "enc_channels", "enc_stride", "num_slots", "slot_dim", "mlp_dim",
                                 "gamma", "obj_temp", "mask_temp", "match_temp", "sa_iters", "dec_channels",
                                 "dec_init_size", "dec_strides", "batch_size", "lr", "lr_decay", "log_interval",
@@ -206,7 +206,7 @@ def validate_config(cfg):
                  nonnegative=("crop", "num_workers", "max_steps", "grad_clip", "decay_fraction", "eval_items",
                               "test_items"),
                  choices=dict(eval_split=data.SPLITS))
-    if cfg.num_slots < 2 and not (cfg.task == "video" and cfg.video_model == "slot_attention"):
+    if cfg.num_slots < 2 and cfg.model != "slot_attention":
         fail(f"--num_slots must be >= 2 (a background slot + object slots, Sec. 4), got {cfg.num_slots}", code=2)
     if cfg.crop > 1:
         fail(f"--crop is a fraction of the frame's side, in (0, 1] (0 = no crop), got {cfg.crop}", code=2)
@@ -1320,7 +1320,8 @@ class SlotAttention(nn.Module):
 
 
 class SlotAttentionModel(nn.Module):
-    """Tab. 2 baseline: encoder -> Slot Attention -> spatial broadcast decoder, trained on single frames.
+    """Slot Attention baseline (--model=slot_attention): encoder -> Slot Attention -> spatial broadcast decoder,
+    trained with MinCutOCL's loss and schedule on images (task image) or single frames (task video, Tab. 2).
 
     The encoder and decoder are the min-cut model's (Encoder, Decoder of cfg); the features get the
     position embedding, a LayerNorm and a 2-layer MLP (Locatello et al. 2020) before Slot Attention.
@@ -1380,8 +1381,8 @@ def load_dataset(cfg, split):
 
 def build_model(cfg):
     """MinCutOCL (task image), or the two-frame MinCutPairModel around it (task video, Alg. 3), or the
-    Slot Attention baseline (task video with --video_model=slot_attention, Sec. 6.3)."""
-    if cfg.task == "video" and cfg.video_model == "slot_attention":
+    Slot Attention baseline with --model=slot_attention (both tasks; on videos the Tab. 2 baseline, Sec. 6.3)."""
+    if cfg.model == "slot_attention":
         return SlotAttentionModel(cfg)
     model = MinCutOCL(cfg)
     if cfg.task == "video":                         # matching gamma not given (Sec. 6.3): the cut QP's gamma
@@ -1413,7 +1414,7 @@ def train_loader(cfg, start_step, rank=0, world_size=1):
 
 # The Config fields that shape the model: resume refuses another value; --eval_only / --predict copy them.
 # (Not here: qp_solver, the three solvers compute the same QP to round-off; dtype, autocast of training only.)
-MODEL_KEYS = ("task", "video_model", "sa_iters", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots",
+MODEL_KEYS = ("task", "model", "sa_iters", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots",
               "slot_dim", "mlp_dim", "gamma", "edges", "obj_temp", "mask_temp", "match_temp", "dec_channels",
               "dec_init_size", "dec_strides", "weight_act")
 
@@ -1422,12 +1423,15 @@ def upgrade_saved_config(ckpt):
     checkpoints saved under the old decoder rule still resume and evaluate. The old dec_strides left out the
     two stride-1 ConvT 5x5 that the Decoder added: a checkpoint whose weights hold len(dec_strides) + 2 such
     layers is an old one and gets dec_strides + (1, 1). A config saved before --weight_act existed gets
-    weight_act "relu" (the only activation then; today's synthetic preset is softplus). Returns a new dict
+    weight_act "relu" (the only activation then; today's synthetic preset is softplus), and a saved
+    video_model (the flag's name before --model) becomes model. Returns a new dict
     (the checkpoint unchanged); a current config, or a missing or non-dict one, as it is."""
     saved = ckpt.get("config") if isinstance(ckpt, dict) else None
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if isinstance(saved, dict) and "weight_act" not in saved:
         saved = dict(saved, weight_act="relu")
+    if isinstance(saved, dict) and "video_model" in saved:
+        saved = {("model" if k == "video_model" else k): v for k, v in saved.items()}
     if not isinstance(saved, dict) or not isinstance(saved.get("dec_strides"), (list, tuple)) or \
             not isinstance(state, dict):
         return saved

@@ -3648,7 +3648,7 @@ def test_mincut_cora_task_through_main(tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# The Slot Attention baseline of Tab. 2 (--task=video --video_model=slot_attention)
+# The Slot Attention baseline (--model=slot_attention; on videos Tab. 2's)
 
 def test_mincut_video_slot_attention_normalisation_and_symmetries():
     torch.manual_seed(0)
@@ -3683,7 +3683,7 @@ def test_mincut_video_slot_attention_normalisation_and_symmetries():
 
 
 def test_mincut_video_slot_attention_model_learns_a_batch():
-    cfg = mc.Config(task="video", video_model="slot_attention", image_size=16, enc_channels=8, num_slots=3,
+    cfg = mc.Config(task="video", model="slot_attention", image_size=16, enc_channels=8, num_slots=3,
                     slot_dim=16, mlp_dim=16, dec_channels=8, dec_strides=(2, 1, 1))
     torch.manual_seed(0)
     model = mc.SlotAttentionModel(cfg)
@@ -3722,7 +3722,7 @@ class VidFakeSA(mc.SlotAttentionModel):
 
 
 def test_mincut_video_baseline_evaluation_tracks_by_hungarian_equals_sklearn(tmp_path):
-    cfg = mc.Config(task="video", video_model="slot_attention", num_slots=3, batch_size=3)   # chunks 3 + 1
+    cfg = mc.Config(task="video", model="slot_attention", num_slots=3, batch_size=3)   # chunks 3 + 1
     for slot_mode, key in (("object", "tracked"), ("index", "untracked")):
         videos, table, expected = vid_hand_made(slot_mode)
         m = mc.evaluate_video(VidFakeSA(table), cfg, torch.device("cpu"), videos=videos,
@@ -3735,14 +3735,14 @@ def test_mincut_video_baseline_evaluation_tracks_by_hungarian_equals_sklearn(tmp
 
 
 def test_mincut_video_slot_attention_baseline_through_main(tmp_path, capsys, monkeypatch):
-    assert mc.build_config(["--task=video", "--video_model=slot_attention"]).out_dir == "out/mincut_video_sa"
+    assert mc.build_config(["--task=video", "--model=slot_attention"]).out_dir == "out/mincut_video_sa"
     a = str(tmp_path / "sa")
-    args = VID_TINY + ["--video_model=slot_attention", f"--out_dir={a}"]
+    args = VID_TINY + ["--model=slot_attention", f"--out_dir={a}"]
     mc.main(args + ["--max_steps=2"])
     for name in ("ckpt.pt", "metrics.jsonl", "samples_0000002.png", "samples_0000002_matching.png"):
         assert os.path.exists(os.path.join(a, name)), name
     ck = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)
-    assert ck["config"]["video_model"] == "slot_attention" and any(k.startswith("slot_attention.") for k in ck["model"])
+    assert ck["config"]["model"] == "slot_attention" and any(k.startswith("slot_attention.") for k in ck["model"])
     capsys.readouterr()
     mc.main(args + ["--max_steps=3"])
     assert "at step 2" in capsys.readouterr().out
@@ -3754,14 +3754,14 @@ def test_mincut_video_slot_attention_baseline_through_main(tmp_path, capsys, mon
     assert set(m1) == {"ari_qp", "ari_fg_qp", "ari_hungarian", "ari_fg_hungarian", "mse"} and m1 == m2   # seeded
     with pytest.raises(SystemExit):                                      # not resumed as the min-cut pair model
         mc.main(VID_TINY + [f"--out_dir={a}", "--max_steps=4"])
-    assert "--video_model=slot_attention" in capsys.readouterr().err
+    assert "--model=slot_attention" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--task=video", "--video_model=foo"], "--video_model must be one of mincut, slot_attention"),
-    (["--video_model=slot_attention"], "add --task=video"),
+    (["--task=video", "--model=foo"], "--model must be one of mincut, slot_attention"),
+    (["--model=kmeans"], "--model must be one of mincut, slot_attention"),
 ])
-def test_mincut_video_bad_video_model_is_one_line_error(tmp_path, capsys, args, needle):
+def test_mincut_bad_model_is_one_line_error(tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as e:
         mc.main(args + [f"--out_dir={tmp_path / 'o'}", "--max_steps=1", "--num_workers=0"])
     err = capsys.readouterr().err.strip()
@@ -5004,7 +5004,7 @@ def test_mincut_truncated_checkpoint_without_prev_is_one_line(tmp_path, capsys):
 
 def test_mincut_model_keys_cover_the_model_fields():
     assert {"enc_stride", "sa_iters", "num_slots", "gamma", "edges", "obj_temp", "mask_temp", "match_temp",
-            "dec_strides", "image_size", "task", "video_model"} <= set(mc.MODEL_KEYS)
+            "dec_strides", "image_size", "task", "model"} <= set(mc.MODEL_KEYS)
     assert set(mc.MODEL_KEYS) <= set(mc.Config.__dataclass_fields__)
 
 
@@ -6461,3 +6461,34 @@ def test_common_native_bf16_reads_the_cpu_bf16_instructions(monkeypatch, caps, n
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
     assert common.native_bf16(torch.device("cpu")) is native
     assert common.resolve_dtype(torch.device("cpu"), "auto") == ("bfloat16" if native else "float32")
+
+
+def test_mincut_image_slot_attention_baseline_trains_evaluates_and_keeps_its_model(tmp_path, capsys):
+    # --model=slot_attention on images: the same encoder, decoder, loss, schedule and evaluation as MinCutOCL,
+    # Slot Attention in place of the k-partition; its own default out_dir; the checkpoint says which model
+    assert mc.build_config(["--model=slot_attention"]).out_dir == "out/mincut_ocl_sa"
+    assert mc.build_config([]).out_dir == "out/mincut_ocl"
+    cfg = mc_tiny_config(model="slot_attention")
+    model = mc.build_model(cfg)
+    assert isinstance(model, mc.SlotAttentionModel)
+    names = {k.split(".")[0] for k in model.state_dict()}
+    assert {"encoder", "decoder", "slot_attention"} <= names and "partition" not in names
+    ref = mc.MinCutOCL(mc_tiny_config())                                  # same encoder and decoder weights' shapes
+    for part in ("encoder", "decoder"):
+        assert {k: v.shape for k, v in getattr(model, part).state_dict().items()} == \
+            {k: v.shape for k, v in getattr(ref, part).state_dict().items()}
+    a = str(tmp_path / "sa")
+    train_tiny(a, steps=2, extra=["--model=slot_attention"])
+    ck = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)
+    assert ck["config"]["model"] == "slot_attention" and any(k.startswith("slot_attention.") for k in ck["model"])
+    out = capsys.readouterr().out
+    assert "ari_fg" in out.lower() or "ARI-FG" in out
+    m1 = mc.main([f"--out_dir={a}", "--eval_only", "--test_items=2", "--num_workers=0"])   # model type from ckpt
+    assert {"ari", "ari_fg", "miou", "mse"} <= set(m1)
+    with pytest.raises(SystemExit):                                      # not resumed as the min-cut model
+        mc.main(MC_TINY + [f"--out_dir={a}", "--max_steps=3"])
+    assert "model" in capsys.readouterr().err
+    # a checkpoint saved when the flag was --video_model reads as --model
+    old = {("video_model" if k == "model" else k): v for k, v in ck["config"].items()}
+    up = mc.upgrade_saved_config(dict(model=ck["model"], config=old))
+    assert up["model"] == "slot_attention" and "video_model" not in up and "video_model" in old
