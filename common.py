@@ -854,7 +854,7 @@ def native_bf16(device: torch.device) -> bool:
     """True where bf16 matrix products run natively: a CUDA GPU with bf16, or a CPU with bf16 instructions
     (x86: AVX512-BF16 or AMX-BF16; Arm: BF16), read from `torch.cpu.get_capabilities()`. Elsewhere bf16
     autocast is emulated and slower than float32: a BO-QSA step measured 14x slower on an AVX2-only CPU and
-    3x on an AVX512 CPU without AVX512-BF16, though oneDNN accepts bf16 on both (README, Command line)."""
+    3.2x on an AVX512 CPU without AVX512-BF16, though oneDNN accepts bf16 on both (README, Command line)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
