@@ -43,7 +43,7 @@ from common import (DTYPES, CheckpointError, ResumableSampler, MetricsLog, check
                     check_out_dir, clip_gradients, ddp_cleanup, ddp_setup, error_line, fail, get_device,
                     get_rng_state, load_checkpoint, load_resume_checkpoint, mse, nanmean, parse_args,
                     progress, resolve_dtype, save_checkpoint, save_slot_grid, seed_everything,
-                    segmentation_metrics, set_rng_state, train_autocast)
+                    segmentation_metrics, segments_per_image, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -874,7 +874,8 @@ def train_loader(cfg, ddp, batch_size, start_step, seed):
 @torch.no_grad()
 def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
     """Metrics on the first `num_items` images (0 = all) of `split` (train | val | test): dict of means (ARI,
-    ARI-FG, mIoU, MSC-FG, mBO, MSE).
+    ARI-FG, mIoU, MSC-FG, mBO, MSE, and "slots": the foreground segments per image, a dead-slot diagnostic,
+    common.segments_per_image).
 
     Segmentation = argmax of the layer weights (0 = background, Sec. 4.1). MSE is the per-image sum
     of squared errors over C,H,W with images in [0,1] (ClevrTex convention, as the paper's tables).
@@ -897,6 +898,7 @@ def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
         m = {"mse": mse(images.cpu(), out["recon"].cpu())}
         if "mask" in batch:
             m.update(segmentation_metrics(batch["mask"], pred))
+        m["slots"] = segments_per_image(pred)          # slots that win >= 4 pixels: few = dead slots
         for k, v in m.items():
             sums.setdefault(k, []).append(v.double())
         if first is None:

@@ -9,7 +9,8 @@ table; each metric equals an official evaluator (sklearn `adjusted_rand_score`, 
 Contents
 --------
 1. Metrics (per image, computed on CPU with numpy / sklearn / scipy)
-   ari, miou, msc, mbo, mse, fg_iou_dice, segmentation_metrics, nanmean, ObjectSegMetrics (AP/PQ/Pre/Rec)
+   ari, miou, msc, mbo, mse, fg_iou_dice, segmentation_metrics, segments_per_image, nanmean,
+   ObjectSegMetrics (AP/PQ/Pre/Rec)
 2. Config / CLI (argparse built from a dataclass: `--key=value` flags, help from the field comments)
    parse_args, parse_config, explicit_fields, build_parser, apply_overrides, config_to_dict, ConfigError
 3. Runtime
@@ -423,6 +424,30 @@ def segmentation_metrics(true, pred) -> dict[str, torch.Tensor]:
         "msc_fg": msc(true, pred, foreground_only=True),
         "mbo": mbo(true, pred),
     }
+
+
+def segments_per_image(pred, min_pixels: int = 4) -> torch.Tensor:
+    """How many foreground segments each predicted label map holds: a diagnostic of dead slots, not a
+    paper metric (a model whose slots never win a pixel's argmax explains every image with fewer segments).
+
+    Args:
+        pred: int label maps `[B, H, W]` (0 = background).
+        min_pixels: a label counts when it owns at least this many pixels (>= 1), so that a few stray
+            pixels at object borders do not count as a slot in use.
+    Returns:
+        float64 tensor `[B]`: the number of labels > 0 owning >= min_pixels pixels.
+    Raises:
+        ValueError: pred is not 3-D or min_pixels < 1.
+    """
+    pred = torch.as_tensor(pred)
+    if pred.dim() != 3 or min_pixels < 1:
+        raise ValueError(f"segments_per_image: needs [B, H, W] labels and min_pixels >= 1, got shape "
+                         f"{tuple(pred.shape)} and min_pixels={min_pixels}")
+    out = torch.zeros(pred.shape[0], dtype=torch.float64)
+    for i, labels in enumerate(pred.reshape(pred.shape[0], -1).long().cpu()):
+        _, counts = torch.unique(labels[labels > 0], return_counts=True)
+        out[i] = float((counts >= min_pixels).sum())
+    return out
 
 
 def nanmean(x) -> float:

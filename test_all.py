@@ -6492,3 +6492,36 @@ def test_mincut_image_slot_attention_baseline_trains_evaluates_and_keeps_its_mod
     old = {("video_model" if k == "model" else k): v for k, v in ck["config"].items()}
     up = mc.upgrade_saved_config(dict(model=ck["model"], config=old))
     assert up["model"] == "slot_attention" and "video_model" not in up and "video_model" in old
+
+
+def test_common_segments_per_image_counts_labels_with_enough_pixels():
+    pred = torch.zeros(3, 4, 4, dtype=torch.long)
+    pred[0, :2, :2] = 3                  # label 3: 4 pixels, counts
+    pred[0, 3, :3] = 5                   # label 5: 3 pixels, below min_pixels=4
+    pred[1] = torch.arange(16).reshape(4, 4) % 4 + 1   # labels 1-4, 4 pixels each, no background
+    # image 2: background only
+    assert common.segments_per_image(pred).tolist() == [1.0, 4.0, 0.0]
+    assert common.segments_per_image(pred, min_pixels=1).tolist() == [2.0, 4.0, 0.0]
+    with pytest.raises(ValueError, match="min_pixels"):
+        common.segments_per_image(pred, min_pixels=0)
+    with pytest.raises(ValueError, match=r"\[B, H, W\]"):
+        common.segments_per_image(pred[0])
+
+
+def test_ast_evaluate_reports_the_slots_that_win_pixels():
+    """evaluate()'s "slots" is the mean count of layers (not the background) that own >= 4 argmax pixels."""
+    cfg = ast_seg.build_config([*SUM_AST, "--batch_size=4"])
+
+    class Fixed(torch.nn.Module):            # slot 1 owns the left half of every image, slot 2 a 2x2 corner
+        def forward(self, images):
+            b, _, h, w = images.shape
+            masks = torch.zeros(b, cfg.num_slots + 1, h, w)
+            masks[:, 0] = 0.5
+            masks[:, 1, :, : w // 2] = 1.0
+            masks[:, 2, :2, -2:] = 1.0
+            masks[1::2, 2] = 0.0             # odd images: slot 2 never wins, a dead slot
+            return {"masks": masks, "recon": images}
+
+    m = ast_seg.evaluate(Fixed(), cfg, torch.device("cpu"), num_items=8, split="val")
+    assert m["slots"] == pytest.approx(1.5) and m["mse"] == 0.0
+    assert "slots 1.5000" in ast_seg.format_metrics(m)
