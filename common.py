@@ -431,7 +431,7 @@ def segments_per_image(pred, min_pixels: int = 4) -> torch.Tensor:
     paper metric (a model whose slots never win a pixel's argmax explains every image with fewer segments).
 
     Args:
-        pred: int label maps `[B, H, W]` (0 = background).
+        pred: int label maps `[B, H, W]`, labels >= 0 (0 = background).
         min_pixels: a label counts when it owns at least this many pixels (>= 1), so that a few stray
             pixels at object borders do not count as a slot in use.
     Returns:
@@ -443,11 +443,10 @@ def segments_per_image(pred, min_pixels: int = 4) -> torch.Tensor:
     if pred.dim() != 3 or min_pixels < 1:
         raise ValueError(f"segments_per_image: needs [B, H, W] labels and min_pixels >= 1, got shape "
                          f"{tuple(pred.shape)} and min_pixels={min_pixels}")
-    out = torch.zeros(pred.shape[0], dtype=torch.float64)
-    for i, labels in enumerate(pred.reshape(pred.shape[0], -1).long().cpu()):
-        _, counts = torch.unique(labels[labels > 0], return_counts=True)
-        out[i] = float((counts >= min_pixels).sum())
-    return out
+    flat = pred.reshape(pred.shape[0], -1).long().cpu()
+    counts = torch.zeros(flat.shape[0], int(flat.max()) + 1 if flat.numel() else 1, dtype=torch.long)
+    counts.scatter_add_(1, flat, torch.ones_like(flat))              # pixels per label, per image
+    return (counts[:, 1:] >= min_pixels).sum(dim=1).double()
 
 
 def nanmean(x) -> float:
