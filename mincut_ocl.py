@@ -1564,7 +1564,10 @@ def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
     ARI-FG, mIoU, MSC-FG, mBO, MSE).
 
     Segments = argmax of the decoder alpha masks (as the official evaluation). MSE is the per-image sum
-    of squared errors over C,H,W with images in [0,1] (ClevrTex convention, Tab. 1).
+    of squared errors over C,H,W with images in [0,1] (ClevrTex convention, Tab. 1). A diagnostic beside them,
+    not a paper metric: ARI-FG and mIoU of the encoder-side masks (min-cut: the k-partition `cut_masks`;
+    --model=slot_attention: the last attention map), argmax per feature pixel, each repeated over its
+    enc_stride x enc_stride image pixels ("ari_fg_cut", "miou_cut").
     """
     model.eval()
     ds = load_dataset(cfg, split)
@@ -1579,6 +1582,11 @@ def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
         m = {"mse": mse(images.cpu(), out["recon"].cpu())}
         if "mask" in batch:
             m.update(segmentation_metrics(batch["mask"], pred))
+            inner = out["cut_masks"] if "cut_masks" in out else out["attn"]    # [B,K,h,w]
+            r = images.shape[-1] // inner.shape[-1]                          # enc_stride
+            inner_pred = inner.argmax(dim=1).repeat_interleave(r, 1).repeat_interleave(r, 2).cpu() + 1
+            cut = segmentation_metrics(batch["mask"], inner_pred)
+            m.update(ari_fg_cut=cut["ari_fg"], miou_cut=cut["miou"])
         for k, v in m.items():
             sums.setdefault(k, []).append(v.double())
         if first is None:
@@ -1876,7 +1884,7 @@ def evaluate_video(model, cfg, device, num_items=0, image_path=None, videos=None
 def format_metrics(m):
     names = {"ari_fg": "ARI-FG", "msc_fg": "MSC-FG", "mbo": "mBO", "miou": "mIoU", "ari": "ARI", "mse": "MSE",
              "ari_qp": "ARI(QP)", "ari_fg_qp": "ARI-FG(QP)", "ari_hungarian": "ARI(Hungarian)",
-             "ari_fg_hungarian": "ARI-FG(Hungarian)"}
+             "ari_fg_hungarian": "ARI-FG(Hungarian)", "ari_fg_cut": "ARI-FG(cut)", "miou_cut": "mIoU(cut)"}
     return "  ".join(f"{names.get(k, k)} {v:.4f}" for k, v in m.items())
 
 
