@@ -6525,3 +6525,30 @@ def test_ast_evaluate_reports_the_slots_that_win_pixels():
     m = ast_seg.evaluate(Fixed(), cfg, torch.device("cpu"), num_items=8, split="val")
     assert m["slots"] == pytest.approx(1.5) and m["mse"] == 0.0
     assert "slots 1.5000" in ast_seg.format_metrics(m)
+
+
+def test_mincut_evaluate_scores_the_cut_masks_beside_the_decoder_masks():
+    """"ari_fg_cut" / "miou_cut" score the k-partition (Slot Attention: its attention) at feature resolution, each
+    feature pixel repeated over its enc_stride x enc_stride block; the headline metrics stay the decoder's."""
+    from sklearn.metrics import adjusted_rand_score
+    for stride, key in ((1, "cut_masks"), (2, "cut_masks"), (2, "attn")):
+        cfg = mc.build_config([*SUM_MC, f"--enc_stride={stride}"])
+        true = torch.stack([mc.load_dataset(cfg, "val")[i]["mask"] for i in range(4)])     # [4,16,16]
+        K = int(true.max()) + 1
+        coarse = true[:, ::stride, ::stride]                                   # the partition a cut could find
+
+        class Fixed(torch.nn.Module):
+            def forward(self, images):
+                b = images.shape[0]
+                dec = torch.zeros(b, K, 16, 16)
+                dec[:, 0] = 1.0                                                # decoder: one segment everywhere
+                return {"masks": dec, "recon": images, key: F.one_hot(coarse[:b], K).permute(0, 3, 1, 2).float()}
+
+        m = mc.evaluate(Fixed(), cfg, torch.device("cpu"), num_items=4, split="val")
+        assert m["ari_fg"] == pytest.approx(0.0, abs=1e-9) and m["mse"] == 0.0
+        up = np.kron(coarse.numpy(), np.ones((1, stride, stride), dtype=np.int64))
+        ref = [adjusted_rand_score(t[t > 0], u[t > 0]) if (t > 0).any() else 1.0 for t, u in zip(true.numpy(), up)]
+        assert float(m["ari_fg_cut"]) == pytest.approx(np.mean(ref), abs=1e-9)
+        if stride == 1:
+            assert float(m["ari_fg_cut"]) == pytest.approx(1.0) and float(m["miou_cut"]) == pytest.approx(1.0)
+        assert "ARI-FG(cut)" in mc.format_metrics(m)
