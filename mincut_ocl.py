@@ -91,6 +91,9 @@ class Config:
     edges: str = "full"             # QP grid edges: full (Sec. 3.1 text, all in-image) | official (cut/st.py: interior pixels)
     weight_act: str = "relu"        # last activation of the edge-weight nets, weights >= 0: relu (official
                                     # slot_cut/model.py) | softplus (never a dead channel; the synthetic preset)
+    slot_pool: str = "mean"         # slot pooling of the masked features (Alg. 1 line 5): mean over all pixels
+                                    # (Sec. 4 "average ... across the spatial dimensions"; official) | weighted:
+                                    # divided by the mask's area, as Slot Attention's weighted mean
     obj_temp: float = 0.5           # softmax temperature over the object cuts (Sec. 6.1: 0.5)
     mask_temp: float = 0.1          # softmax temperature of the combined masks (Sec. 6.1: 0.1)
     match_temp: float = 0.1         # task video: matching softmax temperature (Alg. 3 line 4; not given: 0.1)
@@ -164,6 +167,7 @@ def video_dataset(cfg):
 MODELS = ("mincut", "slot_attention")
 TASKS = ("image", "video", "cora")
 WEIGHT_ACTS = {"relu": nn.ReLU, "softplus": nn.Softplus}   # --weight_act: edge weights >= 0 (Alg. 1 line 1)
+SLOT_POOLS = ("mean", "weighted")                             # --slot_pool (Alg. 1 line 5)
 
 
 def build_config(argv=None):
@@ -197,6 +201,8 @@ def validate_config(cfg):
         fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
     if cfg.weight_act not in WEIGHT_ACTS:
         fail(f"--weight_act must be one of {', '.join(WEIGHT_ACTS)}, got {cfg.weight_act!r}")
+    if cfg.slot_pool not in SLOT_POOLS:
+        fail(f"--slot_pool must be one of {', '.join(SLOT_POOLS)}, got {cfg.slot_pool!r}")
     if cfg.model not in MODELS:
         fail(f"--model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
     check_config(cfg, positive=("image_size", "enc_channels", "enc_stride", "num_slots", "slot_dim", "mlp_dim",
@@ -1061,6 +1067,7 @@ class KPartition(nn.Module):
         if K < 2:
             raise ValueError(f"--num_slots must be >= 2 (background + objects), got {K}")
         self.K, self.obj_temp, self.mask_temp = K, cfg.obj_temp, cfg.mask_temp
+        self.weighted = getattr(cfg, "slot_pool", "mean") == "weighted"
         self.pos = SoftPositionEmbed(C, height, width)                     # Alg. 2 line 1
 
         act = WEIGHT_ACTS[getattr(cfg, "weight_act", "relu")]            # ReLU as the official code
@@ -1085,10 +1092,11 @@ class KPartition(nn.Module):
 
         Official SlotCut: f_j = mlp_in[j](LayerNorm(x)), s_j = mean over pixels of masks * f_j (Alg. 1 line 5,
         Alg. 2 line 3; all three branches use the same K masks), slots = s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
-        (Alg. 2 line 4)."""
+        (Alg. 2 line 4). --slot_pool=weighted divides by each mask's area (sum over pixels) instead of h*w."""
         h, w = x.shape[-2:]
         xn = self.norm(x.permute(0, 2, 3, 1))                              # [B,h,w,C]
-        s = [torch.einsum("bkhw,bhwd->bkd", masks, f_x(xn)) / (h * w) for f_x in self.mlp_in]
+        area = masks.sum(dim=(2, 3))[..., None].clamp_min(1e-8) if self.weighted else h * w
+        s = [torch.einsum("bkhw,bhwd->bkd", masks, f_x(xn)) / area for f_x in self.mlp_in]
         return s[0] + sum(f(s_j) for f, s_j in zip(self.mlp_out, s))     # s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
 
     def forward(self, feats):
