@@ -1424,20 +1424,23 @@ def train_loader(cfg, start_step, rank=0, world_size=1):
 # (Not here: qp_solver, the three solvers compute the same QP to round-off; dtype, autocast of training only.)
 MODEL_KEYS = ("task", "model", "sa_iters", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots",
               "slot_dim", "mlp_dim", "gamma", "edges", "obj_temp", "mask_temp", "match_temp", "dec_channels",
-              "dec_init_size", "dec_strides", "weight_act")
+              "dec_init_size", "dec_strides", "weight_act", "slot_pool")
 
 def upgrade_saved_config(ckpt):
     """The config dict of checkpoint `ckpt` (a dict with "config" and "model") in today's meaning, so that our
     checkpoints saved under the old decoder rule still resume and evaluate. The old dec_strides left out the
     two stride-1 ConvT 5x5 that the Decoder added: a checkpoint whose weights hold len(dec_strides) + 2 such
     layers is an old one and gets dec_strides + (1, 1). A config saved before --weight_act existed gets
-    weight_act "relu" (the only activation then; today's synthetic preset is softplus), and a saved
+    weight_act "relu" (the only activation then; today's synthetic preset is softplus), one saved before
+    --slot_pool existed gets slot_pool "mean" (the only pooling then), and a saved
     video_model (the flag's name before --model) becomes model. Returns a new dict
     (the checkpoint unchanged); a current config, or a missing or non-dict one, as it is."""
     saved = ckpt.get("config") if isinstance(ckpt, dict) else None
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if isinstance(saved, dict) and "weight_act" not in saved:
         saved = dict(saved, weight_act="relu")
+    if isinstance(saved, dict) and "slot_pool" not in saved:
+        saved = dict(saved, slot_pool="mean")
     if isinstance(saved, dict) and "video_model" in saved:
         saved = {("model" if k == "video_model" else k): v for k, v in saved.items()}
     if not isinstance(saved, dict) or not isinstance(saved.get("dec_strides"), (list, tuple)) or \

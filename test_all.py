@@ -6552,3 +6552,31 @@ def test_mincut_evaluate_scores_the_cut_masks_beside_the_decoder_masks():
         if stride == 1:
             assert float(m["ari_fg_cut"]) == pytest.approx(1.0) and float(m["miou_cut"]) == pytest.approx(1.0)
         assert "ARI-FG(cut)" in mc.format_metrics(m)
+
+
+@pytest.mark.parametrize("pool", ["mean", "weighted"])
+def test_mincut_slot_pool_mean_or_mask_weighted(pool):
+    """--slot_pool: Alg. 1 line 5's average of the masked features over all h*w pixels (official), or the
+    mask-weighted mean (numpy.average with the mask as weights); an unknown value is refused."""
+    cfg = mc.build_config([*SUM_MC, f"--slot_pool={pool}", "--enc_channels=16"])      # C = D: identity input MLPs
+    kp = mc.KPartition(cfg, 4, 5)
+    kp.mlp_in = torch.nn.ModuleList(torch.nn.Sequential() for _ in range(3))           # f_x = identity
+    kp.mlp_out = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+    for f in kp.mlp_out:                                                               # f(s) = 0: slots = s1
+        torch.nn.init.zeros_(f.weight), torch.nn.init.zeros_(f.bias)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 5, generator=g)
+    masks = torch.rand(2, 3, 4, 5, generator=g) ** 4                                   # areas far from h*w
+    slots = kp.pool_slots(x, masks).detach().numpy()
+    xn = kp.norm(x.permute(0, 2, 3, 1)).detach().numpy().reshape(2, 20, 16)
+    m = masks.numpy().reshape(2, 3, 20)
+    for b in range(2):
+        for k in range(3):
+            ref = (np.average(xn[b], axis=0, weights=m[b, k]) if pool == "weighted"
+                   else (m[b, k, :, None] * xn[b]).mean(axis=0))
+            np.testing.assert_allclose(slots[b, k], ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):
+        mc.build_config(["--slot_pool=area"])
+    assert "slot_pool" in mc.MODEL_KEYS and mc.Config().slot_pool == "mean"              # the official pooling
+    old = {"config": {k: v for k, v in asdict(mc.Config()).items() if k != "slot_pool"}, "model": {}}
+    assert mc.upgrade_saved_config(old)["slot_pool"] == "mean"                          # saved before the flag
