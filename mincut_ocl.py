@@ -1596,8 +1596,8 @@ def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
             inner = out["cut_masks"] if "cut_masks" in out else out["attn"]    # [B,K,h,w]
             r = images.shape[-1] // inner.shape[-1]                          # enc_stride
             inner_pred = inner.argmax(dim=1).repeat_interleave(r, 1).repeat_interleave(r, 2).cpu() + 1
-            cut = segmentation_metrics(batch["mask"], inner_pred)
-            m.update(ari_fg_cut=cut["ari_fg"], miou_cut=cut["miou"])
+            m.update(ari_fg_cut=ari(batch["mask"], inner_pred, foreground_only=True),
+                     miou_cut=common.miou(batch["mask"], inner_pred))
         for k, v in m.items():
             sums.setdefault(k, []).append(v.double())
         if first is None:
