@@ -81,7 +81,7 @@ class Config:
     s_min: float = 1.3              # minimum inverse scale (Tab. 6)
     s_max: float = 6.0              # maximum inverse scale (Tab. 6: 24 at 128 px; 6 = 24 x 32/128 here, else
                                     # the first glimpses, at s ~ (s_min + s_max)/2, are 2 px and never learn)
-    bg_logit_init: float = 11.0     # log alpha_0 before training (Tab. 6: alpha_0 = e^11)
+    bg_logit_init: float = 11.0     # log alpha_0 before training (Tab. 6: alpha_0 = e^11; synthetic preset: 5)
     glimpse_size: int = 0           # 0 = image_size // 2 (Tab. 7: 32 for 64 px, 64 for 128 px)
     official_activation_bug: bool = False  # read alpha from latent index 4 as the official renderer
                                     # (MF_models_renderer.py); switched on when an isotropic official checkpoint loads
