@@ -6427,15 +6427,15 @@ def test_mincut_synthetic_preset_trains_softplus_and_the_paper_presets_relu(tmp_
 
 def test_ast_synthetic_preset_is_the_cpu_unet_and_the_paper_presets_the_paper_model():
     c = ast_seg.build_config([])
-    assert (c.feature_net, c.transformer_layers, c.scenario, c.max_steps, c.dtype, c.bg_logit_init) == (
-        "unet", 0, "frozen", 2000, "auto", 5.0)
+    assert (c.feature_net, c.transformer_layers, c.scenario, c.max_steps, c.dtype, c.bg_logit_init, c.lr) == (
+        "unet", 0, "frozen", 2000, "auto", 5.0, 3e-4)
     assert ast_seg.ASTSeg(c).renderer.background_activation_logit.item() == 5.0   # log alpha_0 as trained
     assert ast_seg.build_config(["--feature_net=segformer"]).feature_net == "segformer"
     assert ast_seg.build_config(["--bg_logit_init=11"]).bg_logit_init == 11.0       # Tab. 6's value, by flag
     for name in ("clevr", "clevrtex", "shapestacks", "objectsroom"):
         c = ast_seg.build_config([f"--dataset={name}"])
-        assert (c.feature_net, c.transformer_layers, c.scenario, c.dtype, c.bg_logit_init) == (
-            "segformer", 6, "curriculum", "float32", 11.0), name                   # Tab. 6: alpha_0 = e^11
+        assert (c.feature_net, c.transformer_layers, c.scenario, c.dtype, c.bg_logit_init, c.lr) == (
+            "segformer", 6, "curriculum", "float32", 11.0, 4e-5), name             # Tab. 6: alpha_0 = e^11
 
 
 def test_ast_bare_command_trains_the_unet_with_a_frozen_background(tmp_path, capsys):
