@@ -578,12 +578,16 @@ def sparse_factor(height, width, edges="full"):
 def triangular_solve(factors, r, spsolve_triangular):
     """(AA^T)^{-1} r with the factors of Pr AA^T Pc = L U by two sparse triangular solves.
 
-    factors: dict L (CSR, unit lower), U (CSR, upper), inv_perm_r, perm_c (index arrays); r [m, N].
-    `spsolve_triangular` is scipy's or cupyx's (same signature), so the GPU path is tested on the CPU.
+    factors: dict L (CSR, unit lower), U (CSR, upper), inv_perm_r, perm_c (index arrays), all in r's dtype;
+    r [m, N] float32 or float64. Returns [m, N] in r's dtype.
+    `spsolve_triangular` is scipy's or cupyx's (same signature), so the GPU path is tested on the CPU. CuPy's
+    returns float64 for float32 input ("for compatibility with SciPy") and its cuSPARSE SpSM (CUDA 12+) raises
+    TypeError('dtype mismatch') when the matrix and the right-hand side differ: each result is cast back.
     """
+    dtype = r.dtype
     z = r[factors["inv_perm_r"]]                                       # Pr r
-    z = spsolve_triangular(factors["L"], z, lower=True, unit_diagonal=True)
-    z = spsolve_triangular(factors["U"], z, lower=False)
+    z = spsolve_triangular(factors["L"], z, lower=True, unit_diagonal=True).astype(dtype, copy=False)
+    z = spsolve_triangular(factors["U"], z, lower=False).astype(dtype, copy=False)
     return z[factors["perm_c"]]                                        # Pc z
 
 
@@ -596,15 +600,54 @@ def triangular_factors(lu, xp=np, sparse_module=scipy.sparse, dtype=np.float64):
                 inv_perm_r=xp.asarray(inv), perm_c=xp.asarray(lu.perm_c))
 
 
+CUPY_INSTALL = "pip install cupy-cuda12x (CUDA 12 builds of torch) or cupy-cuda13x (CUDA 13)"
+
+
 def _import_cupy():
     try:
         import cupy
         import cupyx.scipy.sparse
         import cupyx.scipy.sparse.linalg
     except ImportError as e:
-        raise RuntimeError("STCutQP(solver='sparse') got a CUDA tensor but CuPy is not installed: "
-                           "pip install cupy-cuda12x (or use solver='dct', or move the input to the CPU)") from e
+        raise RuntimeError(f"STCutQP(solver='sparse') got a CUDA tensor but CuPy is not installed: {CUPY_INSTALL} "
+                           f"(or use solver='dct', or move the input to the CPU)") from e
     return cupy, cupyx
+
+
+def cupy_backend(device):
+    """(cupy, cupyx, stream) for the CuPy branch of sparse_cut_solve on a CUDA `device`, else None (SciPy).
+
+    stream: the raw pointer of torch's current CUDA stream on `device`, on which CuPy then uploads the
+    factors and runs the solves (so they order with torch's kernels). Tests replace this function to run
+    the CuPy branch's own code on the CPU with a stand-in module that behaves as CuPy does.
+    Raises RuntimeError (one line) when the device is CUDA and CuPy is not installed.
+    """
+    if device.type != "cuda":
+        return None
+    cupy, cupyx = _import_cupy()
+    return cupy, cupyx, torch.cuda.current_stream(device).cuda_stream
+
+
+def _cupy_cut_solve(backend, st, key, c_nodes, c_d, gamma, h, device):
+    """The CuPy half of sparse_cut_solve: x_nodes [P+2, N], x_d [E, N] as torch tensors in c_d's dtype.
+    Factors are cast to the input dtype (as the official code) and cached per (H, W, edges, dtype, device)."""
+    cupy, cupyx, stream = backend
+    E, dtype = st["E"], c_d.dtype
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    with cupy.cuda.Device(device.index or 0), cupy.cuda.ExternalStream(stream):   # torch's stream, both
+        if key not in _SPARSE_FACTORS:
+            fac = triangular_factors(sparse_factor(*key[:3]), cupy, cupyx.scipy.sparse, np_dtype)
+            fac["A_nodes"] = cupyx.scipy.sparse.csr_matrix(st["A_nodes"].astype(np_dtype))
+            _SPARSE_FACTORS[key] = fac
+        fac = _SPARSE_FACTORS[key]
+        cn, cd = cupy.from_dlpack(c_nodes.contiguous()), cupy.from_dlpack(c_d.contiguous())
+        r = fac["A_nodes"] @ cn                                         # A c
+        r[:E] += cd
+        r[E] += gamma * h                                               # + gamma b
+        y = triangular_solve(fac, r, cupyx.scipy.sparse.linalg.spsolve_triangular)
+        x_nodes = -(cn - fac["A_nodes"].T @ y) / gamma
+        x_d = -(cd - y[:E]) / gamma
+        return torch.from_dlpack(x_nodes).to(dtype), torch.from_dlpack(x_d).to(dtype)
 
 
 def sparse_cut_solve(c_s, c_t, c_p, c_e, gamma, h, edges="full"):
@@ -623,25 +666,9 @@ def sparse_cut_solve(c_s, c_t, c_p, c_e, gamma, h, edges="full"):
     idx = torch.as_tensor(st["edge_index"], device=device)
     c_nodes = torch.cat([c_s[:, None], c_t[:, None], c_p.reshape(N, -1)], dim=1).T     # [P+2, N]
     c_d = c_e.reshape(N, -1)[:, idx].T                                                  # [E, N]
-    if device.type == "cuda":
-        cupy, cupyx = _import_cupy()
-        key = (H, W, edges, dtype, device)
-        if key not in _SPARSE_FACTORS:
-            np_dtype = np.float32 if dtype == torch.float32 else np.float64
-            with cupy.cuda.Device(device.index or 0):
-                fac = triangular_factors(sparse_factor(H, W, edges), cupy, cupyx.scipy.sparse, np_dtype)
-                fac["A_nodes"] = cupyx.scipy.sparse.csr_matrix(st["A_nodes"].astype(np_dtype))
-            _SPARSE_FACTORS[key] = fac
-        fac = _SPARSE_FACTORS[key]
-        with cupy.cuda.Device(device.index or 0), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-            cn, cd = cupy.from_dlpack(c_nodes.contiguous()), cupy.from_dlpack(c_d.contiguous())
-            r = fac["A_nodes"] @ cn                                     # A c
-            r[:E] += cd
-            r[E] += gamma * h                                           # + gamma b
-            y = triangular_solve(fac, r, cupyx.scipy.sparse.linalg.spsolve_triangular)
-            x_nodes = -(cn - fac["A_nodes"].T @ y) / gamma
-            x_d = -(cd - y[:E]) / gamma
-            x_nodes, x_d = torch.from_dlpack(x_nodes), torch.from_dlpack(x_d)
+    backend = cupy_backend(device)
+    if backend is not None:                                             # CUDA: CuPy/cuSPARSE
+        x_nodes, x_d = _cupy_cut_solve(backend, st, (H, W, edges, dtype, device), c_nodes, c_d, gamma, h, device)
     else:
         A_nodes = st["A_nodes"]
         cn, cd = c_nodes.detach().double().numpy(), c_d.detach().double().numpy()

@@ -1983,7 +1983,7 @@ def test_mincut_bad_inputs():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 def test_mincut_sparse_cupy_path_on_gpu():
-    pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x)")
+    pytest.importorskip("cupy", reason=f"CuPy is not installed ({mc.CUPY_INSTALL})")
     torch.manual_seed(5)
     w = torch.rand(3, 6, 6, 7, dtype=torch.float64, device="cuda", requires_grad=True)
     out, ref = solve(w, "sparse"), solve(w.detach().cpu(), "dct")
@@ -1993,6 +1993,90 @@ def test_mincut_sparse_cupy_path_on_gpu():
     wc = w.detach().cpu().requires_grad_(True)
     solve(wc, "dct").p.sum().backward()
     torch.testing.assert_close(w.grad.cpu(), wc.grad, atol=1e-8, rtol=0)
+
+
+# --- the CuPy branch of sparse_cut_solve, run on the CPU with a stand-in that behaves as CuPy 13+ ----------
+# What the stand-in restates (cupyx/scipy/sparse/linalg/_solve.py, cupyx/cusparse.py of CuPy 13):
+# spsolve_triangular checks `b` is a cupy.ndarray and A's dtype, calls cuSPARSE SpSM (CUDA 12+), which raises
+# TypeError('dtype mismatch') when A and b differ in dtype, and casts a float32 result to float64
+# "for compatibility with SciPy"; from_dlpack / asarray / csr_matrix as NumPy and SciPy; cuda.Device and
+# cuda.ExternalStream are contexts (here no-ops).
+
+class _NoOpContext:
+    def __init__(self, *args):
+        self.args = args
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cupy_spsolve_triangular(A, b, lower=True, overwrite_A=False, overwrite_b=False, unit_diagonal=False):
+    if not isinstance(b, np.ndarray):
+        raise TypeError("b must be cupy.ndarray")
+    if A.dtype.char not in "fdFD":
+        raise TypeError(f"unsupported dtype (actual: {A.dtype})")
+    if A.dtype != b.dtype:                                   # cupyx.cusparse.spsm
+        raise TypeError("dtype mismatch")
+    x = scipy.sparse.linalg.spsolve_triangular(A.tocsr(), b, lower=lower, unit_diagonal=unit_diagonal)
+    x = x.astype(A.dtype)                                    # SpSM computes in A's dtype
+    if x.dtype.char in "fF":                                 # "for compatibility with SciPy"
+        x = x.astype(np.promote_types(x.dtype, "float64"))
+    return x
+
+
+def cupy_stand_in():
+    """(cupy, cupyx, stream) as mincut_ocl.cupy_backend returns them, backed by NumPy/SciPy on the CPU."""
+    sparse = types.SimpleNamespace(csr_matrix=scipy.sparse.csr_matrix,
+                                   linalg=types.SimpleNamespace(spsolve_triangular=_cupy_spsolve_triangular))
+    streams = []
+    cuda = types.SimpleNamespace(Device=_NoOpContext,
+                                 ExternalStream=lambda ptr: streams.append(ptr) or _NoOpContext(ptr))
+    cupy = types.SimpleNamespace(ndarray=np.ndarray, asarray=np.asarray, from_dlpack=np.from_dlpack, cuda=cuda,
+                                 streams=streams)
+    cupyx = types.SimpleNamespace(scipy=types.SimpleNamespace(sparse=sparse))
+    return cupy, cupyx, 1234
+
+
+def test_cupy_stand_in_behaves_as_cupy_spsolve_triangular():
+    """The stand-in itself: float32 in -> float64 out; a float32 matrix with a float64 right-hand side raises."""
+    L = scipy.sparse.csr_matrix(np.array([[1.0, 0], [2, 1]], dtype=np.float32))
+    b = np.ones((2, 1), np.float32)
+    x = _cupy_spsolve_triangular(L, b, lower=True, unit_diagonal=True)
+    assert x.dtype == np.float64
+    np.testing.assert_allclose(x[:, 0], [1, -1])
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        _cupy_spsolve_triangular(L, b.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mincut_sparse_cupy_branch_matches_dct_forward_and_backward(monkeypatch, dtype):
+    """The CUDA branch's own code (mincut_ocl._cupy_cut_solve, triangular_solve) with the CuPy stand-in:
+    values and gradients in the input dtype equal the dct solver's; CuPy runs on torch's stream."""
+    backend = cupy_stand_in()
+    monkeypatch.setattr(mc, "cupy_backend", lambda device: backend)
+    monkeypatch.setattr(mc, "_SPARSE_FACTORS", {})
+    torch.manual_seed(5)
+    w = torch.rand(3, 6, 6, 7, dtype=dtype)
+    tol = dict(atol=1e-9, rtol=0) if dtype == torch.float64 else dict(atol=2e-4, rtol=1e-4)
+    coef = [torch.randn_like(getattr(solve(w, "dct"), f)) for f in FIELDS]
+    grads = {}
+    for solver in ("sparse", "dct"):
+        wi = w.clone().requires_grad_(True)
+        out = solve(wi, solver)
+        sum((getattr(out, f) * c).sum() for f, c in zip(FIELDS, coef)).backward()
+        grads[solver] = (out, wi.grad)
+    (out, g), (ref, g_ref) = grads["sparse"], grads["dct"]
+    for f in FIELDS:
+        assert getattr(out, f).dtype == dtype, f
+        torch.testing.assert_close(getattr(out, f), getattr(ref, f), **tol)
+    assert g.dtype == dtype
+    torch.testing.assert_close(g, g_ref, **tol)
+    assert backend[0].streams and set(backend[0].streams) == {1234}          # torch's stream, not CuPy's default
+    assert all(v["L"].dtype == np.dtype(str(dtype).split(".")[1]) for k, v in mc._SPARSE_FACTORS.items()
+               if len(k) == 5)                                                 # factors in the input dtype
 
 
 # ---------------------------------------------------------------------------
