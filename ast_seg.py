@@ -862,7 +862,8 @@ def load_dataset(cfg, split):
 
 
 def train_loader(cfg, ddp, batch_size, start_step, seed):
-    """Endless shuffled loader of global batch `batch_size`, resuming at `start_step` of its phase."""
+    """Endless shuffled loader of global batch `batch_size`, resuming at `start_step` of its phase; pinned
+    memory on CUDA (so the non_blocking copies overlap)."""
     ds = load_dataset(cfg, "train")
     if batch_size % ddp.world_size:
         fail(f"batch size {batch_size} must be divisible by the number of processes {ddp.world_size}")
@@ -873,6 +874,7 @@ def train_loader(cfg, ddp, batch_size, start_step, seed):
     return torch.utils.data.DataLoader(ds, batch_size=batch_size // ddp.world_size, sampler=sampler,
                                        num_workers=cfg.num_workers, drop_last=True,
                                        persistent_workers=cfg.num_workers > 0,
+                                       pin_memory=ddp.device.type == "cuda",
                                        generator=torch.Generator().manual_seed(seed))
 
 
@@ -967,9 +969,11 @@ def phase_plan(cfg):
                                               if cfg.scenario != "baseline" else ")"))
 
 
-def train(cfg):
+def train(cfg, stop=None):
     """The training loop over the scenario's phases: resumes from out_dir/ckpt.pt (phase included),
     logs to out_dir/metrics.jsonl, saves PNGs and an atomic checkpoint every eval_interval steps.
+    `stop`: common.training_run's StopSignals (SIGTERM / SIGINT save a checkpoint after the current step
+    and exit, common.stop_on_signal).
 
     Every eval_interval steps (and at the end of each phase) an evaluation of eval_items images of
     cfg.eval_split (default val), logged as <split>_<metric>. At the end of the schedule, rank 0 evaluates
@@ -981,10 +985,6 @@ def train(cfg):
     check_out_dir(cfg.out_dir)
     ddp = ddp_setup(device=cfg.device)
     device = ddp.device
-    if ddp.is_main:                                       # the periodic evaluations' split: its errors before any step
-        load_dataset(cfg, "train")                        # (first train's: a missing dataset is not a missing split)
-        n_eval = len(load_dataset(cfg, cfg.eval_split))
-        n_eval = min(cfg.eval_items, n_eval) if cfg.eval_items else n_eval
     seed_everything(cfg.seed + ddp.rank)
     torch.set_flush_denormal(True)      # denormal floats made CPU training steps up to 6x slower
     model = ASTSeg(cfg).to(device)
@@ -998,7 +998,7 @@ def train(cfg):
         saved = ckpt.get("config") or {}
         if saved.get("official_activation_bug") and cfg.init_from:   # switched on by loading an official checkpoint
             cfg.official_activation_bug = True
-        common.check_same_model(saved, cfg, ckpt_path, MODEL_KEYS)
+        common.check_same_model(saved, cfg, ckpt_path, common.RUN_KEYS + MODEL_KEYS)
         load_weights(model, ckpt["model"], ckpt_path)
         step = ckpt["step"]
         if ddp.is_main:
@@ -1009,7 +1009,10 @@ def train(cfg):
     elif cfg.feature_net == "segformer" and not cfg.pretrained and ddp.is_main:
         print("no --pretrained: the Segformer backbone starts from random weights (the paper starts from "
               "ImageNet weights and needs them, e.g. --pretrained=nvidia/mit-b3)")
-    if ddp.is_main:
+    if ddp.is_main:                                       # the periodic evaluations' split: its errors before any step
+        load_dataset(cfg, "train")                        # (first train's: a missing dataset is not a missing split)
+        n_eval = len(load_dataset(cfg, cfg.eval_split))
+        n_eval = min(cfg.eval_items, n_eval) if cfg.eval_items else n_eval
         print(phase_plan(cfg))
         if cfg.dtype == "auto":
             dtype = resolve_dtype(device, cfg.dtype)
@@ -1022,10 +1025,13 @@ def train(cfg):
     bar = progress(total, initial=step, desc="train", disable=not ddp.is_main)
     state = dict(phase=None, optimizer=None, metrics=None)
 
+    def save(phase):
+        save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=state["optimizer"].state_dict(),
+                                        step=step, phase=phase, rng=get_rng_state(), config=asdict(cfg)))
+
     def save_and_evaluate(phase):
         rng = get_rng_state()                             # evaluation must not move the training RNG
-        save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=state["optimizer"].state_dict(),
-                                        step=step, phase=phase, rng=rng, config=asdict(cfg)))
+        save(phase)
         metrics = evaluate(model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"),
                            split=cfg.eval_split)
         log.log(step, phase=phase, **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()})
@@ -1083,6 +1089,7 @@ def train(cfg):
                 log.log(step, phase=phase, loss=loss.item(), lr=lr, img_per_s=img_s, **extra)
             if (step % cfg.eval_interval == 0 or step in (last, end)) and ddp.is_main:
                 save_and_evaluate(phase)
+            common.stop_on_signal(stop, ddp, step, ckpt_path, lambda: save(phase))   # SIGTERM / SIGINT: save, exit
     bar.close()
     ddp_cleanup()
     if ddp.is_main and total and step == total:         # the end of the schedule: the final evaluation, on test
@@ -1120,7 +1127,8 @@ def _main(argv):
             return common.predict_images(cfg, model, device)
         return common.evaluate_checkpoint(cfg, model, device, evaluate, format_metrics, script="ast_seg.py",
                                           load_dataset=load_dataset)
-    train(cfg)
+    with common.training_run(cfg.out_dir) as stop:       # one run per --out_dir; SIGTERM / SIGINT save
+        train(cfg, stop)
 
 
 if __name__ == "__main__":

@@ -783,13 +783,15 @@ def load_dataset(cfg, split):
 
 
 def train_loader(cfg, ddp, start_step):
-    """Endless shuffled loader of global batch cfg.batch_size, resuming at `start_step`."""
+    """Endless shuffled loader of global batch cfg.batch_size, resuming at `start_step`; pinned memory on
+    CUDA (so the non_blocking copies overlap)."""
     ds = load_dataset(cfg, "train")
     sampler = ResumableSampler(len(ds), cfg.batch_size, seed=cfg.seed, start_step=start_step,
                                rank=ddp.rank, world_size=ddp.world_size)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // ddp.world_size, sampler=sampler,
                                        num_workers=cfg.num_workers, drop_last=True,
-                                       persistent_workers=cfg.num_workers > 0)
+                                       persistent_workers=cfg.num_workers > 0,
+                                       pin_memory=ddp.device.type == "cuda")
 
 
 FOREGROUND = ("birds", "dogs", "cars", "flowers")       # Tab. 5: foreground IoU / Dice
@@ -951,8 +953,10 @@ def upgrade_saved_config(ckpt):
     return saved
 
 
-def train(cfg):
+def train(cfg, stop=None):
     """The training loop: resumes from out_dir/ckpt.pt, logs to out_dir/metrics.jsonl, saves PNGs.
+    `stop`: common.training_run's StopSignals (SIGTERM / SIGINT save a checkpoint after the current step
+    and exit, common.stop_on_signal).
 
     Every eval_interval steps (and at the last one) a checkpoint and an evaluation of eval_items images of
     cfg.eval_split (default val), logged as <split>_<metric>. After the last step, rank 0 evaluates on the
@@ -980,7 +984,7 @@ def train(cfg):
     if cfg.resume:
         ckpt = load_resume_checkpoint(ckpt_path)                           # ckpt.pt, else ckpt_prev.pt, else None
     if ckpt is not None:
-        common.check_same_model(upgrade_saved_config(ckpt), cfg, ckpt_path, MODEL_KEYS)
+        common.check_same_model(upgrade_saved_config(ckpt), cfg, ckpt_path, common.RUN_KEYS + MODEL_KEYS)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
@@ -1003,10 +1007,13 @@ def train(cfg):
     if log is not None:
         log.truncate(step)                                # lines past the checkpoint's step would repeat
 
+    def save():
+        save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                        step=step, rng=get_rng_state(), config=asdict(cfg)))
+
     def save_and_evaluate():
         rng = get_rng_state()                             # evaluation must not move the training RNG
-        save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                        step=step, rng=rng, config=asdict(cfg)))
+        save()
         metrics = evaluate(raw_model, cfg, device, cfg.eval_items, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"),
                            split=cfg.eval_split)
         log.log(step, **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()})
@@ -1042,6 +1049,7 @@ def train(cfg):
             log.log(step, loss=loss.item(), lr=optimizer.param_groups[-1]["lr"], sigma=sigma, img_per_s=img_s, **parts)
         if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and ddp.is_main:
             save_and_evaluate()
+        common.stop_on_signal(stop, ddp, step, ckpt_path, save)           # SIGTERM / SIGINT: save, exit
     bar.close()
     ddp_cleanup()
     if ddp.is_main and step and step == cfg.max_steps:   # the final evaluation, on the test split
@@ -1097,7 +1105,8 @@ def run(cfg, argv=None):
         return common.evaluate_checkpoint(cfg, model, device, evaluate, format_metrics, extra=dict(iters=cfg.iters),
                                           note=f"{cfg.iters} slot-attention iterations", script="boqsa.py",
                                           load_dataset=load_dataset)
-    train(cfg)
+    with common.training_run(cfg.out_dir) as stop:       # one run per --out_dir; SIGTERM / SIGINT save
+        train(cfg, stop)
 
 
 def main(argv=None):

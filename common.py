@@ -18,6 +18,9 @@ Contents
 4. Checkpoints (atomic writes, the previous one kept, RNG state)
    save_checkpoint, load_checkpoint, load_resume_checkpoint, prev_checkpoint_path, non_finite_tensors,
    CheckpointError, get_rng_state, set_rng_state
+4a. Long runs on a shared machine: one training process per --out_dir (an OS file lock), SIGTERM / SIGINT
+   finish the step and save, another --seed or --dataset never resumes a run
+   training_run, StopSignals, stop_on_signal, RUN_KEYS
 4b. Inference from a checkpoint (--eval_only / --predict of every script)
    inference_checkpoint, checkpoint_config, check_same_model, same_setting, saved_setting, flag_value,
    load_for_inference, predict_images, evaluate_checkpoint, finish_training (the final test evaluation),
@@ -38,7 +41,9 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import contextlib
 import dataclasses
+import errno
 import difflib
 import inspect
 import io
@@ -48,9 +53,11 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import tokenize
 import types
@@ -80,6 +87,8 @@ __all__ = [
     # checkpoints
     "save_checkpoint", "load_checkpoint", "load_resume_checkpoint", "prev_checkpoint_path", "non_finite_tensors",
     "CheckpointError", "get_rng_state", "set_rng_state",
+    # long runs
+    "training_run", "StopSignals", "stop_on_signal", "RUN_KEYS",
     # inference from a checkpoint
     "inference_checkpoint", "checkpoint_config", "check_same_model", "same_setting", "saved_setting", "flag_value",
     "load_for_inference", "predict_images", "evaluate_checkpoint", "finish_training", "summary_line",
@@ -875,12 +884,16 @@ DTYPES = ("float32", "bfloat16", "auto")  # the --dtype values of every script
 
 
 def native_bf16(device: torch.device) -> bool:
-    """True where bf16 matrix products run natively: a CUDA GPU with bf16, or a CPU with bf16 instructions
-    (x86: AVX512-BF16 or AMX-BF16; Arm: BF16), read from `torch.cpu.get_capabilities()`. Elsewhere bf16
-    autocast is emulated and slower than float32: a BO-QSA step measured 14x slower on an AVX2-only CPU and
-    3.2x on an AVX512 CPU without AVX512-BF16, though oneDNN accepts bf16 on both (README, Command line)."""
+    """True where bf16 matrix products run natively: the CUDA GPU `device` itself (its index, not the
+    current device) with compute capability 8.0 or more (Ampere and later: bf16 tensor cores), or a CPU
+    with bf16 instructions (x86: AVX512-BF16 or AMX-BF16; Arm: BF16), read from
+    `torch.cpu.get_capabilities()`. Elsewhere bf16 autocast is emulated and slower than float32 (a V100 or
+    T4 accepts bf16, and `torch.cuda.is_bf16_supported()` says True there by default); a BO-QSA step
+    measured 14x slower on an AVX2-only CPU and 3.2x on an AVX512 CPU without AVX512-BF16, though oneDNN
+    accepts bf16 on both (README, Command line)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index) >= (8, 0)
     if device.type == "cpu":
         try:
             caps = torch.cpu.get_capabilities()
@@ -965,16 +978,16 @@ class DDPInfo:
 def ddp_setup(backend: str | None = None, device: str = "auto") -> DDPInfo:
     """Initialise torch.distributed when launched by torchrun, else describe a single process.
 
-    Under torchrun (env vars RANK, WORLD_SIZE, LOCAL_RANK set) this calls
-    `torch.distributed.init_process_group` (env:// rendezvous) with `backend`, default
-    nccl when CUDA is available else gloo, and on CUDA binds this process to
-    `cuda:LOCAL_RANK`. Without those env vars nothing is initialised and the device is
-    `get_device(device)`.
+    Under torchrun (env vars RANK, WORLD_SIZE, LOCAL_RANK set) the device follows --device: "cpu" trains
+    on the CPU with gloo; "cuda" or "cuda:N" on `cuda:LOCAL_RANK` with nccl (one GPU per process, so N is
+    not used); "auto" is cuda when CUDA is available, else cpu. `backend` overrides the backend. Then
+    `torch.distributed.init_process_group` (env:// rendezvous). Without those env vars nothing is
+    initialised and the device is `get_device(device)`.
 
     Returns:
         DDPInfo(enabled, rank, local_rank, world_size, is_main, device).
     Raises:
-        SystemExit via get_device for an unavailable explicit device (single process).
+        SystemExit (one line) for an unavailable or unknown device, or --device=mps under torchrun.
     """
     if int(os.environ.get("RANK", -1)) == -1 or "WORLD_SIZE" not in os.environ:
         return DDPInfo(False, 0, 0, 1, True, get_device(device))
@@ -983,14 +996,19 @@ def ddp_setup(backend: str | None = None, device: str = "auto") -> DDPInfo:
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
+    kind = get_device(device).type           # checks the name and that the device exists
+    if kind == "mps":
+        fail("torchrun with --device=mps is not supported (no MPS process-group backend); use --device=cpu")
+    if kind == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            fail(f"torchrun started local rank {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
+                 f"exist; use --nproc_per_node={torch.cuda.device_count()} or --device=cpu")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)  # before init so NCCL uses the right GPU
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+        dist.init_process_group(backend=backend or ("nccl" if kind == "cuda" else "gloo"))
     return DDPInfo(True, rank, local_rank, world_size, rank == 0, dev)
 
 
@@ -1066,7 +1084,9 @@ def save_checkpoint(path, state: dict, keep_prev: bool = True) -> Path:
     Returns:
         the Path written.
     Raises:
-        CheckpointError (nothing is written) when `state["model"]` has NaN/inf weights.
+        CheckpointError (nothing is written) when `state["model"]` has NaN/inf weights, and (one line:
+        the folder, the bytes needed and free, what was kept) when the disk or quota is full; the
+        previous checkpoint is then untouched.
     """
     path = Path(path)
     bad = non_finite_tensors(state.get("model", {})) if isinstance(state.get("model"), dict) else []
@@ -1075,8 +1095,9 @@ def save_checkpoint(path, state: dict, keep_prev: bool = True) -> Path:
                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); the last good "
                               f"checkpoint is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -1084,9 +1105,15 @@ def save_checkpoint(path, state: dict, keep_prev: bool = True) -> Path:
         if keep_prev and path.exists():
             os.replace(path, prev_checkpoint_path(path))
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, Exception) and _disk_full(e, path.parent, _state_nbytes(state)):
+            free = shutil.disk_usage(path.parent).free
+            kept = f"the previous checkpoint {path} is kept" if path.exists() else "no checkpoint was written"
+            raise CheckpointError(f"no space left in {path.parent} to write {path.name} (about "
+                                  f"{_mib(_state_nbytes(state))} needed, {_mib(free)} free); {kept}; free some space "
+                                  f"and run the same command to resume, or choose another --out_dir") from e
         raise
     try:  # persist the rename itself (POSIX); not possible on every OS/filesystem
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -1097,6 +1124,33 @@ def save_checkpoint(path, state: dict, keep_prev: bool = True) -> Path:
     except OSError:
         pass
     return path
+
+
+def _state_nbytes(state) -> int:
+    """The bytes of the tensors in a (nested) checkpoint dict: about the size torch.save writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_nbytes(v) for v in state)
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def _disk_full(exc: Exception, folder, needed: int) -> bool:
+    """True when a failed write was the disk (or quota) filling up: an OSError ENOSPC / EDQUOT, or any
+    error (torch.save's zip writer raises a RuntimeError, "unexpected pos") with less free space left
+    in `folder` than `needed` bytes."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < needed
+    except OSError:
+        return False
 
 
 def load_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict:
@@ -1206,6 +1260,137 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(s.cpu(), i)
     if state.get("mps") is not None and _mps_available():
         torch.mps.set_rng_state(state["mps"].cpu())
+
+
+# =============================================================================
+# 4a. Long runs on a shared machine
+# =============================================================================
+
+# Run settings that a resumed run must share with its checkpoint besides the model's (each script's
+# MODEL_KEYS): another --seed or --dataset in the same --out_dir is another run, never a continuation.
+RUN_KEYS = ("seed", "dataset")
+
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def _out_dir_lock(out_dir):
+    """Hold an exclusive OS lock (flock) on <out_dir>/train.lock; the OS releases it when the process
+    ends, however it ends, so a crashed run never blocks the next. Exits with one line when another
+    process holds it. Where the OS or filesystem has no flock (Windows, some network filesystems) the run
+    goes on unlocked, with one warning."""
+    try:
+        import fcntl
+    except ImportError:                                               # Windows
+        yield
+        return
+    path = os.path.join(out_dir, LOCK_FILE)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip()
+            f.close()
+            fail(f"another process{f' (pid {pid})' if pid.isdigit() else ''} is training in --out_dir={out_dir} "
+                 f"(it holds {path}); wait for it to end, or choose another --out_dir")
+        except OSError as e:
+            print(f"warning: cannot lock {path} ({e.strerror or e}); nothing stops a second run in this folder",
+                  file=sys.stderr)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        if not f.closed:
+            f.close()                                                 # releases the lock
+
+
+class StopSignals:
+    """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C) as a request to
+    stop after the current training step: the handler only records the signal; the loop asks `received`
+    after each step and `stop_on_signal` saves a checkpoint and exits 128 + signal number (143 for
+    SIGTERM, 130 for SIGINT), so a resumed run continues bit-identically. A second SIGINT (Ctrl-C twice)
+    stops at once (KeyboardInterrupt); a repeated SIGTERM is ignored (schedulers and torchrun send it to
+    every process, some twice). Signals that reach a forked DataLoader worker are ignored there (the main
+    process ends its workers). Installed only in the main thread; elsewhere it records nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._pid = os.getpid()
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self._pid:                                  # a forked DataLoader worker
+            return
+        if self.signum:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (a second one stops at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+        return False
+
+    def received(self, ddp: "DDPInfo | None" = None) -> int:
+        """The signal number received by this process, or under DDP by any rank (all ranks agree, so they
+        stop at the same step: one all-reduce of one number per call); 0 when none."""
+        if ddp is None or not ddp.enabled:
+            return self.signum
+        import torch.distributed as dist
+
+        t = torch.tensor([self.signum], dtype=torch.int64, device=ddp.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
+def stop_on_signal(stop: "StopSignals | None", ddp: "DDPInfo", step: int, ckpt_path, save) -> None:
+    """Called after each training step: when SIGTERM / SIGINT arrived (on any rank), rank 0 calls `save()`
+    (the script's checkpoint write, RNG included) and prints one line (signal, step, checkpoint, how to
+    resume); every rank then leaves the process group and exits with status 128 + the signal number.
+    Returns None when no signal arrived (or `stop` is None)."""
+    signum = stop.received(ddp) if stop is not None else 0
+    if not signum:
+        return
+    if ddp.is_main:
+        save()
+        print(f"stopped by {signal.Signals(signum).name} after step {step}: saved {ckpt_path}; run the same "
+              f"command to resume from it", flush=True)
+    if ddp.enabled:                                                   # no rank leaves before the checkpoint is written
+        import torch.distributed as dist
+
+        dist.barrier()
+    ddp_cleanup()
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def training_run(out_dir):
+    """The context of one training process in `out_dir`: checks the folder (check_out_dir), takes its lock
+    (rank 0 of a torchrun only; the other ranks belong to the same run) and catches SIGTERM / SIGINT.
+    Yields the StopSignals that the training loop passes to `stop_on_signal` after each step.
+    Exits with one line when the folder is not writable or another process trains there."""
+    main_rank = int(os.environ.get("RANK", "0") or 0) == 0
+    if main_rank:
+        check_out_dir(out_dir)
+    with (_out_dir_lock(out_dir) if main_rank else contextlib.nullcontext()), StopSignals() as stop:
+        yield stop
 
 
 # =============================================================================

@@ -1436,15 +1436,17 @@ def batch_loss(model, batch, device, task="image"):
     return model(batch["image"].to(device, non_blocking=True))["loss"]
 
 
-def train_loader(cfg, start_step, rank=0, world_size=1):
+def train_loader(cfg, ddp, start_step):
     """Endless shuffled loader of global batch cfg.batch_size, resuming at `start_step`; under DDP this
-    rank's slice of cfg.batch_size // world_size of every global batch."""
+    rank's slice of cfg.batch_size // world_size of every global batch. Pinned memory on CUDA (so the
+    non_blocking copies overlap)."""
     ds = load_dataset(cfg, "train")
-    sampler = ResumableSampler(len(ds), cfg.batch_size, seed=cfg.seed, start_step=start_step, rank=rank,
-                               world_size=world_size)
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // world_size, sampler=sampler,
+    sampler = ResumableSampler(len(ds), cfg.batch_size, seed=cfg.seed, start_step=start_step, rank=ddp.rank,
+                               world_size=ddp.world_size)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // ddp.world_size, sampler=sampler,
                                        num_workers=cfg.num_workers, drop_last=True,
-                                       persistent_workers=cfg.num_workers > 0)
+                                       persistent_workers=cfg.num_workers > 0,
+                                       pin_memory=ddp.device.type == "cuda")
 
 
 # The Config fields that shape the model: resume refuses another value; --eval_only / --predict copy them.
@@ -1493,10 +1495,11 @@ def load_weights(model, state, path):
              f"another script: pass the flags it was trained with, or another checkpoint")
 
 
-def train(cfg):
+def train(cfg, stop=None):
     """The training loop: resumes from out_dir/ckpt.pt (or starts from --init_from's weights), logs to
     out_dir/metrics.jsonl, saves PNGs. Under torchrun: DDP, each rank a slice of every global batch, only
-    rank 0 logs, evaluates and saves.
+    rank 0 logs, evaluates and saves. `stop`: common.training_run's StopSignals (SIGTERM / SIGINT save a
+    checkpoint after the current step and exit, common.stop_on_signal).
     Task image: MinCutOCL on images (Sec. 6.1); task video: MinCutPairModel on adjacent frames (Alg. 3).
     Every eval_interval steps (and at the last one) a checkpoint and an evaluation of eval_items images
     (videos) of cfg.eval_split (default val), logged as <split>_<metric>. After the last step, rank 0
@@ -1508,6 +1511,12 @@ def train(cfg):
     check_out_dir(cfg.out_dir)
     ddp = ddp_setup(device=cfg.device)
     device = ddp.device
+    if cfg.qp_solver == "sparse" and device.type == "cuda":
+        try:
+            _import_cupy()                                # at start, not at the first step
+        except RuntimeError:
+            fail(f"--qp_solver=sparse on {device} needs CuPy, which does not import: {CUPY_INSTALL}; "
+                 f"or use --qp_solver=dct")
     if cfg.batch_size % ddp.world_size:
         fail(f"--batch_size={cfg.batch_size} (the global batch) must be divisible by the number of processes "
              f"{ddp.world_size}")
@@ -1520,7 +1529,7 @@ def train(cfg):
     ckpt = load_resume_checkpoint(ckpt_path) if cfg.resume else None     # falls back to ckpt_prev.pt
     resumed_at = ckpt["step"] if ckpt is not None else None
     if ckpt is not None:
-        common.check_same_model(upgrade_saved_config(ckpt), cfg, ckpt_path, MODEL_KEYS)
+        common.check_same_model(upgrade_saved_config(ckpt), cfg, ckpt_path, common.RUN_KEYS + MODEL_KEYS)
         load_weights(raw_model, ckpt, ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
@@ -1532,7 +1541,7 @@ def train(cfg):
         if ddp.is_main:
             print(f"starting from the weights of {cfg.init_from}")
     model = nn.parallel.DistributedDataParallel(raw_model) if ddp.enabled else raw_model
-    data_iter = iter(train_loader(cfg, step, ddp.rank, ddp.world_size))  # the sampler skips the batches seen
+    data_iter = iter(train_loader(cfg, ddp, step))  # the sampler skips the batches seen
     if ddp.is_main:
         load_dataset(cfg, cfg.eval_split)                 # the periodic evaluations' split: its errors before any step
     if ckpt is not None:
@@ -1543,10 +1552,13 @@ def train(cfg):
     if ckpt is not None and log is not None:
         log.truncate(step)                                # lines logged after the checkpoint would repeat
 
+    def save():
+        save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                        step=step, rng=get_rng_state(), config=asdict(cfg)))
+
     def save_and_evaluate():
         rng = get_rng_state()                             # evaluation must not move the training RNG
-        save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                        step=step, rng=rng, config=asdict(cfg)))
+        save()
         evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
         metrics = evaluate_fn(raw_model, cfg, device, cfg.eval_items,
                               os.path.join(cfg.out_dir, f"samples_{step:07d}.png"), split=cfg.eval_split)
@@ -1581,6 +1593,7 @@ def train(cfg):
                 log.log(step, loss=loss_value, lr=optimizer.param_groups[0]["lr"], img_per_s=img_s)
             if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and ddp.is_main:
                 save_and_evaluate()
+            common.stop_on_signal(stop, ddp, step, ckpt_path, save)      # SIGTERM / SIGINT: save, exit
     finally:
         bar.close()                                       # an error line (divergence, data) then has its own line
     ddp_cleanup()
@@ -2352,7 +2365,8 @@ def run(cfg):
         fail(f"--task={cfg.task} needs {'a video' if cfg.task == 'video' else 'an image'} dataset, got "
              f"--dataset={cfg.dataset} (video datasets: {videos})")
     if not (cfg.eval_only or cfg.predict):
-        return train(cfg)
+        with common.training_run(cfg.out_dir) as stop:   # one run per --out_dir; SIGTERM / SIGINT save
+            return train(cfg, stop)
     check_out_dir(cfg.out_dir)                            # may differ from the checkpoint's (read-only) folder
     device = get_device(cfg.device)
     path = common.inference_checkpoint(cfg)
