@@ -50,7 +50,7 @@ from common import (DTYPES, CheckpointError, ResumableSampler, MetricsLog, check
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     """AST-Seg configuration. Every field can be set from the command line as --key=value.
 
     Defaults are sized for a 2-core CPU on the built-in `synthetic` dataset, whose preset (`_CPU`) also swaps
@@ -58,74 +58,60 @@ class Config:
     first applies that dataset's paper settings (PRESETS: Tab. 6, Sec. 5.1), then your flags.
     """
     # data
-    dataset: str = "synthetic"      # synthetic | shapestacks | objectsroom | clevr | clevrtex | ...
-    data_dir: str = ""              # root of the dataset on disk (not needed for synthetic)
-    image_size: int = 32            # input resolution (Sec. 5.1: 128 CLEVR/ClevrTex, 64 ShapeStacks/ObjectsRoom)
-    num_workers: int = 1            # DataLoader workers
+    image_size: int = 32            # side in pixels the images are resized to (Sec. 5.1: 128 CLEVR/ClevrTex, 64
+                                    # ShapeStacks/ObjectsRoom)
     # foreground model (Sec. 4.1, Tab. 6)
     num_slots: int = 6              # K = maximum number of objects (Sec. 5.1; synthetic: 2-6 objects)
-    scaling: str = "anisotropic"    # anisotropic (s_x, s_y) | isotropic (one s) (Sec. 4.1, Sec. 5.1)
-    feature_net: str = "segformer"  # segformer (Sec. 5.1) | unet (Tab. 8, ablation)
-    segformer: str = "mit-b0"       # mit-b0 .. mit-b5 (Sec. 5.1: b3)
+    scaling: str = "anisotropic"    # how a glimpse is scaled: anisotropic (s_x, s_y) | isotropic (one s) (Sec. 4.1,
+                                    # Sec. 5.1)
+    feature_net: str = "segformer"  # network that produces the attention maps: segformer (Sec. 5.1) | unet (Tab. 8,
+                                    # ablation)
+    segformer: str = "mit-b0"       # Segformer size: mit-b0 .. mit-b5 (Sec. 5.1: b3)
     segformer_sizes: tuple = ()     # override the variant's hidden sizes (4 ints), e.g. for tiny CPU models
     segformer_depths: tuple = ()    # override the variant's depths (4 ints)
     decoder_hidden_size: int = 0    # override the variant's MLP-decoder width (0 = the variant's)
     pretrained: str = ""            # backbone weights: local folder (config.json + weights) or hub id (paper:
                                     # nvidia/mit-b3, needs network or the hub cache); one that cannot load stops
-    z_what_dim: int = 32            # Tab. 6
-    transformer_dim: int = 256      # d_T (Tab. 6)
-    transformer_heads: int = 8      # Tab. 6
-    transformer_ff: int = 512       # Tab. 6
+    z_what_dim: int = 32            # size of each object's appearance vector z_what (Tab. 6)
+    transformer_dim: int = 256      # width d_T of the transformer that refines the detections (Tab. 6)
+    transformer_heads: int = 8      # attention heads of that transformer (Tab. 6)
+    transformer_ff: int = 512       # feed-forward width of that transformer (Tab. 6)
     transformer_layers: int = 6     # Tab. 6; 0 = no transformer encoder (ablation, Tab. 4)
-    transformer_dropout: float = 0.1  # torch default (official MF_models_encoder.py)
-    s_min: float = 1.3              # minimum inverse scale (Tab. 6)
-    s_max: float = 6.0              # maximum inverse scale (Tab. 6: 24 at 128 px; 6 = 24 x 32/128 here, else
-                                    # the first glimpses, at s ~ (s_min + s_max)/2, are 2 px and never learn)
+    transformer_dropout: float = 0.1  # dropout in that transformer (torch default, official MF_models_encoder.py)
+    s_min: float = 1.3              # smallest inverse scale of a glimpse: larger s, smaller object (Tab. 6)
+    s_max: float = 6.0              # largest inverse scale of a glimpse (Tab. 6: 24 at 128 px; 6 = 24 x 32/128
+                                    # here, else the first glimpses, at s ~ (s_min + s_max)/2, are 2 px and never
+                                    # learn)
     bg_logit_init: float = 11.0     # log alpha_0 before training (Tab. 6: alpha_0 = e^11; synthetic preset: 5)
-    glimpse_size: int = 0           # 0 = image_size // 2 (Tab. 7: 32 for 64 px, 64 for 128 px)
+    glimpse_size: int = 0           # side in pixels of each generated glimpse (0 = image_size // 2; Tab. 7: 32 for 64
+                                    # px, 64 for 128 px)
     official_activation_bug: bool = False  # read alpha from latent index 4 as the official renderer
                                     # (MF_models_renderer.py); switched on when an isotropic official checkpoint loads
     # background model (AE-NE, ref. [38])
     bg_complex: bool = False        # AE-NE "complex background" channel schedule (official: all but CLEVR)
-    bg_input_scale: float = 255.0   # AE-NE sees images * this (official 255; see Background)
     bg_norm: str = "batch"          # AE-NE normalisation: group (official) | batch (built-in data; see Background)
     # losses (Sec. 4.2.1, Tab. 6)
-    pixel_weight: float = 1e-2      # lambda_pixel (eq. 22)
+    pixel_weight: float = 1e-2      # weight lambda_pixel of the pixel entropy loss (eq. 22)
     pixel_warmup: int = 300         # N_pixel, quadratic warmup of lambda_pixel (Tab. 6: 10k)
     # training scenario (Sec. 4.2.2, Sec. 5.1)
-    scenario: str = "curriculum"    # curriculum (CT) | baseline (BT) | frozen (background frozen throughout)
-    phase: str = "all"              # all | background (train phase 1 only, then stop)
-    bg_steps: int = 600             # phase 1 steps (Sec. 5.1: 500k, CLEVR 2500)
-    bg_batch_size: int = 32         # Tab. 6: 128
-    bg_lr: float = 2e-3             # Tab. 6; AdamW, x0.1 at 80% (AE-NE)
+    scenario: str = "curriculum"    # training schedule: curriculum (CT) | baseline (BT) | frozen (background frozen
+                                    # throughout)
+    phase: str = "all"              # which phases to train: all | background (train phase 1 only, then stop)
+    bg_steps: int = 600             # steps of phase 1, the background autoencoder alone (Sec. 5.1: 500k, CLEVR 2500)
+    bg_batch_size: int = 32         # images per background step (Tab. 6: 128)
+    bg_lr: float = 2e-3             # AdamW learning rate of the background autoencoder (Tab. 6; x0.1 at 80%, AE-NE)
     freeze_steps: int = 600         # phase 2 length: foreground with frozen background (Sec. 5.1: 30k)
     max_steps: int = 1800           # foreground steps only (phases 2 + 3; baseline: all steps), so a curriculum
                                     # runs bg_steps + max_steps steps in all (Sec. 5.1: 125k); the plan is printed
-    batch_size: int = 32            # Tab. 6: 64
-    lr: float = 2e-4                # Tab. 6: 4e-5 (x0.1 at 90% of max_steps); synthetic preset: 3e-4
-    warmup_steps: int = 300         # quadratic lr warmup (Tab. 6: 5000)
-    betas: tuple = (0.9, 0.98)      # Tab. 6
-    adam_eps: float = 1e-9          # Tab. 6
+    batch_size: int = 32            # images per foreground step over all processes, the global batch (Tab. 6: 64)
+    lr: float = 2e-4                # Adam learning rate of the foreground model (Tab. 6: 4e-5, x0.1 at 90% of
+                                    # max_steps; synthetic preset: 3e-4)
+    warmup_steps: int = 300         # steps of quadratic learning-rate warmup (Tab. 6: 5000)
+    betas: tuple = (0.9, 0.98)      # Adam betas of the foreground model (Tab. 6)
+    adam_eps: float = 1e-9          # Adam epsilon of the foreground model (Tab. 6)
     # run
     out_dir: str = "out/ast_seg"    # checkpoints, metrics.jsonl, sample images and eval results
-    seed: int = 0                   # random seed (initialisation, data order)
-    device: str = "auto"            # auto | cpu | cuda | mps
-    log_interval: int = 10          # print and log the training losses every N steps
-    eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
-    eval_items: int = 256           # images of the periodic evaluation, on --eval_split (0 = whole split)
-    eval_split: str = "val"         # split of the periodic evaluations during training (val: choose settings on
-                                    # it); the final evaluation is on test
-    test_items: int = 0             # test images of the final evaluation and --eval_only (0: the whole split,
-                                    # at the end of training only when it has <= 1024, else eval_items)
-    resume: bool = True             # continue from out_dir/ckpt.pt when it exists
     stop_at: int = 0                # stop (with a checkpoint) at this global step; 0 = run to the end
-    init_from: str = ""             # official AST-Seg checkpoint (.pth) or one of ours to start from
-    ckpt: str = ""                  # checkpoint to evaluate / predict with; default init_from, else out_dir/ckpt.pt
-    eval_only: bool = False         # evaluate --ckpt on the test split, write out_dir/eval_<dataset>.json, print
-                                    # the summary line, exit
-    predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
-    dtype: str = "float32"          # float32 | bfloat16: autocast of the foreground training forward | auto:
-                                    # bfloat16 where the CPU/GPU runs it natively, else float32
 
 
 # Tab. 6 and Sec. 5.1: batch 64, lr 4e-5, 125k steps (30k of them with the background frozen),
@@ -188,8 +174,7 @@ def validate_config(cfg):
     """Exit (code 2, one line naming the flag) for a value that would fail later, before any data is loaded."""
     check_config(cfg, positive=("image_size", "num_slots", "z_what_dim", "transformer_dim", "transformer_heads",
                                 "transformer_ff", "s_min", "s_max", "bg_batch_size", "bg_lr", "batch_size", "lr",
-                                "adam_eps", "log_interval", "eval_interval", "segformer_sizes", "segformer_depths",
-                                "bg_input_scale"),
+                                "adam_eps", "log_interval", "eval_interval", "segformer_sizes", "segformer_depths"),
                  nonnegative=("num_workers", "decoder_hidden_size", "transformer_layers", "transformer_dropout",
                               "glimpse_size", "pixel_weight", "pixel_warmup", "bg_steps", "freeze_steps", "max_steps",
                               "warmup_steps", "eval_items", "test_items", "stop_at"))
@@ -653,7 +638,7 @@ class ASTSeg(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.renderer = Renderer(cfg)
-        self.background = Background(cfg.image_size, cfg.bg_complex, cfg.bg_input_scale, cfg.bg_norm)
+        self.background = Background(cfg.image_size, cfg.bg_complex, norm=cfg.bg_norm)   # input_scale 255 (official)
 
     background_frozen = False   # set by set_trainable: phase 2 of the curriculum (Sec. 4.2.2)
 
@@ -929,27 +914,27 @@ def format_metrics(m):
 MODEL_KEYS = ("image_size", "num_slots", "scaling", "feature_net", "segformer", "segformer_sizes", "segformer_depths",
               "decoder_hidden_size", "z_what_dim", "transformer_dim", "transformer_heads", "transformer_ff",
               "transformer_layers", "transformer_dropout", "s_min", "s_max", "glimpse_size",
-              "official_activation_bug", "bg_complex", "bg_input_scale", "bg_norm")
+              "official_activation_bug", "bg_complex", "bg_norm")
 
 
-def load_weights(model, state_dict, path):
-    """model.load_state_dict, or one line naming the file when it holds another model or config."""
-    try:
-        model.load_state_dict(state_dict)
-    except (RuntimeError, KeyError, TypeError) as e:
-        fail(f"{path}: its weights do not fit this model ({error_line(e)[:200]}); pass the settings it was "
-             f"trained with (--eval_only and --predict read them from the checkpoint) or choose another file")
-
-
-def load_model_file(model, path):
-    """Weights from one of our checkpoints or an official one (--init_from, --ckpt) into `model`; exits with one
-    line naming the file when it is missing, truncated, or of another model / config."""
-    try:
-        sd = load_checkpoint(path, weights_only=False)  # a file the user chose to trust
-    except CheckpointError as e:
-        fail(f"{e} (--init_from / --ckpt: give one of our ckpt.pt files or an official AST-Seg .pth)")
+def load_weights(model, path, ckpt=None):
+    """The weights of checkpoint file `path` into `model` (resume, --init_from, --eval_only, --predict): one of
+    our checkpoints (its "model") or an official one (converted). `ckpt`: the file's dict when it is already
+    read (resume). Exits with one line naming the file when it is missing, truncated, or of another model /
+    config."""
+    if ckpt is not None:
+        sd = ckpt
+    else:
+        try:
+            sd = load_checkpoint(path, weights_only=False)  # a file the user chose to trust
+        except CheckpointError as e:
+            fail(f"{e} (--init_from / --ckpt: give one of our ckpt.pt files or an official AST-Seg .pth)")
     if "model" in sd and "config" in sd:                                 # one of ours
-        load_weights(model, sd["model"], path)
+        try:
+            model.load_state_dict(sd["model"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            fail(f"{path}: its weights do not fit this model ({error_line(e)[:200]}); pass the settings it was "
+                 f"trained with (--eval_only and --predict read them from the checkpoint) or choose another file")
     else:
         try:
             load_official(model, path)
@@ -999,12 +984,12 @@ def train(cfg, stop=None):
         if saved.get("official_activation_bug") and cfg.init_from:   # switched on by loading an official checkpoint
             cfg.official_activation_bug = True
         common.check_same_model(saved, cfg, ckpt_path, common.RUN_KEYS + MODEL_KEYS)
-        load_weights(model, ckpt["model"], ckpt_path)
+        load_weights(model, ckpt_path, ckpt)
         step = ckpt["step"]
         if ddp.is_main:
             print(f"resuming from {ckpt_path} at step {step} (phase {ckpt['phase']})")
     elif cfg.init_from:
-        load_model_file(model, cfg.init_from)
+        load_weights(model, cfg.init_from)
         print(f"loaded {cfg.init_from}")
     elif cfg.feature_net == "segformer" and not cfg.pretrained and ddp.is_main:
         print("no --pretrained: the Segformer backbone starts from random weights (the paper starts from "
@@ -1122,7 +1107,7 @@ def _main(argv):
         cfg = common.checkpoint_config(cfg, MODEL_KEYS, weights_only=False)
         check_out_dir(cfg.out_dir)                        # may differ from the checkpoint's (read-only) folder
         device = get_device(cfg.device)
-        model = common.load_for_inference(cfg, device, ASTSeg, load_model_file, "ast_seg.py")
+        model = common.load_for_inference(cfg, device, ASTSeg, load_weights, "ast_seg.py")
         if cfg.predict:                                   # label_offset 0: slot 0, the background, is black
             return common.predict_images(cfg, model, device)
         return common.evaluate_checkpoint(cfg, model, device, evaluate, format_metrics, script="ast_seg.py",

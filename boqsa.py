@@ -51,78 +51,66 @@ from common import (DTYPES, CheckpointError, ObjectSegMetrics, ResumableSampler,
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     """BO-QSA configuration. Every field can be set from the command line as --key=value.
 
     Defaults are sized for a 2-core CPU on the built-in `synthetic` dataset; `--dataset=NAME`
     first applies that dataset's paper settings (PRESETS, Tab. 9-13), then your flags.
     """
     # data
-    dataset: str = "synthetic"      # synthetic | shapestacks | objectsroom | clevr | clevr6 | clevrtex | ...
-    data_dir: str = ""              # root of the dataset on disk (not needed for synthetic)
-    image_size: int = 32            # input resolution (Tab. 13: 128 or 64; 32 here for a 2-core CPU)
-    num_workers: int = 1            # DataLoader workers
+    image_size: int = 32            # side in pixels the images are resized to (Tab. 13: 128 or 64; 32 here for a 2-core
+                                    # CPU)
     # model
-    decoder: str = "mixture"        # mixture (Sec. 3.3, Tab. 10) | transformer (SLATE, App. A.1, A.3.3, Tab. 12)
-    num_slots: int = 7              # K (Tab. 13)
-    slot_dim: int = 64              # Tab. 11 "Slot Dim"
-    mlp_dim: int = 128              # Tab. 11 "MLP Hidden Dim"
+    decoder: str = "mixture"        # decoder that redraws the image from the slots: mixture (Sec. 3.3, Tab. 10) |
+                                    # transformer (SLATE, App. A.1, A.3.3, Tab. 12)
+    num_slots: int = 7              # number of slots K, the most objects (background included) a scene is split into
+                                    # (Tab. 13)
+    slot_dim: int = 64              # size of each slot vector (Tab. 11 "Slot Dim")
+    mlp_dim: int = 128              # hidden width of the slot MLP (Tab. 11 "MLP Hidden Dim")
     enc_channels: int = 32          # channels of the 4 encoder convs (Tab. 9: 64; official --encoder_channels
                                     # 64 64 64 64)
     dec_channels: int = 32          # channels of the mixture decoder's ConvT 5x5 layers (Tab. 10: 64; official
                                     # --decoder_channels 64 64 64 64)
-    enc_kernel: int = 5             # encoder conv kernel (Tab. 9: 5x5)
-    dec_kernel: int = 5             # decoder ConvTranspose kernel (Tab. 10: 5x5; the output layer stays 3x3)
+    enc_kernel: int = 5             # kernel size of the encoder convolutions (Tab. 9: 5x5)
+    dec_kernel: int = 5             # kernel size of the decoder's ConvTranspose layers (Tab. 10: 5x5; the output layer
+                                    # stays 3x3)
     enc_stride: int = 1             # stride of the first of the 4 encoder convs, the others stride 1 (Tab. 9: 2 at
                                     # 128 px on ShapeStacks/ClevrTex, 1 at 64 px; official --encoder_strides 2 1 1 1)
     dec_strides: tuple = (2, 2, 1, 1, 1)  # stride of every ConvT 5x5 of the mixture decoder, then a ConvT 3x3 to 4
                                     # channels; dec_init_size * prod = image_size (Tab. 10: 2,2,2,2,1 at 128 px,
                                     # 2,2,2,1,1 at 64 px; official --decoder_strides 2 2 2 2 + the stride-1 ConvT
                                     # of models/mixture_decoder.py)
-    dec_init_size: int = 8          # spatial broadcast resolution (App. A.3.2, Locatello et al.)
+    dec_init_size: int = 8          # side of the grid each slot is broadcast to before decoding (App. A.3.2, spatial
+                                    # broadcast of Locatello et al.)
     iters: int = 3                  # slot-attention iterations, the last one after the STE (Tab. 12)
-    init: str = "query"             # query (QSA, Sec. 3.1) | gaussian (SA, learned mu/sigma)
-    grad: str = "bo"                # bo (Alg. 1, detach + STE) | detach (I-SA) | full (plain backprop)
-    attn_eps: float = 1.0           # eps in attn / (attn.sum + eps) (official models/slot_attn.py)
+    init: str = "query"             # how the slots start: query (learned queries, QSA, Sec. 3.1) | gaussian (samples of
+                                    # a learned mu/sigma, SA)
+    grad: str = "bo"                # gradient through the slot-attention iterations: bo (Alg. 1, detach + STE) | detach
+                                    # (I-SA) | full (plain backprop)
     drop_path: float = 0.2          # DropPath on the slot MLP residual (official code)
     sigma_steps: int = 2000         # N_sigma: cosine annealing of the query noise 1 -> 0 (App. A.3.1: 30k)
     # transformer decoder, used with --decoder=transformer (App. A.3.3, Tab. 12; CPU-sized here)
-    vocab_size: int = 256           # dVAE vocabulary (Tab. 12: 1024)
-    dvae_hid: int = 64              # dVAE channels (official code: 64)
-    dvae_kernel: int = 3            # dVAE encoder kernel (App. A.3.3: 3 instead of SLATE's 1)
-    d_model: int = 128              # transformer hidden dimension (Tab. 12: 256)
-    dec_layers: int = 4             # Tab. 12: 4
-    dec_heads: int = 4              # Tab. 12: 4
-    dec_dropout: float = 0.1        # Tab. 12: 0.1
+    vocab_size: int = 256           # number of dVAE tokens the transformer decoder predicts (Tab. 12: 1024)
+    dvae_hid: int = 64              # channels of the dVAE's convolutions (official code: 64)
+    d_model: int = 128              # hidden size of the transformer decoder (Tab. 12: 256)
+    dec_layers: int = 4             # layers of the transformer decoder (Tab. 12: 4)
+    dec_heads: int = 4              # attention heads of the transformer decoder (Tab. 12: 4)
+    dec_dropout: float = 0.1        # dropout in the transformer decoder (Tab. 12: 0.1)
     tau_start: float = 1.0          # Gumbel-softmax temperature, cosine 1.0 -> 0.1 (Tab. 12)
     tau_final: float = 0.1          # final Gumbel-softmax temperature (Tab. 12: 0.1)
-    tau_steps: int = 2000           # Tab. 12: 30k
+    tau_steps: int = 2000           # steps of the cosine anneal of the Gumbel-softmax temperature (Tab. 12: 30k)
     lr_dvae: float = 3e-4           # Tab. 12: dVAE lr, no warmup (the rest uses --lr with warmup)
     recon_items: int = 32           # test images reconstructed autoregressively (one pass per token; slow)
     # optimisation (Tab. 11)
-    batch_size: int = 16            # global batch (Tab. 11: 128)
+    batch_size: int = 16            # images per step over all processes, the global batch (Tab. 11: 128)
     lr: float = 4e-4                # Adam learning rate after the warmup (Tab. 11: 4e-4)
-    warmup_steps: int = 300         # Tab. 11: 5k
-    decay_steps: int = 20000        # lr factor 0.5 ** (step / decay_steps) (Tab. 11: 50k)
+    warmup_steps: int = 300         # steps of linear learning-rate warmup (Tab. 11: 5k)
+    decay_steps: int = 20000        # learning-rate half-life in steps: factor 0.5 ** (step / decay_steps) (Tab. 11:
+                                    # 50k)
     max_steps: int = 6000           # 30 min on 2 CPU cores with native bf16, 90 min in float32 (Tab. 11: 250k)
-    grad_clip: float = 1.0          # gradient-norm clipping (official train_mixture_dec.py: 1.0; 0 = off)
+    grad_clip: float = 1.0          # clip the gradient norm to this value (official train_mixture_dec.py: 1.0; 0 = off)
     # run
     out_dir: str = "out/boqsa"      # checkpoints, metrics.jsonl, sample images and eval results
-    seed: int = 0                   # random seed (initialisation, data order)
-    device: str = "auto"            # auto | cpu | cuda | mps
-    log_interval: int = 10          # print and log the training loss every N steps
-    eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
-    eval_items: int = 256           # images of the periodic evaluation, on --eval_split (0 = whole split)
-    eval_split: str = "val"         # split of the periodic evaluations during training (val: choose settings on
-                                    # it); the final evaluation is on test
-    test_items: int = 0             # test images of the final evaluation and --eval_only (0: the whole split,
-                                    # at the end of training only when it has <= 1024, else eval_items)
-    resume: bool = True             # continue from out_dir/ckpt.pt when it exists
-    init_from: str = ""             # official BO-QSA checkpoint (.ckpt/.pt) or one of ours to start from
-    ckpt: str = ""                  # --eval_only / --predict: checkpoint to use (default out_dir/ckpt.pt)
-    eval_only: bool = False         # evaluate out_dir/ckpt.pt (or init_from) on the test split, write
-                                    # out_dir/eval_<dataset>.json, print the summary line and exit
-    predict: str = ""               # folder of images to segment with the checkpoint, writes PNGs
     concept_maps: bool = False      # with --eval_only: save each query's attention map (Sec. 5.4, Fig. 4)
     compile: bool = False           # torch.compile the model
     dtype: str = "auto"             # float32 | bfloat16 (autocast of the training forward) | auto: bfloat16 where
@@ -189,8 +177,8 @@ def build_config(argv=None):
                                 "d_model", "dec_layers", "dec_heads", "batch_size", "lr", "lr_dvae", "decay_steps",
                                 "log_interval", "eval_interval", "tau_start", "tau_final"),
                  nonnegative=("num_workers", "sigma_steps", "tau_steps", "warmup_steps", "max_steps", "grad_clip",
-                              "attn_eps", "drop_path", "dec_dropout", "recon_items", "eval_items", "test_items"),
-                 choices=dict(init=("query", "gaussian"), grad=("bo", "detach", "full"), eval_split=data.SPLITS))
+                              "drop_path", "dec_dropout", "recon_items", "eval_items", "test_items"),
+                 choices=dict(init=("query", "gaussian"), grad=GRADS, eval_split=data.SPLITS))
     for name in ("enc_kernel", "dec_kernel"):
         k = getattr(cfg, name)
         if k < 1 or k % 2 == 0:                                     # 'same' padding needs an odd kernel
@@ -263,6 +251,9 @@ class Encoder(nn.Module):
         return self.mlp(x.flatten(1, 2))                                   # [B,N,D]
 
 
+GRADS = ("bo", "detach", "full")     # --grad: the gradient through the slot-attention iterations (Tab. 7)
+
+
 class SlotAttention(nn.Module):
     """Slot Attention (Locatello et al. 2020; eq. (1) of BO-QSA) with the bi-level STE of Alg. 1.
 
@@ -282,6 +273,7 @@ class SlotAttention(nn.Module):
 
     def __init__(self, in_dim, slot_dim, mlp_dim, iters=3, eps=1.0, drop_path=0.0):
         super().__init__()
+        # eps: attn / (attn.sum + eps), 1.0 as the official models/slot_attn.py
         self.iters, self.eps, self.drop_path, self.scale = iters, eps, drop_path, slot_dim ** -0.5
         self.norm_inputs = nn.LayerNorm(in_dim)
         self.norm_slots = nn.LayerNorm(slot_dim)
@@ -325,8 +317,8 @@ class SlotAttention(nn.Module):
         return slots, attn
 
     def forward(self, inputs, init, grad="bo"):
-        if grad not in ("full", "detach", "bo"):
-            raise ValueError(f"grad must be full|detach|bo, got {grad!r}")
+        if grad not in GRADS:
+            raise ValueError(f"grad must be one of {'|'.join(GRADS)}, got {grad!r}")
         inputs = self.norm_inputs(inputs)
         k, v = self.to_k(inputs), self.to_v(inputs)
         slots = init                                                       # Alg. 1 line 2
@@ -556,8 +548,6 @@ class BOQSA(nn.Module):
         super().__init__()
         if cfg.init not in ("query", "gaussian"):
             raise ValueError(f"--init must be query|gaussian, got {cfg.init!r}")
-        if cfg.grad not in ("full", "detach", "bo"):
-            raise ValueError(f"--grad must be full|detach|bo, got {cfg.grad!r}")
         if cfg.decoder not in ("mixture", "transformer"):
             raise ValueError(f"--decoder must be mixture|transformer, got {cfg.decoder!r}")
         self.cfg = cfg
@@ -570,8 +560,7 @@ class BOQSA(nn.Module):
             self.slots_log_sigma = nn.Parameter(torch.empty(1, 1, cfg.slot_dim))
             nn.init.xavier_uniform_(self.slots_mu)
             nn.init.xavier_uniform_(self.slots_log_sigma)
-        self.slot_attention = SlotAttention(cfg.slot_dim, cfg.slot_dim, cfg.mlp_dim, cfg.iters,
-                                            cfg.attn_eps, cfg.drop_path)
+        self.slot_attention = SlotAttention(cfg.slot_dim, cfg.slot_dim, cfg.mlp_dim, cfg.iters, drop_path=cfg.drop_path)
         if cfg.decoder == "mixture":
             self.decoder = MixtureDecoder(cfg)
         else:
@@ -579,7 +568,7 @@ class BOQSA(nn.Module):
                 raise ValueError(f"--decoder=transformer needs --image_size divisible by 4 (dVAE patches), "
                                  f"got {cfg.image_size}")
             self.num_tokens = (cfg.image_size // 4) ** 2                   # L tokens of 4x4 patches
-            self.dvae = DVAE(cfg.vocab_size, cfg.dvae_hid, cfg.dvae_kernel)
+            self.dvae = DVAE(cfg.vocab_size, cfg.dvae_hid)                 # encoder kernel 3 (App. A.3.3)
             self.decoder = TransformerDecoder(cfg, self.num_tokens)
 
     def initial_slots(self, batch, sigma=0.0):
@@ -923,35 +912,8 @@ def group_lr(name, step, cfg):
 
 # The Config fields that shape the model: resume refuses another value; --eval_only / --predict copy them.
 MODEL_KEYS = ("decoder", "num_slots", "slot_dim", "mlp_dim", "enc_channels", "dec_channels", "enc_stride",
-              "dec_strides", "dec_init_size", "init", "iters", "attn_eps", "image_size", "vocab_size", "dvae_hid",
-              "dvae_kernel", "d_model", "dec_layers", "dec_heads", "tau_final", "enc_kernel", "dec_kernel")
-
-def upgrade_saved_config(ckpt):
-    """The config dict of checkpoint `ckpt` (a dict with "config") in today's names, so that our checkpoints
-    saved with the old ones still resume and evaluate. An old config is one with hid_dim or enc_strides
-    (every config saved before the rename has both): hid_dim -> enc_channels and dec_channels,
-    enc_strides (s, 1, 1, 1) -> enc_stride=s, dec_strides + (1,) (the old rule added that stride-1 ConvT
-    after the listed ones). Returns a new dict (the checkpoint unchanged); a current config, or a missing
-    or non-dict one, as it is. Raises CheckpointError (one line) for old enc_strides that today's encoder
-    cannot build (not 4 entries, or a stride other than 1 after the first)."""
-    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(saved, dict) or not {"hid_dim", "enc_strides"} & set(saved):
-        return saved
-    saved = dict(saved)
-    if "hid_dim" in saved:
-        width = saved.pop("hid_dim")
-        saved.setdefault("enc_channels", width)
-        saved.setdefault("dec_channels", width)
-    if "enc_strides" in saved:
-        strides = tuple(saved.pop("enc_strides"))
-        if len(strides) != ENC_LAYERS or any(s != 1 for s in strides[1:]):
-            raise CheckpointError(f"the checkpoint was trained with --enc_strides={common.flag_value(strides)}, which "
-                                  f"boqsa.py no longer builds ({ENC_LAYERS} encoder convs, --enc_stride for the first)")
-        saved["enc_stride"] = strides[0]
-    if "dec_strides" in saved:
-        saved["dec_strides"] = tuple(saved["dec_strides"]) + (1,)
-    return saved
-
+              "dec_strides", "dec_init_size", "init", "iters", "image_size", "vocab_size", "dvae_hid", "d_model",
+              "dec_layers", "dec_heads", "tau_final", "enc_kernel", "dec_kernel")
 
 def train(cfg, stop=None):
     """The training loop: resumes from out_dir/ckpt.pt, logs to out_dir/metrics.jsonl, saves PNGs.
@@ -984,14 +946,14 @@ def train(cfg, stop=None):
     if cfg.resume:
         ckpt = load_resume_checkpoint(ckpt_path)                           # ckpt.pt, else ckpt_prev.pt, else None
     if ckpt is not None:
-        common.check_same_model(upgrade_saved_config(ckpt), cfg, ckpt_path, common.RUN_KEYS + MODEL_KEYS)
-        model.load_state_dict(ckpt["model"])
+        common.check_same_model(ckpt.get("config"), cfg, ckpt_path, common.RUN_KEYS + MODEL_KEYS)
+        load_weights(model, ckpt_path, ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         if ddp.is_main:
             print(f"resuming from {ckpt_path} at step {step}")
     elif cfg.init_from:
-        load_init(model, cfg.init_from)
+        load_weights(model, cfg.init_from)
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -1063,10 +1025,12 @@ def train(cfg, stop=None):
 # 5. Evaluation and prediction
 
 
-def load_init(model, path):
-    """Load --init_from into `model`: one of our checkpoints (its "model"), or an official one (converted).
-    Exits with one line when the file is missing, truncated, or was made for another model or config."""
-    sd = load_checkpoint(path, weights_only=False)                         # a file the user chose to trust
+def load_weights(model, path, ckpt=None):
+    """The weights of checkpoint file `path` into `model` (resume, --init_from, --eval_only, --predict): one of
+    our checkpoints (its "model"), or an official one (converted). `ckpt`: the file's dict when it is already
+    read (resume). Exits with one line when the file is missing, truncated, or was made for another model or
+    config."""
+    sd = ckpt if ckpt is not None else load_checkpoint(path, weights_only=False)   # a file the user chose to trust
     if "model" in sd and "config" in sd:                                   # one of ours
         try:
             model.load_state_dict(sd["model"])
@@ -1082,11 +1046,10 @@ def checkpoint_config(cfg, explicit=()):
     from the training one (zero-shot transfer, Tab. 8, 15). Of the keys in `explicit` (given on the
     command line) only --iters keeps the command line's value (Fig. 2: test-time iterations); the
     others are model shape. Ours load with the safe unpickler; an official --init_from file pickles
-    its hparams. A checkpoint saved with the old names is read through upgrade_saved_config. Returns cfg;
+    its hparams. Returns cfg;
     exits with one line when the file is corrupt."""
     official = bool(cfg.init_from) and common.inference_checkpoint(cfg) == cfg.init_from
-    return common.checkpoint_config(cfg, MODEL_KEYS, keep={"iters"} & set(explicit), weights_only=not official,
-                                    upgrade=upgrade_saved_config)
+    return common.checkpoint_config(cfg, MODEL_KEYS, keep={"iters"} & set(explicit), weights_only=not official)
 
 
 def run(cfg, argv=None):
@@ -1095,7 +1058,7 @@ def run(cfg, argv=None):
         cfg = checkpoint_config(cfg, common.explicit_fields(Config(), argv))
         check_out_dir(cfg.out_dir)                        # may differ from the checkpoint's (read-only) folder
         device = get_device(cfg.device)
-        model = common.load_for_inference(cfg, device, BOQSA, load_init, "boqsa.py")
+        model = common.load_for_inference(cfg, device, BOQSA, load_weights, "boqsa.py")
         if cfg.predict:                                   # label_offset 1: every slot coloured (no background)
             return common.predict_images(cfg, model, device, label_offset=1)
         if cfg.concept_maps:

@@ -12,7 +12,8 @@ Contents
    ari, miou, msc, mbo, mse, fg_iou_dice, segmentation_metrics, segments_per_image, nanmean,
    ObjectSegMetrics (AP/PQ/Pre/Rec)
 2. Config / CLI (argparse built from a dataclass: `--key=value` flags, help from the field comments)
-   parse_args, parse_config, explicit_fields, build_parser, apply_overrides, config_to_dict, ConfigError
+   RunConfig (the fields every script shares), parse_args, parse_config, explicit_fields, build_parser,
+   apply_overrides, config_to_dict, ConfigError
 3. Runtime
    seed_everything, get_device, DDPInfo, ddp_setup, ddp_cleanup, all_reduce_mean
 4. Checkpoints (atomic writes, the previous one kept, RNG state)
@@ -29,7 +30,7 @@ Contents
    MetricsLog, progress, fail, error_line, ResumableSampler,
    clip_gradients, check_finite_step, check_config, check_out_dir
 6. Visualisation (Pillow)
-   PALETTE, labels_to_rgb, to_uint8_image, save_image_grid, save_slot_grid
+   PALETTE, labels_to_rgb, match_to_truth, to_uint8_image, save_image_grid, save_slot_grid
 7. Prediction on the user's own images (--predict of every script)
    predict_folder, load_rgb, PREDICT_EXTS
 
@@ -79,7 +80,7 @@ __all__ = [
     # metrics
     "ari", "miou", "msc", "mbo", "mse", "fg_iou_dice", "segmentation_metrics", "nanmean",
     # config
-    "parse_args", "parse_config", "explicit_fields", "build_parser", "apply_overrides", "config_to_dict",
+    "RunConfig", "parse_args", "parse_config", "explicit_fields", "build_parser", "apply_overrides", "config_to_dict",
     "ConfigError",
     # runtime
     "seed_everything", "get_device", "DTYPES", "native_bf16", "resolve_dtype", "train_autocast", "DDPInfo",
@@ -98,7 +99,7 @@ __all__ = [
     # training-loop checks
     "clip_gradients", "check_finite_step", "check_config", "check_out_dir",
     # visualisation
-    "PALETTE", "labels_to_rgb", "to_uint8_image", "save_image_grid", "save_slot_grid",
+    "PALETTE", "labels_to_rgb", "match_to_truth", "to_uint8_image", "save_image_grid", "save_slot_grid",
     # prediction
     "predict_folder", "load_rgb", "PREDICT_EXTS",
 ]
@@ -478,6 +479,40 @@ def nanmean(x) -> float:
 # =============================================================================
 # 2. Config / CLI
 # =============================================================================
+
+
+@dataclass
+class RunConfig:
+    """The settings every script shares: data, run, logging, device, precision and checkpoints. Each script's
+    `Config` inherits them (redeclaring `out_dir`, and `dtype` where its default differs) and adds its model
+    and schedule; `--help` lists them first."""
+    # data
+    dataset: str = "synthetic"      # dataset to train and evaluate on (`python data.py --list`); its paper settings
+                                    # are applied first (the script's PRESETS), then your flags
+    data_dir: str = ""              # root of the dataset on disk as published (not needed for synthetic)
+    num_workers: int = 1            # DataLoader worker processes that read and decode the images
+    # run
+    out_dir: str = "out"            # folder of checkpoints, metrics.jsonl, sample images and eval results
+    seed: int = 0                   # random seed of the initialisation and the data order (one --out_dir per seed)
+    device: str = "auto"            # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"          # precision of the training forward: float32 | bfloat16 (autocast) | auto:
+                                    # bfloat16 where the CPU/GPU runs it natively, else float32; evaluation: float32
+    log_interval: int = 10          # print and log the training loss every N steps
+    eval_interval: int = 500        # evaluate, save sample images and a checkpoint every N steps
+    eval_items: int = 256           # images (videos) of the periodic evaluations, on --eval_split (0 = whole split)
+    eval_split: str = "val"         # split of the periodic evaluations during training (val: choose settings on
+                                    # it); the final evaluation is on test
+    test_items: int = 0             # test images (videos) of the final evaluation and --eval_only (0: the whole
+                                    # split, at the end of training only when it has <= 1024, else eval_items)
+    resume: bool = True             # continue from out_dir/ckpt.pt when it exists (same --seed, --dataset and model)
+    init_from: str = ""             # checkpoint to start training from, weights only: one of ours, or an official
+                                    # one (boqsa.py, ast_seg.py)
+    ckpt: str = ""                  # --eval_only / --predict: the checkpoint (default init_from, else out_dir/ckpt.pt)
+    eval_only: bool = False         # evaluate the checkpoint on the test split, write out_dir/eval_<dataset>.json,
+                                    # print the summary line and exit
+    predict: str = ""               # folder (or file) of your own images to segment with the checkpoint ->
+                                    # out_dir/predict/
+
 
 class ConfigError(ValueError):
     """A config override names an unknown key or has a value of the wrong type."""
@@ -1452,9 +1487,8 @@ def flag_value(value: Any) -> str:
 def check_same_model(saved, cfg, path, model_keys: Sequence[str]) -> None:
     """Refuse to resume a checkpoint trained with another value of a model setting.
 
-    The one rule: every key of `model_keys` that the saved config holds must equal cfg's value
-    (`same_setting`: tuples compare as tuples); a key missing from the saved config (a checkpoint
-    older than that Config field) is skipped.
+    The one rule: every key of `model_keys` must equal cfg's value in the saved config (`same_setting`:
+    tuples compare as tuples); a key the saved config lacks differs from every value.
 
     Args:
         saved: the checkpoint's config dict (ckpt["config"]); None or a non-dict counts as {}.
@@ -1470,14 +1504,16 @@ def check_same_model(saved, cfg, path, model_keys: Sequence[str]) -> None:
     """
     saved = saved if isinstance(saved, dict) else {}
     for key in model_keys:
-        if key in saved and not same_setting(saved[key], getattr(cfg, key)):
+        if key not in saved:
+            fail(f"{path} does not record --{key}, so it was not written by this script's training; start over "
+                 f"with --resume=false or another --out_dir")
+        if not same_setting(saved[key], getattr(cfg, key)):
             show = flag_value(saved[key])
             fail(f"{path} was trained with --{key}={show}, not {flag_value(getattr(cfg, key))}; pass --{key}={show} "
                  f"to resume it, or start over with --resume=false or another --out_dir")
 
 
-def checkpoint_config(cfg, model_keys: Sequence[str], keep: Sequence[str] = (), weights_only: bool = True,
-                      upgrade: typing.Optional[typing.Callable[[dict], dict]] = None):
+def checkpoint_config(cfg, model_keys: Sequence[str], keep: Sequence[str] = (), weights_only: bool = True):
     """Copy the model settings saved in the inference checkpoint into cfg, so --eval_only and --predict
     need no model flags (the dataset may differ from the training one: its images are then loaded at
     the checkpoint's image size).
@@ -1488,11 +1524,8 @@ def checkpoint_config(cfg, model_keys: Sequence[str], keep: Sequence[str] = (), 
         keep: keys whose command-line value wins over the checkpoint's (e.g. boqsa's explicit --iters).
         weights_only: torch's safe unpickler; False for a file the user chose to trust that pickles
             other objects (an official checkpoint's hyper-parameters).
-        upgrade: the script's checkpoint dict -> its config dict in today's field names (a checkpoint
-            saved before a rename; it may raise CheckpointError); None: the saved "config" as it is.
     Returns:
-        cfg. A key missing from the saved config keeps cfg's value; the others are converted by
-        `saved_setting`. cfg is unchanged when the file does not exist (`load_for_inference` reports
+        cfg, with the saved values converted by `saved_setting`. cfg is unchanged when the file does not exist (`load_for_inference` reports
         it) or holds no config dict (an official checkpoint).
     Exits:
         via `fail` (one line, status 1, CheckpointError's message naming the file) when the file
@@ -1503,7 +1536,7 @@ def checkpoint_config(cfg, model_keys: Sequence[str], keep: Sequence[str] = (), 
         return cfg
     try:
         ckpt = load_checkpoint(path, weights_only=weights_only)
-        saved = ckpt.get("config") if upgrade is None else upgrade(ckpt)
+        saved = ckpt.get("config")
     except CheckpointError as e:
         fail(error_line(e))
     if isinstance(saved, dict):
@@ -2071,12 +2104,39 @@ def save_image_grid(path, rows: list[tuple[str, torch.Tensor]], max_images: int 
     return path
 
 
+def match_to_truth(pred, true) -> torch.Tensor:
+    """Relabel each predicted segment with the true label it is matched to, so that prediction and truth
+    share colours in a figure: the Hungarian matching of `miou` (one-to-one, maximum total IoU,
+    background included, per image). A predicted segment matched to the true background becomes 0
+    (black); one matched to no true segment (more segments than objects) gets a label above every
+    true label of its image, so a colour no true object has.
+
+    Args:
+        pred, true: int label maps `[B, H, W]` (any labels; 0 = background in `true`).
+    Returns:
+        int64 tensor `[B, H, W]` on CPU.
+    Raises:
+        TypeError for floating-point inputs, ValueError for mismatched shapes.
+    """
+    t, p = _label_maps(true, pred)
+    out = np.empty_like(p)
+    for b in range(t.shape[0]):
+        t_labels, p_labels, iou = _iou_table(t[b], p[b])
+        rows, cols = linear_sum_assignment(iou, maximize=True)
+        new = np.arange(len(p_labels)) + t_labels.max() + 1               # unmatched: labels of their own
+        new[cols] = t_labels[rows]
+        out[b] = new[np.searchsorted(p_labels, p[b])]
+    return torch.from_numpy(out).reshape(torch.as_tensor(pred).shape[0], *torch.as_tensor(true).shape[-2:])
+
+
 def save_slot_grid(path, image, recon, pred_seg, true_seg=None, slot_recons=None,
                    max_images: int = 8) -> Path:
     """Standard qualitative figure for slot models (one PNG via `save_image_grid`).
 
     Rows: "input", "recon", "pred seg" (labels_to_rgb), "true seg" (if given), then one
-    row "slot k" per slot of `slot_recons`.
+    row "slot k" per slot of `slot_recons`. With a true segmentation, each predicted segment takes the
+    colour of the true object it is matched to (`match_to_truth`, as mIoU) and the background is black
+    in both rows.
 
     Args:
         image, recon: `[B, 3, H, W]` in [0, 1] (convert [-1, 1] models first).
@@ -2086,6 +2146,10 @@ def save_slot_grid(path, image, recon, pred_seg, true_seg=None, slot_recons=None
     Returns:
         the Path written.
     """
+    if true_seg is not None:
+        true_seg = torch.as_tensor(true_seg)
+        true_seg = true_seg[:, 0] if true_seg.dim() == 4 else true_seg
+        pred_seg = match_to_truth(pred_seg, true_seg)
     rows = [("input", image), ("recon", recon), ("pred seg", labels_to_rgb(pred_seg))]
     if true_seg is not None:
         rows.append(("true seg", labels_to_rgb(true_seg)))

@@ -65,71 +65,52 @@ from common import (DTYPES, CheckpointError, MetricsLog, ResumableSampler, all_r
 
 
 @dataclass
-class Config:
+class Config(common.RunConfig):
     """Min-cut OCL configuration. Every field can be set from the command line as --key=value.
 
     Defaults are sized for a 2-core CPU on the built-in `synthetic` dataset; `--dataset=NAME`
     first applies that dataset's paper settings (PRESETS, Sec. 6.1 and App. D), then your flags.
     """
-    task: str = "image"             # image (Sec. 6.1) | video (frame pairs, Alg. 3, Sec. 6.3) | cora (Sec. 6.2)
+    task: str = "image"             # what to train: image (Sec. 6.1) | video (frame pairs, Alg. 3, Sec. 6.3) | cora
+                                    # (Sec. 6.2)
     # data
-    dataset: str = "synthetic"      # synthetic | clevr | clevr6 | clevrtex | ... ; video: synthetic_video | movi_a
-    data_dir: str = ""              # root of the dataset on disk (not needed for synthetic)
-    image_size: int = 32            # input resolution (Sec. 6.1: 128; 32 here for a 2-core CPU)
+    image_size: int = 32            # side in pixels the images are resized to (Sec. 6.1: 128; 32 here for a 2-core CPU)
     crop: float = 0.0               # movi_a: centre crop, fraction of the side, before resizing (Sec. 6.3: 0.8)
-    num_workers: int = 1            # DataLoader workers
     # model
-    encoder: str = "cnn"            # cnn (Sec. 6.1: CLEVR) | resnet (4 BasicBlocks, Sec. 6.1: ClevrTex)
-    enc_channels: int = 32          # encoder feature maps (Sec. 6.1: 64 CNN, 100 ResNet)
+    encoder: str = "cnn"            # image encoder: cnn (Sec. 6.1: CLEVR) | resnet (4 BasicBlocks, Sec. 6.1: ClevrTex)
+    enc_channels: int = 32          # channels of the encoder's feature maps (Sec. 6.1: 64 CNN, 100 ResNet)
     enc_stride: int = 1             # stride of the first encoder layer, the others stride 1 (Sec. 6.1: 2, 128 px
                                     # -> 64x64 maps)
     num_slots: int = 7              # k: k-1 object cuts + 1 foreground cut (App. D: 12)
-    slot_dim: int = 64              # App. D: slot size 64
+    slot_dim: int = 64              # size of each slot vector (App. D: 64)
     mlp_dim: int = 128              # hidden width of the slot MLPs (official: 128; input MLP 2x this)
-    gamma: float = 0.5              # QP regulariser (Sec. 6.1: 0.5)
-    qp_solver: str = "dct"          # dct (exact, fast) | sparse (the paper's App. B method) | dense (tiny grids)
+    gamma: float = 0.5              # weight gamma of the (gamma/2)|x|^2 term that makes the s-t cut LP a strictly
+                                    # convex QP (Sec. 3.1; Sec. 6.1: 0.5)
+    qp_solver: str = "dct"          # how the cut QP is solved: dct (exact, fast) | sparse (the paper's App. B method) |
+                                    # dense (tiny grids)
     edges: str = "full"             # QP grid edges: full (Sec. 3.1 text, all in-image) | official (cut/st.py: interior pixels)
     weight_act: str = "relu"        # last activation of the edge-weight nets, weights >= 0: relu (official
                                     # slot_cut/model.py) | softplus (never a dead channel; the synthetic preset)
-    slot_pool: str = "mean"         # slot pooling of the masked features (Alg. 1 line 5): mean over all pixels
-                                    # (Sec. 4 "average ... across the spatial dimensions"; official) | weighted:
-                                    # divided by the mask's area, as Slot Attention's weighted mean
     obj_temp: float = 0.5           # softmax temperature over the object cuts (Sec. 6.1: 0.5)
     mask_temp: float = 0.1          # softmax temperature of the combined masks (Sec. 6.1: 0.1)
     match_temp: float = 0.1         # task video: matching softmax temperature (Alg. 3 line 4; not given: 0.1)
-    model: str = "mincut"           # mincut (Alg. 1-2; task video: Alg. 3 on frame pairs) | slot_attention
+    model: str = "mincut"           # slot model: mincut (Alg. 1-2; task video: Alg. 3 on frame pairs) | slot_attention
                                     # (baseline between the same encoder and decoder; video: Tab. 2 baseline)
     sa_iters: int = 3               # slot_attention baseline: iterations (Locatello et al. 2020: 3)
-    dec_channels: int = 32          # decoder feature maps (official: 64)
-    dec_init_size: int = 8          # spatial broadcast resolution (Sec. 6.1: 8x8)
+    dec_channels: int = 32          # channels of the decoder's feature maps (official: 64)
+    dec_init_size: int = 8          # side of the grid each slot is broadcast to before decoding (Sec. 6.1: 8x8)
     dec_strides: tuple = (2, 2, 1, 1)  # stride of every ConvT 5x5, then a ConvT 3x3 to 4 channels; dec_init_size *
                                     # prod = image_size (official slot_cut/model.py SlotCutModel: 2,2,2,2,1,1)
     # optimisation (App. D)
-    batch_size: int = 16            # App. D: 64
-    lr: float = 4e-4                # App. D: Adam 4e-4
+    batch_size: int = 16            # images (task video: frame pairs) per step over all processes, the global batch
+                                    # (App. D: 64)
+    lr: float = 4e-4                # Adam learning rate (App. D: 4e-4)
     lr_decay: float = 0.8           # lr factor lr_decay ** (step / (decay_fraction * max_steps)) (official)
     decay_fraction: float = 0.2     # the lr is x lr_decay every decay_fraction * max_steps steps (official)
     max_steps: int = 3000           # about 30 min on 2 CPU cores
-    grad_clip: float = 0.0          # 0 = off (the official code does not clip)
+    grad_clip: float = 0.0          # clip the gradient norm to this value (0 = off, as the official code)
     # run
     out_dir: str = "out/mincut_ocl" # checkpoints, metrics.jsonl, sample images and eval results
-    seed: int = 0                   # random seed (initialisation, data order)
-    device: str = "auto"            # auto | cpu | cuda | mps
-    log_interval: int = 10          # print and log the training loss every N steps
-    eval_interval: int = 500        # evaluate, save images and checkpoint every N steps
-    eval_items: int = 256           # images (videos) of the periodic evaluation, on --eval_split (0 = whole split)
-    eval_split: str = "val"         # split of the periodic evaluations during training (val: choose settings on
-                                    # it); the final evaluation is on test
-    test_items: int = 0             # test images (videos) of the final evaluation and --eval_only (0: the whole
-                                    # split, at the end of training only when it has <= 1024, else eval_items)
-    resume: bool = True             # continue from out_dir/ckpt.pt when it exists
-    init_from: str = ""             # one of our checkpoints to start training from (weights only)
-    ckpt: str = ""                  # --eval_only / --predict: checkpoint to use (default init_from, else out_dir/ckpt.pt)
-    eval_only: bool = False         # evaluate the checkpoint on the test split, write out_dir/eval_<dataset>.json,
-                                    # print the summary line
-    predict: str = ""               # task image: folder of images to segment with the checkpoint -> out_dir/predict/
-    dtype: str = "float32"          # float32 | bfloat16: autocast of the training forward's CNNs (the QP layers
-                                    # always solve in float32); float32 as the official code
 
 
 # Paper settings (Sec. 6.1, App. D; official slot_cut/): 128x128 input, first layer stride 2 -> 64x64 QP grid,
@@ -167,7 +148,6 @@ def video_dataset(cfg):
 MODELS = ("mincut", "slot_attention")
 TASKS = ("image", "video", "cora")
 WEIGHT_ACTS = {"relu": nn.ReLU, "softplus": nn.Softplus}   # --weight_act: edge weights >= 0 (Alg. 1 line 1)
-SLOT_POOLS = ("mean", "weighted")                             # --slot_pool (Alg. 1 line 5)
 
 
 def build_config(argv=None):
@@ -201,8 +181,6 @@ def validate_config(cfg):
         fail(f"--encoder must be cnn or resnet, got {cfg.encoder!r}")
     if cfg.weight_act not in WEIGHT_ACTS:
         fail(f"--weight_act must be one of {', '.join(WEIGHT_ACTS)}, got {cfg.weight_act!r}")
-    if cfg.slot_pool not in SLOT_POOLS:
-        fail(f"--slot_pool must be one of {', '.join(SLOT_POOLS)}, got {cfg.slot_pool!r}")
     if cfg.model not in MODELS:
         fail(f"--model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
     check_config(cfg, positive=("image_size", "enc_channels", "enc_stride", "num_slots", "slot_dim", "mlp_dim",
@@ -216,9 +194,11 @@ def validate_config(cfg):
         fail(f"--num_slots must be >= 2 (a background slot + object slots, Sec. 4), got {cfg.num_slots}", code=2)
     if cfg.crop > 1:
         fail(f"--crop is a fraction of the frame's side, in (0, 1] (0 = no crop), got {cfg.crop}", code=2)
-    if cfg.image_size % cfg.enc_stride:
-        fail(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}; use e.g. "
-             f"--image_size={cfg.image_size // cfg.enc_stride * cfg.enc_stride or cfg.enc_stride}", code=2)
+    try:
+        feature_side(cfg)
+    except ValueError as e:
+        fail(f"{e}; use e.g. --image_size={cfg.image_size // cfg.enc_stride * cfg.enc_stride or cfg.enc_stride}",
+             code=2)
     out = cfg.dec_init_size * math.prod(cfg.dec_strides)
     if out != cfg.image_size:
         fix = [f"--image_size={out}"]
@@ -1047,6 +1027,14 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
+def feature_side(cfg):
+    """The side of the encoder's feature map, the QP grid: image_size / enc_stride (Sec. 6.1: 64 at 128 px).
+    Raises ValueError (naming both flags) when enc_stride does not divide image_size."""
+    if cfg.image_size % cfg.enc_stride:
+        raise ValueError(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}")
+    return cfg.image_size // cfg.enc_stride
+
+
 class Encoder(nn.Module):
     """Image encoder (Sec. 6.1): images [B,3,H,W] in [-1,1] -> features [B,C,H/s,W/s], s = enc_stride.
 
@@ -1094,10 +1082,9 @@ class KPartition(nn.Module):
         if K < 2:
             raise ValueError(f"--num_slots must be >= 2 (background + objects), got {K}")
         self.K, self.obj_temp, self.mask_temp = K, cfg.obj_temp, cfg.mask_temp
-        self.weighted = getattr(cfg, "slot_pool", "mean") == "weighted"
         self.pos = SoftPositionEmbed(C, height, width)                     # Alg. 2 line 1
 
-        act = WEIGHT_ACTS[getattr(cfg, "weight_act", "relu")]            # ReLU as the official code
+        act = WEIGHT_ACTS[cfg.weight_act]                                 # ReLU as the official code
 
         def weight_net(cuts):                                              # Alg. 1 line 1: y_i = f_y(x), >= 0
             return nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.LeakyReLU(),
@@ -1119,11 +1106,11 @@ class KPartition(nn.Module):
 
         Official SlotCut: f_j = mlp_in[j](LayerNorm(x)), s_j = mean over pixels of masks * f_j (Alg. 1 line 5,
         Alg. 2 line 3; all three branches use the same K masks), slots = s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
-        (Alg. 2 line 4). --slot_pool=weighted divides by each mask's area (sum over pixels) instead of h*w."""
+        (Alg. 2 line 4). The mean is over all h*w pixels (Sec. 4: "average ... across the spatial dimensions"),
+        not over each mask's area as Slot Attention's weighted mean."""
         h, w = x.shape[-2:]
         xn = self.norm(x.permute(0, 2, 3, 1))                              # [B,h,w,C]
-        area = masks.sum(dim=(2, 3))[..., None].clamp_min(1e-8) if self.weighted else h * w
-        s = [torch.einsum("bkhw,bhwd->bkd", masks, f_x(xn)) / area for f_x in self.mlp_in]
+        s = [torch.einsum("bkhw,bhwd->bkd", masks, f_x(xn)) / (h * w) for f_x in self.mlp_in]
         return s[0] + sum(f(s_j) for f, s_j in zip(self.mlp_out, s))     # s1 + mlp(s1) + mlp2(s2) + mlp3(s3)
 
     def forward(self, feats):
@@ -1190,11 +1177,9 @@ class MinCutOCL(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.image_size % cfg.enc_stride:
-            raise ValueError(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}")
+        side = feature_side(cfg)                                           # Sec. 6.1: 64x64 QP grid at 128 px
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        side = cfg.image_size // cfg.enc_stride                           # Sec. 6.1: 64x64 QP grid at 128 px
         self.partition = KPartition(cfg, side, side)
         self.decoder = Decoder(cfg)
 
@@ -1369,9 +1354,7 @@ class SlotAttentionModel(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.image_size % cfg.enc_stride:
-            raise ValueError(f"--image_size={cfg.image_size} must be divisible by --enc_stride={cfg.enc_stride}")
-        C, side = cfg.enc_channels, cfg.image_size // cfg.enc_stride
+        C, side = cfg.enc_channels, feature_side(cfg)
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.pos = SoftPositionEmbed(C, side, side)
@@ -1453,38 +1436,13 @@ def train_loader(cfg, ddp, start_step):
 # (Not here: qp_solver, the three solvers compute the same QP to round-off; dtype, autocast of training only.)
 MODEL_KEYS = ("task", "model", "sa_iters", "image_size", "encoder", "enc_channels", "enc_stride", "num_slots",
               "slot_dim", "mlp_dim", "gamma", "edges", "obj_temp", "mask_temp", "match_temp", "dec_channels",
-              "dec_init_size", "dec_strides", "weight_act", "slot_pool")
+              "dec_init_size", "dec_strides", "weight_act")
 
-def upgrade_saved_config(ckpt):
-    """The config dict of checkpoint `ckpt` (a dict with "config" and "model") in today's meaning, so that our
-    checkpoints saved under the old decoder rule still resume and evaluate. The old dec_strides left out the
-    two stride-1 ConvT 5x5 that the Decoder added: a checkpoint whose weights hold len(dec_strides) + 2 such
-    layers is an old one and gets dec_strides + (1, 1). A config saved before --weight_act existed gets
-    weight_act "relu" (the only activation then; today's synthetic preset is softplus), one saved before
-    --slot_pool existed gets slot_pool "mean" (the only pooling then), and a saved
-    video_model (the flag's name before --model) becomes model. Returns a new dict
-    (the checkpoint unchanged); a current config, or a missing or non-dict one, as it is."""
-    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
-    state = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if isinstance(saved, dict) and "weight_act" not in saved:
-        saved = dict(saved, weight_act="relu")
-    if isinstance(saved, dict) and "slot_pool" not in saved:
-        saved = dict(saved, slot_pool="mean")
-    if isinstance(saved, dict) and "video_model" in saved:
-        saved = {("model" if k == "video_model" else k): v for k, v in saved.items()}
-    if not isinstance(saved, dict) or not isinstance(saved.get("dec_strides"), (list, tuple)) or \
-            not isinstance(state, dict):
-        return saved
-    n_5x5 = sum(1 for k, v in state.items()                             # decoder.net.{i} / base.decoder.net.{i}
-                if (k.startswith("decoder.net.") or ".decoder.net." in k) and k.endswith(".weight")
-                and getattr(v, "ndim", 0) == 4 and v.shape[-1] == 5)
-    if n_5x5 != len(saved["dec_strides"]) + 2:
-        return saved
-    return dict(saved, dec_strides=tuple(saved["dec_strides"]) + (1, 1))
-
-
-def load_weights(model, state, path):
-    """load_state_dict of one of our checkpoints (dict `state` read from `path`); one line if it does not fit."""
+def load_weights(model, path, ckpt=None):
+    """The weights of checkpoint file `path` (one of ours) into `model` (resume, --init_from, --eval_only,
+    --predict). `ckpt`: the file's dict when it is already read (resume). Exits with one line when the file
+    is missing, truncated, or does not fit."""
+    state = ckpt if ckpt is not None else load_checkpoint(path)
     if not isinstance(state.get("model"), dict):
         fail(f"{path} is not a mincut_ocl.py checkpoint (no 'model' weights); pass a ckpt.pt written by this script")
     try:
@@ -1529,15 +1487,16 @@ def train(cfg, stop=None):
     ckpt = load_resume_checkpoint(ckpt_path) if cfg.resume else None     # falls back to ckpt_prev.pt
     resumed_at = ckpt["step"] if ckpt is not None else None
     if ckpt is not None:
-        common.check_same_model(upgrade_saved_config(ckpt), cfg, ckpt_path, common.RUN_KEYS + MODEL_KEYS)
-        load_weights(raw_model, ckpt, ckpt_path)
+        common.check_same_model(ckpt.get("config"), cfg, ckpt_path,
+                                MODEL_KEYS[:1] + common.RUN_KEYS + MODEL_KEYS[1:])   # --task first
+        load_weights(raw_model, ckpt_path, ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         if ddp.is_main:
             print(f"resuming from {ckpt_path} at step {step}" + (f" (--init_from={cfg.init_from} is ignored)"
                                                                    if cfg.init_from else ""))
     elif cfg.init_from:
-        load_weights(raw_model, load_checkpoint(cfg.init_from), cfg.init_from)   # weights only: fresh optimiser
+        load_weights(raw_model, cfg.init_from)                       # weights only: fresh optimiser
         if ddp.is_main:
             print(f"starting from the weights of {cfg.init_from}")
     model = nn.parallel.DistributedDataParallel(raw_model) if ddp.enabled else raw_model
@@ -2355,7 +2314,7 @@ def run(cfg):
     """--predict, --eval_only (results also in <out_dir>/eval_<dataset>.json) or training. --eval_only and
     --predict take the model settings (MODEL_KEYS) from the checkpoint: common.checkpoint_config."""
     if cfg.eval_only or cfg.predict:
-        cfg = common.checkpoint_config(cfg, MODEL_KEYS, upgrade=upgrade_saved_config)  # also the task it was trained for
+        cfg = common.checkpoint_config(cfg, MODEL_KEYS)  # also the task it was trained for
         cfg.dataset = video_dataset(cfg)
         if cfg.predict and cfg.task != "image":
             fail(f"--predict segments images: {common.inference_checkpoint(cfg)} is a --task={cfg.task} checkpoint")
@@ -2371,7 +2330,7 @@ def run(cfg):
     device = get_device(cfg.device)
     path = common.inference_checkpoint(cfg)
     model = common.load_for_inference(cfg, device, build_model,
-                                      lambda m, p: load_weights(m, load_checkpoint(p), p), "mincut_ocl.py")
+                                      load_weights, "mincut_ocl.py")
     if cfg.predict:                                       # the image model; slot 0, the background cut, is black
         return common.predict_images(cfg, model, device)
     evaluate_fn = evaluate_video if cfg.task == "video" else evaluate
