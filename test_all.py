@@ -1794,16 +1794,43 @@ def test_boqsa_resume_is_exact(tmp_path):
         torch.testing.assert_close(sa[k], sb[k], msg=k)
 
 
+_BOQSA_DDP_HELPER = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import boqsa
+models = []
+class Recording(boqsa.BOQSA):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        models.append(self)
+        torch.save(self.state_dict(), os.path.join(sys.argv[2], f"init{os.environ['RANK']}.pt"))
+boqsa.BOQSA = Recording
+boqsa.main(sys.argv[3:])
+torch.save(models[0].state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
 def test_boqsa_ddp_two_processes(tmp_path):
-    """torchrun --nproc_per_node=2 on CPU (gloo) trains and writes one checkpoint."""
+    """torchrun --nproc_per_node=2 on CPU (gloo) trains and writes one checkpoint; after 3 steps both ranks
+    hold the same weights (gradients all-reduced; each rank draws its own half of the batch), which are the
+    checkpoint's."""
+    helper = tmp_path / "helper.py"
+    helper.write_text(_BOQSA_DDP_HELPER)
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "boqsa.py"), *TINY, "--max_steps=3", "--eval_interval=3",
+                        str(helper), HERE, str(tmp_path), *TINY, "--max_steps=3", "--eval_interval=3",
                         "--device=cpu", f"--out_dir={out}"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+    w0, w1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["step"] == 3 and set(w0) == set(w1) == set(state["model"])
     assert os.listdir(out).count("ckpt.pt") == 1
+    init = torch.load(tmp_path / "init0.pt", weights_only=True)
+    assert any(not torch.equal(init[k], w0[k]) for k in w0)                    # it trained
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], atol=0, rtol=0, msg=f"ranks differ: {k}")
+        torch.testing.assert_close(state["model"][k], w0[k], atol=0, rtol=0, msg=k)
 
 
 # =============================================================================
