@@ -1794,16 +1794,43 @@ def test_boqsa_resume_is_exact(tmp_path):
         torch.testing.assert_close(sa[k], sb[k], msg=k)
 
 
+_BOQSA_DDP_HELPER = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import boqsa
+models = []
+class Recording(boqsa.BOQSA):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        models.append(self)
+        torch.save(self.state_dict(), os.path.join(sys.argv[2], f"init{os.environ['RANK']}.pt"))
+boqsa.BOQSA = Recording
+boqsa.main(sys.argv[3:])
+torch.save(models[0].state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
 def test_boqsa_ddp_two_processes(tmp_path):
-    """torchrun --nproc_per_node=2 on CPU (gloo) trains and writes one checkpoint."""
+    """torchrun --nproc_per_node=2 on CPU (gloo) trains and writes one checkpoint; after 3 steps both ranks
+    hold the same weights (gradients all-reduced; each rank draws its own half of the batch), which are the
+    checkpoint's."""
+    helper = tmp_path / "helper.py"
+    helper.write_text(_BOQSA_DDP_HELPER)
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "boqsa.py"), *TINY, "--max_steps=3", "--eval_interval=3",
+                        str(helper), HERE, str(tmp_path), *TINY, "--max_steps=3", "--eval_interval=3",
                         "--device=cpu", f"--out_dir={out}"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+    w0, w1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["step"] == 3 and set(w0) == set(w1) == set(state["model"])
     assert os.listdir(out).count("ckpt.pt") == 1
+    init = torch.load(tmp_path / "init0.pt", weights_only=True)
+    assert any(not torch.equal(init[k], w0[k]) for k in w0)                    # it trained
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], atol=0, rtol=0, msg=f"ranks differ: {k}")
+        torch.testing.assert_close(state["model"][k], w0[k], atol=0, rtol=0, msg=k)
 
 
 # =============================================================================
@@ -6500,6 +6527,218 @@ def test_common_native_bf16_reads_the_cpu_bf16_instructions(monkeypatch, caps, n
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
     assert common.native_bf16(torch.device("cpu")) is native
     assert common.resolve_dtype(torch.device("cpu"), "auto") == ("bfloat16" if native else "float32")
+
+
+# ---------------------------------------------------------------- issue 38: tests that catch their bug
+# (each test below was checked against a deliberate mutation of the code it is about: see its docstring)
+
+class _FixedCut(torch.nn.Module):
+    """Stand-in for KPartition.qp: returns the hand-chosen CutSolution whatever the edge weights."""
+
+    def __init__(self, p, d_s, d_t):
+        super().__init__()
+        self.sol = mc.CutSolution(p=p, p_s=torch.full((p.shape[0],), 5.0), p_t=torch.full((p.shape[0],), -5.0),
+                                  d_s=d_s, d_t=d_t, d_grid=torch.zeros(p.shape[0], 4, *p.shape[1:]))
+
+    def forward(self, w):
+        return self.sol
+
+
+@torch.no_grad()
+def test_mincut_kpartition_masks_hand_computed():
+    """Pins the mask construction of KPartition (Alg. 1 line 4, Sec. 4 background slot, Sec. 6.1 temperatures):
+    slot 0 = 1 - fg of the LAST (foreground) cut, slots 1.. = fg x softmax(p / 0.5) of the object cuts, then a
+    softmax / 0.1 over the slots. A 2x2 grid with hand-chosen cut outputs; expected masks computed by hand."""
+    cfg = mc_tiny_config(num_slots=3)
+    assert (cfg.obj_temp, cfg.mask_temp) == (0.5, 0.1)                      # Sec. 6.1
+    part = mc.KPartition(cfg, 2, 2)
+    # batch B*K = 3 cuts: object cut 0, object cut 1, foreground cut. Foreground cut: d_s - d_t = +40 on the
+    # right column (t side: foreground, sigmoid = 1 in float32), -40 on the left column (background).
+    p = torch.tensor([[[3.0, 1.0], [-2.0, 0.0]],                            # object cut 0
+                      [[-3.0, 0.0], [2.0, 1.0]],                            # object cut 1
+                      [[9.0, 9.0], [9.0, 9.0]]])                            # fg cut: its p is not used
+    d_s = torch.zeros(3, 2, 2)
+    d_t = torch.zeros(3, 2, 2)
+    d_s[2, :, 1], d_t[2, :, 0] = 40.0, 40.0
+    part.qp = _FixedCut(p, d_s, d_t)
+    out = part(torch.randn(1, cfg.enc_channels, 2, 2))
+    torch.testing.assert_close(out["fg"], torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]), atol=1e-12, rtol=0)
+
+    def softmax(v):
+        e = [math.exp(x) for x in v]
+        return [x / sum(e) for x in e]
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    bg = softmax([1 / 0.1, 0.0, 0.0])                                       # fg = 0: [1, 0, 0] / 0.1
+    top = softmax([0.0, sig(2.0) / 0.1, sig(-2.0) / 0.1])                    # p = (1, 0): objects (s(2), s(-2))
+    bottom = softmax([0.0, sig(-2.0) / 0.1, sig(2.0) / 0.1])                 # p = (0, 1)
+    want = torch.tensor([[bg, top], [bg, bottom]]).permute(2, 0, 1)[None]   # [1, K, 2, 2]
+    torch.testing.assert_close(out["cut_masks"], want.float(), atol=1e-6, rtol=0)
+    assert out["cut_masks"].argmax(1).tolist() == [[[0, 1], [0, 2]]]         # background left, two objects right
+
+
+@torch.no_grad()
+def test_mincut_kpartition_background_is_the_s_side_of_the_foreground_cut():
+    """Through the real QP (dct, 8x8): edge weights chosen by hand (see two_halves). The foreground cut's
+    s-strong left half is the background (slot 0); on the right half object cut 0 (s-strong top) takes the top
+    (slot 1) and object cut 1 (s-strong bottom) the bottom (slot 2)."""
+    cfg = mc_tiny_config(num_slots=3)
+    part = mc.KPartition(cfg, 8, 8)
+    top, first_top = two_halves(axis=0)
+    fg_w, left = two_halves(axis=1)
+    bottom = top[:, [1, 0, 2, 3, 4, 5]]                                     # s- and t-edges swapped
+
+    class Const(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w = w.float()
+
+        def forward(self, x):
+            return self.w.expand(x.shape[0], -1, -1, -1)
+    part.weights_obj = Const(torch.cat([top, bottom], dim=1))               # [1, 12, 8, 8]: cuts 0 and 1
+    part.weights_fg = Const(fg_w)
+    out = part(torch.randn(2, cfg.enc_channels, 8, 8))
+    want = torch.zeros(8, 8, dtype=torch.long)
+    want[:4, 4:], want[4:, 4:] = 1, 2                                        # left half 0 (background)
+    assert left[:, :4].all() and not left[:, 4:].any() and first_top[:4].all() and not first_top[4:].any()
+    for b in range(2):
+        assert torch.equal(out["cut_masks"][b].argmax(0), want), out["cut_masks"][b].argmax(0)
+        assert out["fg"][b][:, :4].max() < 0.01 and out["fg"][b][:, 4:].min() > 0.99
+
+
+def test_mincut_lr_factor_hand_computed():
+    """mincut_ocl.lr_factor (App. D / official): lr x lr_decay ** (step / (decay_fraction * max_steps)), no
+    warmup (factor 1 at step 0), the divisor at least 1 step; values computed by hand."""
+    cfg = mc.Config(lr_decay=0.8, decay_fraction=0.2, max_steps=1000)
+    assert (mc.Config().lr_decay, mc.Config().decay_fraction) == (0.8, 0.2)   # the official schedule
+    for step, want in ((0, 1.0), (100, 0.8 ** 0.5), (200, 0.8), (400, 0.64), (600, 0.512), (1000, 0.32768)):
+        assert mc.lr_factor(step, cfg) == pytest.approx(want, rel=1e-12), step
+    cfg = mc.Config(lr_decay=0.5, decay_fraction=0.25, max_steps=40)        # halved every 10 steps
+    assert [mc.lr_factor(s, cfg) for s in (0, 5, 10, 20, 30)] == pytest.approx([1, 2 ** -0.5, 0.5, 0.25, 0.125])
+    cfg = mc.Config(lr_decay=0.8, decay_fraction=0.2, max_steps=3)          # 0.2 * 3 < 1 step: x 0.8 per step
+    assert [mc.lr_factor(s, cfg) for s in range(3)] == pytest.approx([1.0, 0.8, 0.64])
+
+
+def test_mincut_training_applies_the_lr_schedule(tmp_path):
+    """The lr logged for steps 1..4 of a run (lr 1e-3, x 0.5 every 2 steps: decay_fraction 0.5 x 4 steps) is
+    1e-3 x 0.5 ** ((step - 1) / 2): the schedule of App. D is what the optimiser uses, from step 0, no warmup."""
+    mc.main(MC_TINY + [f"--out_dir={tmp_path}", "--max_steps=4", "--eval_interval=100", "--lr=1e-3",
+                       "--lr_decay=0.5", "--decay_fraction=0.5", "--test_items=1"])
+    lrs = [json.loads(x)["lr"] for x in open(tmp_path / "metrics.jsonl") if '"lr"' in x]
+    assert lrs == pytest.approx([1e-3, 1e-3 * 0.5 ** 0.5, 1e-3 * 0.5, 1e-3 * 0.5 ** 1.5], rel=1e-9)
+
+
+def _clevr_coordinate_scene():
+    """A 240x320 CLEVR-with-masks scene whose pixels encode their coordinates: R = row, G = col % 256,
+    B = col // 256; object masks in vertical bands, label = col // 32 (0..9)."""
+    rows, cols = np.mgrid[0:240, 0:320]
+    img = np.stack([rows, cols % 256, cols // 256], axis=-1).astype(np.uint8)
+    label = cols // 32
+    masks = np.stack([(label == k) for k in range(11)]).astype(np.uint8) * 255   # [11, 240, 320]
+    return img, masks
+
+
+@pytest.mark.parametrize("source", ["tfrecord", "png"])
+def test_data_clevr_default_crop_box_by_hand(tmp_path, source):
+    """CLEVR's default 0.8 centre crop of a 240x320 scene keeps rows 24..215 and columns 64..255 (box
+    (64, 24, 256, 216), the ClevrTex convention in data.Clevr's docstring), for the TFRecord and the PNG
+    export alike; checked on coordinates written into the pixels, without the library's crop function."""
+    img, masks = _clevr_coordinate_scene()
+    if source == "tfrecord":
+        root = tmp_path / "clevr_with_masks_train.tfrecords"
+        _data_write_tfrecord(str(root), [_data_make_example({"image": img, "mask": masks[..., None]})],
+                             compression="GZIP")
+    else:
+        root = tmp_path
+        Image.fromarray(np.ascontiguousarray(img[..., ::-1])).save(root / "CLEVR_image_0.png")   # stored BGR
+        for k in range(11):
+            Image.fromarray(masks[k]).save(root / f"CLEVR_mask_0_{k}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                  # "only 1 scene / record"
+        it = build_dataset("clevr", "test", root=str(root), image_size=192)[0]   # crop only: 192 = 0.8 * 240
+        small = build_dataset("clevr", "test", root=str(root))[0]                # the default: then 128 px
+    got = np.rint(it["image"].numpy() * 255).astype(np.int64)            # [3, 192, 192]
+    assert got.shape == (3, 192, 192)
+    assert np.array_equal(got[0], np.broadcast_to(np.arange(24, 216)[:, None], (192, 192))), \
+        f"rows kept: {got[0, [0, -1], 0]} instead of 24..215"
+    cols = got[1] + 256 * got[2]
+    assert np.array_equal(cols, np.broadcast_to(np.arange(64, 256)[None, :], (192, 192))), \
+        f"columns kept: {cols[0, [0, -1]]} instead of 64..255"
+    assert np.array_equal(it["mask"].numpy(), np.broadcast_to(np.arange(64, 256) // 32, (192, 192))), "mask crop"
+    # the default image_size 128: the hand crop, resized with PIL (BILINEAR image, NEAREST mask)
+    ref = np.asarray(Image.fromarray(np.ascontiguousarray(img[24:216, 64:256])).resize((128, 128), Image.BILINEAR))
+    assert np.array_equal(np.rint(small["image"].numpy() * 255).astype(np.uint8), ref.transpose(2, 0, 1)), "128 px"
+    bands = np.broadcast_to(np.arange(320) // 32, (240, 320))
+    assert np.array_equal(small["mask"].numpy(), _data_nearest(bands[24:216, 64:256], (128, 128))), "128 px mask"
+
+
+def test_mincut_predict_centre_crop_and_labels_are_the_models_argmax(tmp_path, capsys):
+    """--predict (README): each image centre-cropped to a square and resized to image_size; NAME_labels.png is
+    the argmax of the model's own masks on that image. Wide and tall images with three distinct thirds (the
+    crop is the middle one, no resize at 16 px) and a 30x40 image (hand box (5, 0, 35, 30), PIL BILINEAR)."""
+    ckpt = train_tiny(tmp_path / "a")
+    rng = np.random.default_rng(38)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    thirds = [np.full((16, 16, 3), (250, 20, 20), np.uint8), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+              np.full((16, 16, 3), (20, 20, 250), np.uint8)]
+    Image.fromarray(np.concatenate(thirds, axis=1)).save(imgs / "wide.png")            # 16 x 48
+    Image.fromarray(np.concatenate(thirds, axis=0)).save(imgs / "tall.png")            # 48 x 16
+    big = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(big).save(imgs / "odd.png")
+    mc.main([f"--predict={imgs}", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'p'}"])
+    cfg = mc.build_config(MC_TINY)
+    model = mc.MinCutOCL(cfg)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    model.eval()
+
+    def argmax(a):
+        x = torch.from_numpy(a.astype(np.float32) / 255).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            return model(x)["masks"].argmax(1)[0].numpy()
+    odd = np.asarray(Image.fromarray(big[:, 5:35]).resize((16, 16), Image.BILINEAR))     # box (5, 0, 35, 30)
+    pred = tmp_path / "p" / "predict"
+    for name, crop in (("wide.png", thirds[1]), ("tall.png", thirds[1]), ("odd.png", odd)):
+        panel = _input_panel(pred / f"{name}.png")
+        assert np.array_equal(panel, np.kron(crop, np.ones((8, 8, 1), np.uint8))), f"{name}: not the centre crop"
+        labels = np.asarray(Image.open(pred / f"{name}_labels.png"))
+        assert np.array_equal(labels, argmax(crop)), f"{name}: labels are not the model's argmax on the crop"
+    assert any(not np.array_equal(argmax(thirds[1]), argmax(t)) for t in (thirds[0], thirds[2]))   # labels tell
+
+
+@pytest.mark.parametrize("script", ["boqsa", "mincut_ocl", "ast_seg"])
+def test_common_evaluation_runs_in_float32_under_bfloat16_training(tmp_path, monkeypatch, script):
+    """README: --dtype=bfloat16 runs the TRAINING forward under bf16 autocast; evaluation is always float32.
+    A global forward hook records the output dtype of every Linear / Conv layer: bf16 ones in the training
+    steps, only float32 ones inside the periodic and the final evaluations."""
+    mod, tiny = {"boqsa": (boqsa, [*TINY, "--max_steps=2", "--eval_interval=1", "--eval_items=4"]),
+                 "mincut_ocl": (mc, [*MC_TINY, "--max_steps=2", "--eval_interval=1", "--test_items=2"]),
+                 "ast_seg": (ast_seg, [*AST_TINY, "--bg_steps=1", "--freeze_steps=1", "--max_steps=1",
+                                       "--eval_items=2", "--eval_interval=1"])}[script]
+    seen = {"train": set(), "eval": set()}
+    phase = ["train"]
+    calls = []
+    real = mod.evaluate
+
+    def evaluate(*a, **k):
+        phase[0] = "eval"
+        calls.append(1)
+        try:
+            return real(*a, **k)
+        finally:
+            phase[0] = "train"
+    monkeypatch.setattr(mod, "evaluate", evaluate)
+
+    def hook(module, args, output):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)) and torch.is_tensor(output):
+            seen[phase[0]].add(output.dtype)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        mod.main([*tiny, "--dtype=bfloat16", "--device=cpu", f"--out_dir={tmp_path}"])
+    finally:
+        handle.remove()
+    assert len(calls) >= 2                                                   # periodic + final evaluation
+    assert torch.bfloat16 in seen["train"], seen                             # the hook sees autocast
+    assert seen["eval"] == {torch.float32}, f"evaluation not in float32: {seen['eval']}"
 
 
 # ---------------------------------------------------------------- long runs on a shared machine, CUDA-only paths
