@@ -858,6 +858,7 @@ def train_loader(cfg, ddp, batch_size, start_step, seed):
     # boundary would continue from another RNG state than the uninterrupted run
     return torch.utils.data.DataLoader(ds, batch_size=batch_size // ddp.world_size, sampler=sampler,
                                        num_workers=cfg.num_workers, drop_last=True,
+                                       worker_init_fn=common.worker_ignores_stop_signals,
                                        persistent_workers=cfg.num_workers > 0,
                                        pin_memory=ddp.device.type == "cuda",
                                        generator=torch.Generator().manual_seed(seed))
@@ -879,7 +880,8 @@ def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
     has_masks = getattr(ds, "has_masks", True)
     if num_items and num_items < len(ds):
         ds = torch.utils.data.Subset(ds, range(num_items))
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 2))
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 2),
+                                         worker_init_fn=common.worker_ignores_stop_signals)
     sums, first = {}, None
     if not has_masks:
         print(f"{cfg.dataset}: no instance masks present in {cfg.data_dir or 'the dataset'}; reporting MSE only")

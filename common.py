@@ -21,7 +21,7 @@ Contents
    CheckpointError, get_rng_state, set_rng_state
 4a. Long runs on a shared machine: one training process per --out_dir (an OS file lock), SIGTERM / SIGINT
    finish the step and save, another --seed or --dataset never resumes a run
-   training_run, StopSignals, stop_on_signal, RUN_KEYS
+   training_run, StopSignals, stop_on_signal, worker_ignores_stop_signals, RUN_KEYS
 4b. Inference from a checkpoint (--eval_only / --predict of every script)
    inference_checkpoint, checkpoint_config, check_same_model, same_setting, saved_setting, flag_value,
    load_for_inference, predict_images, evaluate_checkpoint, finish_training (the final test evaluation),
@@ -89,7 +89,7 @@ __all__ = [
     "save_checkpoint", "load_checkpoint", "load_resume_checkpoint", "prev_checkpoint_path", "non_finite_tensors",
     "CheckpointError", "get_rng_state", "set_rng_state",
     # long runs
-    "training_run", "StopSignals", "stop_on_signal", "RUN_KEYS",
+    "training_run", "StopSignals", "stop_on_signal", "worker_ignores_stop_signals", "RUN_KEYS",
     # inference from a checkpoint
     "inference_checkpoint", "checkpoint_config", "check_same_model", "same_setting", "saved_setting", "flag_value",
     "load_for_inference", "predict_images", "evaluate_checkpoint", "finish_training", "summary_line",
@@ -1393,6 +1393,15 @@ class StopSignals:
         t = torch.tensor([self.signum], dtype=torch.int64, device=ddp.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
+
+
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn` of every loader: the worker ignores SIGTERM and SIGINT. A scheduler signals
+    every process of a job and Ctrl-C the whole foreground group; torch's workers die of SIGTERM (from any
+    process but their parent) and of SIGINT, and a dead worker makes the main process raise in the middle of
+    its step, before StopSignals can save. The main process ends its workers when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stop_on_signal(stop: "StopSignals | None", ddp: "DDPInfo", step: int, ckpt_path, save) -> None:

@@ -1428,6 +1428,7 @@ def train_loader(cfg, ddp, start_step):
                                world_size=ddp.world_size)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // ddp.world_size, sampler=sampler,
                                        num_workers=cfg.num_workers, drop_last=True,
+                                       worker_init_fn=common.worker_ignores_stop_signals,
                                        persistent_workers=cfg.num_workers > 0,
                                        pin_memory=ddp.device.type == "cuda")
 
@@ -1583,7 +1584,8 @@ def evaluate(model, cfg, device, num_items=0, image_path=None, split="test"):
     ds = load_dataset(cfg, split)
     if num_items and num_items < len(ds):
         ds = torch.utils.data.Subset(ds, range(num_items))
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 2))
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 2),
+                                         worker_init_fn=common.worker_ignores_stop_signals)
     sums, first = {}, None
     for batch in loader:
         images = batch["image"].to(device)

@@ -6851,20 +6851,24 @@ def _wait_for_log(path, proc, timeout=120):
         time.sleep(0.2)
 
 
-def test_sigterm_from_outside_saves_and_exits_143(tmp_path):
-    """A real SIGTERM to `python boqsa.py` as a scheduler sends it (with a DataLoader worker in the process
-    group too): the run ends with status 143 and a checkpoint at the step it names."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_saves_and_exits(tmp_path, signum):
+    """A real signal to every process of the run, DataLoader worker included, as a scheduler sends SIGTERM
+    (scancel, preemption) and a terminal Ctrl-C: the run ends with status 128 + signal and a checkpoint at
+    the step it names (torch's workers die of such a signal unless they ignore it, and a dead worker made
+    the main process raise before it could save)."""
     out = tmp_path / "o"
     args = [a for a in TINY if not a.startswith("--num_workers")]
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "boqsa.py"), *args, "--num_workers=1",
                              "--max_steps=100000", "--eval_interval=100000", f"--out_dir={out}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     _wait_for_log(out / "metrics.jsonl", proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signum)                                     # the main process and its worker
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-2000:]
-    m = re.search(r"stopped by SIGTERM after step (\d+): saved (\S+); run the same command to resume", stdout)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    m = re.search(rf"stopped by {name} after step (\d+): saved (\S+); run the same command to resume", stdout)
     assert m and "Traceback" not in stderr, (stdout[-1000:], stderr[-2000:])
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == int(m.group(1)) > 0
 
