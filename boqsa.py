@@ -178,7 +178,7 @@ def build_config(argv=None):
                                 "log_interval", "eval_interval", "tau_start", "tau_final"),
                  nonnegative=("num_workers", "sigma_steps", "tau_steps", "warmup_steps", "max_steps", "grad_clip",
                               "drop_path", "dec_dropout", "recon_items", "eval_items", "test_items"),
-                 choices=dict(init=("query", "gaussian"), grad=GRADS, eval_split=data.SPLITS))
+                 choices=dict(init=("query", "gaussian"), grad=SlotAttention.GRADS, eval_split=data.SPLITS))
     for name in ("enc_kernel", "dec_kernel"):
         k = getattr(cfg, name)
         if k < 1 or k % 2 == 0:                                     # 'same' padding needs an odd kernel
@@ -251,9 +251,6 @@ class Encoder(nn.Module):
         return self.mlp(x.flatten(1, 2))                                   # [B,N,D]
 
 
-GRADS = ("bo", "detach", "full")     # --grad: the gradient through the slot-attention iterations (Tab. 7)
-
-
 class SlotAttention(nn.Module):
     """Slot Attention (Locatello et al. 2020; eq. (1) of BO-QSA) with the bi-level STE of Alg. 1.
 
@@ -270,6 +267,8 @@ class SlotAttention(nn.Module):
     With iters = 3 this is Alg. 1 with T = 2 inner steps plus the final step (official models/slot_attn.py: the STE
     comes before the last of the 3 iterations). Raises ValueError for an unknown `grad`.
     """
+
+    GRADS = ("bo", "detach", "full")     # the gradient through the iterations (--grad, Tab. 7)
 
     def __init__(self, in_dim, slot_dim, mlp_dim, iters=3, eps=1.0, drop_path=0.0):
         super().__init__()
@@ -317,8 +316,8 @@ class SlotAttention(nn.Module):
         return slots, attn
 
     def forward(self, inputs, init, grad="bo"):
-        if grad not in GRADS:
-            raise ValueError(f"grad must be one of {'|'.join(GRADS)}, got {grad!r}")
+        if grad not in self.GRADS:
+            raise ValueError(f"grad must be one of {'|'.join(self.GRADS)}, got {grad!r}")
         inputs = self.norm_inputs(inputs)
         k, v = self.to_k(inputs), self.to_v(inputs)
         slots = init                                                       # Alg. 1 line 2
@@ -870,7 +869,7 @@ def save_samples(path, cfg, images, out, pred, true=None):
     rows = [("input", images), ("dVAE recon", out["recon"].cpu().clamp(0, 1))]
     if out.get("ar_recon") is not None and out["ar_recon"].shape[0]:
         rows.append(("recon", out["ar_recon"].cpu()))                         # tokens sampled from slots
-    rows.append(("pred seg", labels_to_rgb(pred)))
+    rows.append(("pred seg", labels_to_rgb(pred if true is None else common.match_to_truth(pred, true))))
     if true is not None:
         rows.append(("true seg", labels_to_rgb(true)))
     m = out["masks"].cpu().unsqueeze(2)

@@ -2056,7 +2056,7 @@ def cupy_stand_in():
     return cupy, cupyx, 1234
 
 
-def test_cupy_stand_in_behaves_as_cupy_spsolve_triangular():
+def test_mincut_cupy_stand_in_behaves_as_cupy_spsolve_triangular():
     """The stand-in itself: float32 in -> float64 out; a float32 matrix with a float64 right-hand side raises."""
     L = scipy.sparse.csr_matrix(np.array([[1.0, 0], [2, 1]], dtype=np.float32))
     b = np.ones((2, 1), np.float32)
@@ -5269,7 +5269,7 @@ def test_mincut_ddp_two_processes_keep_equal_weights_and_write_once(tmp_path, ar
     assert steps == [1, 2, 3]                                     # rank 0 alone logs
     dataset = "synthetic_video" if "--task=video" in args else "synthetic"
     assert sorted(n for n in os.listdir(out) if not n.startswith(("samples_", "eval_samples"))) == [
-        "ckpt.pt", f"eval_{dataset}.json", "metrics.jsonl"]               # + rank 0's final test evaluation
+        "ckpt.pt", f"eval_{dataset}.json", "metrics.jsonl", "train.lock"]  # + rank 0's final test evaluation, lock
     assert r.stdout.count("step 3 (val):") + r.stderr.count("step 3 (val):") == 1   # one evaluation line
     assert r.stdout.count("mincut_ocl.py synthetic") == 1                 # one summary line
 
@@ -5632,8 +5632,9 @@ def test_common_boqsa_help_has_every_field_its_comment_and_default():
     text = _flat(r.stdout)
     for f in dataclasses.fields(boqsa.Config):
         assert f"--{f.name} " in r.stdout, f.name
-    assert "--image_size INT input resolution (Tab. 13: 128 or 64; 32 here for a 2-core CPU) (default: 32)" in text
-    assert "--data_dir STR root of the dataset on disk (not needed for synthetic) (default: \"\")" in text
+    assert ("--image_size INT side in pixels the images are resized to (Tab. 13: 128 or 64; 32 here for a 2-core "
+            "CPU) (default: 32)") in text
+    assert "--data_dir STR root of the dataset on disk as published (not needed for synthetic) (default: \"\")" in text
     assert "the paper presets: float32 (default: auto)" in text                     # a continuation line
     assert "--dec_strides INT,... stride of every ConvT 5x5" in text and "(default: 2,2,1,1,1)" in text
     assert "--enc_stride INT stride of the first of the 4 encoder convs" in text
@@ -5641,12 +5642,24 @@ def test_common_boqsa_help_has_every_field_its_comment_and_default():
     assert all(helps.get(f.name) for f in dataclasses.fields(boqsa.Config))          # every flag explained
 
 
+@pytest.mark.parametrize("cls", [boqsa.Config, mc.Config, ast_seg.Config])
+def test_common_every_flag_says_what_it_means(cls):
+    """Every flag's help says what the setting is in words, not only its source (a bare "Tab. 12: 4" or "K"
+    fails): at least two words of three letters or more outside parentheses and citations."""
+    helps = common._dataclass_comments(cls)[0]
+    for f in dataclasses.fields(cls):
+        text = re.sub(r"\([^()]*\)", "", re.sub(r"\([^()]*\)", "", helps.get(f.name, "")))
+        text = re.sub(r"\b(Tab|Sec|App|Alg|eq|Fig)\.?\s*[\w.]*", "", text)
+        assert len(re.findall(r"[A-Za-z]{3,}", text)) >= 2, (f.name, helps.get(f.name))
+
+
 def test_common_help_shows_the_preset_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         boqsa.build_config(["--dataset=shapestacks", "--help"])
     assert e.value.code == 0
     text = _flat(capsys.readouterr().out)
-    assert "--num_slots INT K (Tab. 13) (default: 8)" in text and "(default: 2,2,2,2,1)" in text
+    assert "--num_slots INT number of slots K, the most objects" in text and "(Tab. 13) (default: 8)" in text
+    assert "(default: 2,2,2,2,1)" in text
     assert "the shapestacks preset" in text
 
 
@@ -6759,7 +6772,7 @@ def error_lines(err):
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS_TINY))
-def test_resume_refuses_another_seed_or_dataset(tmp_path, capsys, script):
+def test_common_resume_refuses_another_seed_or_dataset(tmp_path, capsys, script):
     """The 3-seed protocol in one default --out_dir: seed 1 must not continue seed 0's run (nor another
     dataset); the same seed resumes."""
     module, argv = SCRIPTS_TINY[script]
@@ -6777,7 +6790,7 @@ def test_resume_refuses_another_seed_or_dataset(tmp_path, capsys, script):
     assert "resuming from" in capsys.readouterr().out
 
 
-def test_a_second_run_in_the_same_out_dir_stops_at_start_and_a_dead_one_blocks_nothing(tmp_path, capsys):
+def test_common_a_second_run_in_the_same_out_dir_stops_at_start_and_a_dead_one_blocks_nothing(tmp_path, capsys):
     """Another live process holding <out_dir>/train.lock (common.training_run): one line naming it; once it is
     killed (SIGKILL: no clean-up runs), the OS has released the lock and training starts."""
     out = tmp_path / "o"
@@ -6817,7 +6830,7 @@ def _signal_at_call(monkeypatch, module, n, signum):
 
 @pytest.mark.parametrize("script, signum", [("boqsa", signal.SIGTERM), ("mincut_ocl", signal.SIGTERM),
                                             ("ast_seg", signal.SIGTERM), ("boqsa", signal.SIGINT)])
-def test_a_signal_finishes_the_step_saves_and_the_resumed_run_is_bit_identical(tmp_path, capsys, monkeypatch,
+def test_common_a_signal_finishes_the_step_saves_and_the_resumed_run_is_bit_identical(tmp_path, capsys, monkeypatch,
                                                                                 script, signum):
     module, argv = SCRIPTS_TINY[script]
     _signal_at_call(monkeypatch, module, 3, signum)
@@ -6852,7 +6865,7 @@ def _wait_for_log(path, proc, timeout=120):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_the_whole_process_group_saves_and_exits(tmp_path, signum):
+def test_common_a_signal_to_the_whole_process_group_saves_and_exits(tmp_path, signum):
     """A real signal to every process of the run, DataLoader worker included, as a scheduler sends SIGTERM
     (scancel, preemption) and a terminal Ctrl-C: the run ends with status 128 + signal and a checkpoint at
     the step it names (torch's workers die of such a signal unless they ignore it, and a dead worker made
@@ -6890,7 +6903,7 @@ def _pids_of_rank(rank, marker):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes in /proc (Linux)")
-def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+def test_common_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """SIGTERM to rank 1 only: rank 0 learns it by the per-step all-reduce, saves at the same step, and every
     process ends (no rank left waiting in a collective)."""
     out = tmp_path / "ddp"
@@ -6928,12 +6941,12 @@ print("step", ckpt["step"], "tmp", len([f for f in os.listdir(out) if f.endswith
 """
 
 
-def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_stays(tmp_path):
+def test_common_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_stays(tmp_path):
     """A real full disk (a 4 MiB tmpfs mounted in a user namespace): torch.save fails at step 4; one line
     (folder, bytes needed), status 1, and ckpt.pt of step 2 still loads; no temp file left."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
         pytest.skip("needs unshare -rm (user namespaces) to mount a small tmpfs; "
-                    "test_save_checkpoint_full_disk_stand_in covers the code path")
+                    "test_common_save_checkpoint_full_disk_stand_in covers the code path")
     disk = tmp_path / "disk"
     disk.mkdir()
     (tmp_path / "driver.py").write_text(_FULL_DISK_DRIVER)
@@ -6948,7 +6961,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_sta
     assert "previous checkpoint" in lines[0] and "kept" in lines[0]
 
 
-def test_save_checkpoint_full_disk_stand_in(tmp_path, monkeypatch):
+def test_common_save_checkpoint_full_disk_stand_in(tmp_path, monkeypatch):
     """save_checkpoint's full-disk branch with torch.save failing as it does on a full disk (RuntimeError
     from its zip writer after a partial write) and the folder's free space below the state's size."""
     path = tmp_path / "ckpt.pt"
@@ -6985,7 +6998,7 @@ def test_mincut_sparse_solver_on_cuda_without_cupy_is_one_line_at_start(tmp_path
     assert "--qp_solver=dct" in lines[0]
 
 
-def test_native_bf16_on_cuda_asks_the_device_in_use_for_compute_capability_8(monkeypatch):
+def test_common_native_bf16_on_cuda_asks_the_device_in_use_for_compute_capability_8(monkeypatch):
     """--dtype=auto on CUDA: bf16 only on Ampere or later (capability >= 8.0) of the device in use, not where
     torch.cuda.is_bf16_supported() says True for emulated bf16 (V100: 7.0, T4: 7.5), nor the current device's."""
     caps = {0: (8, 0), 1: (7, 0), 2: (7, 5), 3: (9, 0)}
@@ -7000,7 +7013,7 @@ def test_native_bf16_on_cuda_asks_the_device_in_use_for_compute_capability_8(mon
 
 @pytest.mark.parametrize("device, backend, expect", [("cpu", "gloo", "cpu"), ("auto", "nccl", "cuda:1"),
                                                      ("cuda", "nccl", "cuda:1"), ("cuda:0", "nccl", "cuda:1")])
-def test_ddp_backend_and_device_follow_the_device_flag(monkeypatch, device, backend, expect):
+def test_common_ddp_backend_and_device_follow_the_device_flag(monkeypatch, device, backend, expect):
     """Under torchrun on a CUDA machine (local rank 1 of 2): --device=cpu trains on the CPU with gloo; cuda or
     auto on cuda:LOCAL_RANK with nccl."""
     import torch.distributed as dist
@@ -7017,7 +7030,7 @@ def test_ddp_backend_and_device_follow_the_device_flag(monkeypatch, device, back
     assert seen == [backend] and str(info.device) == expect and info.rank == 1 and not info.is_main
 
 
-def test_train_loaders_pin_memory_only_when_training_on_cuda():
+def test_common_train_loaders_pin_memory_only_when_training_on_cuda():
     """non_blocking copies overlap only from pinned memory: each script's training loader pins on CUDA."""
     loaders = {
         "boqsa": lambda ddp: boqsa.train_loader(boqsa.build_config(TINY), ddp, 0),
@@ -7060,7 +7073,7 @@ def gpu_preset_argv(script, device="cuda"):
 @gpu_test
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("script", list(GPU_PRESET))
-def test_gpu_trains_and_evaluates_at_the_paper_resolution(tmp_path, capsys, script, dtype):
+def test_common_gpu_trains_and_evaluates_at_the_paper_resolution(tmp_path, capsys, script, dtype):
     module = SCRIPTS_TINY[script][0]
     module.main([*gpu_preset_argv(script), f"--dtype={dtype}", f"--out_dir={tmp_path}"])
     out = capsys.readouterr().out
@@ -7073,7 +7086,7 @@ def test_gpu_trains_and_evaluates_at_the_paper_resolution(tmp_path, capsys, scri
 
 @gpu_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gpu_sparse_solver_with_cupy_matches_dct(dtype):
+def test_mincut_gpu_sparse_solver_with_cupy_matches_dct(dtype):
     """The paper's sparse solver on CUDA (CuPy / cuSPARSE) against dct, forward and backward."""
     pytest.importorskip("cupy", reason=f"CuPy is not installed ({mc.CUPY_INSTALL})")
     torch.manual_seed(5)
@@ -7116,7 +7129,7 @@ module.main(sys.argv[4:])
 
 @gpu_test
 @pytest.mark.parametrize("script", list(GPU_PRESET))
-def test_gpu_sigterm_and_resume_on_cuda_continue_from_the_checkpoint(tmp_path, script):
+def test_common_gpu_sigterm_and_resume_on_cuda_continue_from_the_checkpoint(tmp_path, script):
     """SIGTERM after step 2 on cuda, resume, against an uninterrupted run, with cuDNN/cuBLAS deterministic
     (CUBLAS_WORKSPACE_CONFIG, torch.use_deterministic_algorithms). BO-QSA and min-cut OCL: bit-identical.
     AST-Seg: its spatial transformer's grid_sample backward has no deterministic CUDA kernel (atomicAdd),
@@ -7142,7 +7155,7 @@ def test_gpu_sigterm_and_resume_on_cuda_continue_from_the_checkpoint(tmp_path, s
 
 
 @gpu_test
-def test_gpu_torchrun_with_nccl(tmp_path):
+def test_boqsa_gpu_torchrun_with_nccl(tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                         os.path.join(HERE, "boqsa.py"), *TINY, "--max_steps=3", "--eval_interval=3", "--device=cuda",
@@ -7153,7 +7166,7 @@ def test_gpu_torchrun_with_nccl(tmp_path):
 
 @gpu_test
 @pytest.mark.parametrize("script", list(GPU_PRESET))
-def test_gpu_predict_on_cuda(tmp_path, script):
+def test_common_gpu_predict_on_cuda(tmp_path, script):
     module, argv = SCRIPTS_TINY[script]
     module.main([*argv, "--device=cuda", f"--out_dir={tmp_path / 'run'}"] +
                 (["--stop_at=2"] if script == "ast_seg" else ["--max_steps=1"]))
