@@ -5619,8 +5619,8 @@ def test_common_help_groups_follow_the_dataclass():
     assert pos == sorted(pos)
     # the scripts: BO-QSA's groups in the order of its Config
     text = _help(boqsa.Config())
-    heads = ["data:", "model:", "transformer decoder, used with --decoder=transformer", "optimisation (Tab. 11):",
-             "run:"]
+    heads = ["data:", "run:", "model:", "transformer decoder, used with --decoder=transformer",
+             "optimisation (Tab. 11):"]                  # common.RunConfig's data and run fields first
     assert [text.index(h) for h in heads] == sorted(text.index(h) for h in heads)
     groups = common._dataclass_comments(boqsa.Config)[1]
     assert groups["image_size"] == "data" and groups["lr"] == "optimisation (Tab. 11)" and groups["dtype"] == "run"
@@ -5871,7 +5871,8 @@ def test_common_check_same_model_refuses_a_config_that_lacks_a_model_key(capsys)
 def test_common_check_same_model_fails_with_one_line_naming_file_and_flag(saved, flag, capsys, tmp_path):
     path = tmp_path / "run" / "ckpt.pt"
     with pytest.raises(SystemExit) as e:
-        common.check_same_model(saved, _InferCfg(), path, _INFER_KEYS)
+        full = {k: getattr(_InferCfg(), k) for k in _INFER_KEYS}
+        common.check_same_model({**full, **saved}, _InferCfg(), path, _INFER_KEYS)
     assert e.value.code == 1
     line = _infer_one_error_line(capsys)
     assert str(path) in line and f"was trained with {flag}," in line and f"pass {flag} to resume it" in line
