@@ -31,7 +31,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             module.main(["--eval_only", f"--ckpt={ckpt}", "--test_items=8", "--num_workers=0", f"--out_dir={tmp}"])
             with Image.open(os.path.join(tmp, "eval_samples.png")) as grid:
-                side = module.build_config([]).image_size
+                side = common.load_checkpoint(ckpt)["config"]["image_size"]
                 row_h = max(side, ImageFont.load_default().getbbox("Ag")[3])
                 top = grid.crop((0, 0, grid.width, 2 + ROWS * (row_h + 2))).convert("RGB")
                 top = top.resize((top.width * SCALE, top.height * SCALE), Image.NEAREST)

@@ -1355,6 +1355,25 @@ def test_common_to_uint8_image():
     assert img.getpixel((0, 0)) == (255, 128, 0)
 
 
+def test_common_figures_remakes_the_readme_picture_from_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """figures.py: the first four rows (input, recon, pred seg, true seg) of the script's own --eval_only figure,
+    8 test images, 3x nearest; a missing checkpoint is one line naming the command to run first."""
+    import figures
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        figures.main(["boqsa"])
+    assert "python boqsa.py" in capsys.readouterr().err
+    boqsa.main([*TINY, "--max_steps=1", "--out_dir=out/boqsa"])
+    figures.main(["boqsa"])
+    font = ImageFont.load_default()
+    label_w = max(math.ceil(font.getlength(n)) for n in ["input", "recon", "pred seg", "true seg"] +
+                  [f"slot {k}" for k in range(4)])
+    row_h = max(16, font.getbbox("Ag")[3])
+    with Image.open(tmp_path / "assets" / "boqsa.png") as img:
+        assert img.size == (3 * (2 + label_w + 2 + 8 * (16 + 2)), 3 * (2 + 4 * (row_h + 2)))   # 8 images
+    assert "wrote assets/boqsa.png" in capsys.readouterr().out
+
+
 def test_common_match_to_truth_colours_segments_as_their_matched_objects(tmp_path):
     """Hand case: slot 5 covers the background, 3 object 1, 7 object 2, 9 a piece of background that no true
     segment is left for -> 0, 1, 2 and a label above the true ones (3 + its index 3 = 6)."""
