@@ -1078,6 +1078,8 @@ def train(cfg, stop=None):
                 save_and_evaluate(phase)
             common.stop_on_signal(stop, ddp, step, ckpt_path, lambda: save(phase))   # SIGTERM / SIGINT: save, exit
     bar.close()
+    if stop is not None:
+        stop.restore()                                    # a signal now acts as usual
     ddp_cleanup()
     if ddp.is_main and total and step == total:         # the end of the schedule: the final evaluation, on test
         common.finish_training(cfg, model, device, evaluate, format_metrics, load_dataset, script="ast_seg.py",

@@ -1014,6 +1014,8 @@ def train(cfg, stop=None):
             save_and_evaluate()
         common.stop_on_signal(stop, ddp, step, ckpt_path, save)           # SIGTERM / SIGINT: save, exit
     bar.close()
+    if stop is not None:
+        stop.restore()                                    # a signal now acts as usual
     ddp_cleanup()
     if ddp.is_main and step and step == cfg.max_steps:   # the final evaluation, on the test split
         common.finish_training(cfg, raw_model, device, evaluate, format_metrics, load_dataset, script="boqsa.py",

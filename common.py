@@ -1031,9 +1031,19 @@ def ddp_setup(backend: str | None = None, device: str = "auto") -> DDPInfo:
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    kind = get_device(device).type           # checks the name and that the device exists
+    if device == "auto":                     # one GPU per process, else the CPU (never MPS: no process group)
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            fail(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     if kind == "mps":
         fail("torchrun with --device=mps is not supported (no MPS process-group backend); use --device=cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail(f"device {device!r} requested but CUDA is not available; use --device=cpu or auto")
+    if kind not in ("cpu", "cuda"):
+        fail(f"unsupported device {device!r} under torchrun; use auto, cpu or cuda")
     if kind == "cuda":
         if local_rank >= torch.cuda.device_count():
             fail(f"torchrun started local rank {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
@@ -1179,11 +1189,14 @@ def _mib(n: int) -> str:
 def _disk_full(exc: Exception, folder, needed: int) -> bool:
     """True when a failed write was the disk (or quota) filling up: an OSError ENOSPC / EDQUOT, or any
     error (torch.save's zip writer raises a RuntimeError, "unexpected pos") with less free space left
-    in `folder` than `needed` bytes."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    try:
-        return shutil.disk_usage(folder).free < needed
+    in `folder` than `needed` bytes plus the archive's overhead (5% and 1 MiB)."""
+    e = exc
+    while e is not None:                                      # the error or what caused it
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    try:                                                      # + zip and pickle overhead
+        return shutil.disk_usage(folder).free < needed * 1.05 + 2 ** 20
     except OSError:
         return False
 
@@ -1347,7 +1360,8 @@ class StopSignals:
     """SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C) as a request to
     stop after the current training step: the handler only records the signal; the loop asks `received`
     after each step and `stop_on_signal` saves a checkpoint and exits 128 + signal number (143 for
-    SIGTERM, 130 for SIGINT), so a resumed run continues bit-identically. A second SIGINT (Ctrl-C twice)
+    SIGTERM, 130 for SIGINT), so a resumed run continues bit-identically (a signal during a periodic
+    evaluation acts when it ends; `restore` before the final test evaluation). A second SIGINT (Ctrl-C twice)
     stops at once (KeyboardInterrupt); a repeated SIGTERM is ignored (schedulers and torchrun send it to
     every process, some twice). Signals that reach a forked DataLoader worker are ignored there (the main
     process ends its workers). Installed only in the main thread; elsewhere it records nothing.
@@ -1368,8 +1382,10 @@ class StopSignals:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (a second one stops at once)",
-              file=sys.stderr, flush=True)
+        # os.write, not print: the signal may have interrupted a write to stderr (a progress bar), and print
+        # from the handler would then fail as a reentrant call
+        msg = f"\n{signal.Signals(signum).name}: stopping after the current step or evaluation\n"
+        os.write(2, msg.encode())
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -1378,10 +1394,15 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc):
+        self.restore()
+        return False
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (the training loop calls it when its last step is
+        done, so a signal during the final test evaluation acts as it normally would)."""
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
-        return False
 
     def received(self, ddp: "DDPInfo | None" = None) -> int:
         """The signal number received by this process, or under DDP by any rank (all ranks agree, so they
@@ -1399,7 +1420,8 @@ def worker_ignores_stop_signals(worker_id: int) -> None:
     """DataLoader `worker_init_fn` of every loader: the worker ignores SIGTERM and SIGINT. A scheduler signals
     every process of a job and Ctrl-C the whole foreground group; torch's workers die of SIGTERM (from any
     process but their parent) and of SIGINT, and a dead worker makes the main process raise in the middle of
-    its step, before StopSignals can save. The main process ends its workers when it exits."""
+    its step, before StopSignals can save. The main process ends its workers when it exits (they leave
+    their loop when it sets their done event, or when their watchdog sees it gone)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -1534,11 +1556,11 @@ def checkpoint_config(cfg, model_keys: Sequence[str], keep: Sequence[str] = (), 
         weights_only: torch's safe unpickler; False for a file the user chose to trust that pickles
             other objects (an official checkpoint's hyper-parameters).
     Returns:
-        cfg, with the saved values converted by `saved_setting`. cfg is unchanged when the file does not exist (`load_for_inference` reports
-        it) or holds no config dict (an official checkpoint).
+        cfg, with the saved values converted by `saved_setting`. cfg is unchanged when the file does not
+        exist (`load_for_inference` reports it) or holds no config dict (an official checkpoint).
     Exits:
-        via `fail` (one line, status 1, CheckpointError's message naming the file) when the file
-        exists but is truncated, corrupt or unreadable.
+        via `fail` (one line, status 1, naming the file) when the file exists but is truncated, corrupt or
+        unreadable, or its config lacks one of `model_keys`.
     """
     path = inference_checkpoint(cfg)
     if not os.path.exists(path):
@@ -1550,7 +1572,10 @@ def checkpoint_config(cfg, model_keys: Sequence[str], keep: Sequence[str] = (), 
         fail(error_line(e))
     if isinstance(saved, dict):
         for key in model_keys:
-            if key in saved and key not in keep:
+            if key not in saved:
+                fail(f"{path} does not record --{key}, so it was not written by this script's training; pass "
+                     f"another --ckpt")
+            if key not in keep:
                 setattr(cfg, key, saved_setting(saved[key], getattr(cfg, key)))
     return cfg
 
@@ -2117,8 +2142,8 @@ def match_to_truth(pred, true) -> torch.Tensor:
     """Relabel each predicted segment with the true label it is matched to, so that prediction and truth
     share colours in a figure: the Hungarian matching of `miou` (one-to-one, maximum total IoU,
     background included, per image). A predicted segment matched to the true background becomes 0
-    (black); one matched to no true segment (more segments than objects) gets a label above every
-    true label of its image, so a colour no true object has.
+    (black); one matched to no true segment (more segments than objects, or a match without overlap)
+    gets a label above every true label of its image, so a colour no true object has.
 
     Args:
         pred, true: int label maps `[B, H, W]` (any labels; 0 = background in `true`).
@@ -2132,8 +2157,9 @@ def match_to_truth(pred, true) -> torch.Tensor:
     for b in range(t.shape[0]):
         t_labels, p_labels, iou = _iou_table(t[b], p[b])
         rows, cols = linear_sum_assignment(iou, maximize=True)
+        keep = iou[rows, cols] > 0                                         # a pair that does not overlap: unmatched
         new = np.arange(len(p_labels)) + t_labels.max() + 1               # unmatched: labels of their own
-        new[cols] = t_labels[rows]
+        new[cols[keep]] = t_labels[rows[keep]]
         out[b] = new[np.searchsorted(p_labels, p[b])]
     return torch.from_numpy(out).reshape(torch.as_tensor(pred).shape[0], *torch.as_tensor(true).shape[-2:])
 

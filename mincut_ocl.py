@@ -111,6 +111,9 @@ class Config(common.RunConfig):
     grad_clip: float = 0.0          # clip the gradient norm to this value (0 = off, as the official code)
     # run
     out_dir: str = "out/mincut_ocl" # checkpoints, metrics.jsonl, sample images and eval results
+    dtype: str = "float32"          # precision of the training forward's CNNs: float32 (the official code) |
+                                    # bfloat16 (autocast) | auto (bfloat16 where native); the cut and matching QPs
+                                    # always solve in float32
 
 
 # Paper settings (Sec. 6.1, App. D; official slot_cut/): 128x128 input, first layer stride 2 -> 64x64 QP grid,
@@ -1556,6 +1559,8 @@ def train(cfg, stop=None):
             common.stop_on_signal(stop, ddp, step, ckpt_path, save)      # SIGTERM / SIGINT: save, exit
     finally:
         bar.close()                                       # an error line (divergence, data) then has its own line
+    if stop is not None:
+        stop.restore()                                    # a signal now acts as usual
     ddp_cleanup()
     if ddp.is_main and step and step == cfg.max_steps:   # the final evaluation, on the test split
         common.finish_training(cfg, raw_model, device, evaluate_video if cfg.task == "video" else evaluate,

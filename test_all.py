@@ -5900,7 +5900,7 @@ def test_common_check_same_model_fails_with_one_line_naming_file_and_flag(saved,
         assert "not 2,1;" in line                                          # the current value flag-style too
 
 
-def test_common_checkpoint_config_copies_the_saved_model_keys(tmp_path):
+def test_common_checkpoint_config_copies_the_saved_model_keys(tmp_path, capsys):
     saved = dict(num_slots=11, strides=[4, 2], temp=1, iters=5, decoder="transformer", dataset="clevr")
     torch.save({"config": saved}, tmp_path / "ckpt.pt")
     cfg = common.checkpoint_config(_InferCfg(out_dir=str(tmp_path)), _INFER_KEYS)
@@ -5908,10 +5908,12 @@ def test_common_checkpoint_config_copies_the_saved_model_keys(tmp_path):
     assert cfg.temp == 1.0 and type(cfg.temp) is float and cfg.dataset == "synthetic"   # not a model key
     cfg = common.checkpoint_config(_InferCfg(out_dir=str(tmp_path), iters=1), _INFER_KEYS, keep={"iters"})
     assert cfg.iters == 1 and cfg.num_slots == 11                          # `keep`: the command line wins
-    # a key the saved config lacks keeps the command line's value
-    torch.save({"config": {"num_slots": 2}}, tmp_path / "old.pt")
-    cfg = common.checkpoint_config(_InferCfg(ckpt=str(tmp_path / "old.pt"), decoder="transformer"), _INFER_KEYS)
-    assert (cfg.num_slots, cfg.decoder, cfg.strides) == (2, "transformer", (2, 1))
+    # a config that lacks a model key was not written by the script's training: one line, not a guess
+    torch.save({"config": {"num_slots": 2}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit):
+        common.checkpoint_config(_InferCfg(ckpt=str(tmp_path / "other.pt"), decoder="transformer"), _INFER_KEYS)
+    line = _infer_one_error_line(capsys)
+    assert "other.pt does not record --strides" in line
     # no file, or a file without a config dict (an official checkpoint): unchanged
     assert common.checkpoint_config(_InferCfg(out_dir=str(tmp_path / "none")), _INFER_KEYS) == _InferCfg(out_dir=str(tmp_path / "none"))
     torch.save({"state_dict": {}}, tmp_path / "official.pt")
@@ -6853,6 +6855,7 @@ def _signal_at_call(monkeypatch, module, n, signum):
 def test_common_a_signal_finishes_the_step_saves_and_the_resumed_run_is_bit_identical(tmp_path, capsys, monkeypatch,
                                                                                 script, signum):
     module, argv = SCRIPTS_TINY[script]
+    before = signal.getsignal(signal.SIGTERM)
     _signal_at_call(monkeypatch, module, 3, signum)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -6862,7 +6865,7 @@ def test_common_a_signal_finishes_the_step_saves_and_the_resumed_run_is_bit_iden
     name = signal.Signals(signum).name
     assert f"stopped by {name} after step 3: saved {tmp_path / 'a' / 'ckpt.pt'}" in out, out
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 3
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                      # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is before                              # handlers restored
     monkeypatch.undo()
     module.main([*argv, f"--out_dir={tmp_path / 'a'}"])              # the same command resumes
     assert "resuming from" in capsys.readouterr().out
@@ -6964,14 +6967,17 @@ print("step", ckpt["step"], "tmp", len([f for f in os.listdir(out) if f.endswith
 def test_common_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_stays(tmp_path):
     """A real full disk (a 4 MiB tmpfs mounted in a user namespace): torch.save fails at step 4; one line
     (folder, bytes needed), status 1, and ckpt.pt of step 2 still loads; no temp file left."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
-        pytest.skip("needs unshare -rm (user namespaces) to mount a small tmpfs; "
-                    "test_common_save_checkpoint_full_disk_stand_in covers the code path")
+    import shlex
     disk = tmp_path / "disk"
     disk.mkdir()
+    mount = f"mount -t tmpfs -o size=4m none {shlex.quote(str(disk))}"
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "sh", "-c", mount],
+                                                         capture_output=True).returncode:
+        pytest.skip("needs unshare -rm (user namespaces) and mount to make a small tmpfs; "
+                    "test_common_save_checkpoint_full_disk_stand_in covers the code path")
     (tmp_path / "driver.py").write_text(_FULL_DISK_DRIVER)
-    cmd = (f"mount -t tmpfs -o size=4m none {disk} && exec {sys.executable} {tmp_path / 'driver.py'} {HERE} "
-           f"{disk} " + " ".join(TINY))
+    cmd = f"{mount} && exec " + " ".join(shlex.quote(str(a)) for a in (sys.executable, tmp_path / "driver.py", HERE,
+                                                                        disk, *TINY))
     r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert "exit 1" in r.stdout and "step 2 tmp 0" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
@@ -7048,6 +7054,20 @@ def test_common_ddp_backend_and_device_follow_the_device_flag(monkeypatch, devic
     monkeypatch.setattr(dist, "init_process_group", lambda backend: seen.append(backend))
     info = common.ddp_setup(device=device)
     assert seen == [backend] and str(info.device) == expect and info.rank == 1 and not info.is_main
+
+
+def test_common_ddp_auto_without_cuda_trains_on_the_cpu_even_where_mps_exists(monkeypatch):
+    """torchrun with --device=auto on a Mac (MPS, no CUDA): the CPU with gloo, as there is no MPS process group."""
+    import torch.distributed as dist
+    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "_mps_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: seen.append(backend))
+    info = common.ddp_setup(device="auto")
+    assert seen == ["gloo"] and info.device == torch.device("cpu") and info.is_main
 
 
 def test_common_train_loaders_pin_memory_only_when_training_on_cuda():
@@ -7150,7 +7170,7 @@ module.main(sys.argv[4:])
 @gpu_test
 @pytest.mark.parametrize("script", list(GPU_PRESET))
 def test_common_gpu_sigterm_and_resume_on_cuda_continue_from_the_checkpoint(tmp_path, script):
-    """SIGTERM after step 2 on cuda, resume, against an uninterrupted run, with cuDNN/cuBLAS deterministic
+    """SIGTERM after step 3 on cuda, resume, against an uninterrupted run, with cuDNN/cuBLAS deterministic
     (CUBLAS_WORKSPACE_CONFIG, torch.use_deterministic_algorithms). BO-QSA and min-cut OCL: bit-identical.
     AST-Seg: its spatial transformer's grid_sample backward has no deterministic CUDA kernel (atomicAdd),
     so its weights agree to float32 round-off only."""
