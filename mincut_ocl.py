@@ -2156,7 +2156,8 @@ class EdgeWeightNet(nn.Module):
 
     The first layer on the concatenation equals W_u x_u + W_v x_v + b, computed per node and broadcast
     over pairs, so no `[k*k, 2F]` edge-feature tensor is built.
-    Forward: x_left `[B, k, F]`, x_right `[B, k, F]` -> weights `[B, k, k]` in (0, 1).
+    Forward: x_left `[B, k, F]`, x_right `[B, k, F]` -> weights `[B, k, k]` in (0, 1) (sigmoid of logits()).
+    logits(x_left, x_right): the same before the sigmoid, `[B, k, k]` real (the two-stage model's BCE input).
     """
 
     def __init__(self, n_features, hidden=500, layers=2):
@@ -2169,9 +2170,80 @@ class EdgeWeightNet(nn.Module):
             rest += [nn.ReLU(), nn.Linear(hidden, hidden if i < layers - 2 else 1)]
         self.rest = nn.Sequential(*rest)
 
-    def forward(self, x_left, x_right):
+    def logits(self, x_left, x_right):
         h = self.first_u(x_left)[:, :, None] + self.first_v(x_right)[:, None]   # Linear([x_u; x_v]), [B,k,k,w]
-        return torch.sigmoid(self.rest(h)[..., 0])
+        return self.rest(h)[..., 0]
+
+    def forward(self, x_left, x_right):
+        return torch.sigmoid(self.logits(x_left, x_right))     # Wilder et al.'s weights: sigmoid(net(x))
+
+
+_WILDER_LAYERS = {}     # k -> (cvxpylayers layer, solver arguments): built once per size
+
+
+class WilderMatchingQP:
+    """Wilder et al.'s relaxed matching QP (their `matching.py`: qpth's QPFunction with Q = gamma I,
+    G = [A; -I], h = [1; 0], i.e. the matching LP with x >= 0 kept and a quadratic term added):
+
+        min_x  sum_ij c_ij x_ij + (gamma/2) sum_ij x_ij^2
+        s.t.   sum_j x_ij <= 1 (each left node i),  sum_i x_ij <= 1 (each right node j),  x >= 0.
+
+    (qpth's objective is (1/2) x^T Q x + p^T x, so Q = gamma I is (gamma/2) ||x||^2.) Solved and
+    differentiated with cvxpylayers (diffcp's implicit differentiation of the cone program, Clarabel
+    interior point with tolerances 1e-10) as min (c/gamma)^T x + (1/2) ||x||^2, which has the same
+    minimiser, so one compiled layer serves every gamma. Unlike MatchingQP (eq. 7) the constraints are
+    inequalities with x >= 0: there is no closed form, each solve is an interior-point run.
+
+    Args:
+        k: nodes per side (k * k edge variables).
+    Call:
+        qp(cost, gamma): cost `[k, k]` or `[B, k, k]` float32/float64 (CPU; the costs c, e.g. -sigmoid(net)),
+        gamma > 0 -> x of the same shape and dtype, differentiable in cost.
+    Raises:
+        ImportError (one line: pip install cvxpylayers) when cvxpylayers is not installed;
+        ValueError for a cost that is not `[..., k, k]` or gamma <= 0; RuntimeError when the solver
+        returns a non-finite solution.
+    """
+
+    def __init__(self, k):
+        self.k = int(k)
+        if self.k not in _WILDER_LAYERS:
+            import warnings
+            try:
+                import cvxpy as cp
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    from cvxpylayers.torch import CvxpyLayer
+            except ImportError:
+                raise ImportError("Wilder et al.'s QP (--method=wilder_qp) needs cvxpylayers: "
+                                  "pip install cvxpylayers") from None
+            k = self.k
+            rows = np.concatenate([np.repeat(np.arange(k), k), k + np.tile(np.arange(k), k)])
+            A = scipy.sparse.csr_matrix((np.ones(2 * k * k), (rows, np.tile(np.arange(k * k), 2))),
+                                        shape=(2 * k, k * k))       # row sums (left nodes), column sums (right)
+            x, q = cp.Variable(k * k), cp.Parameter(k * k)
+            problem = cp.Problem(cp.Minimize(q @ x + 0.5 * cp.sum_squares(x)), [A @ x <= 1, x >= 0])
+            args = {"solve_method": "Clarabel", "tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                         # torch sparse-CSR notice
+                _WILDER_LAYERS[k] = (CvxpyLayer(problem, parameters=[q], variables=[x]), args)
+        self.layer, self.solver_args = _WILDER_LAYERS[self.k]
+
+    def __call__(self, cost, gamma):
+        import warnings
+        k = self.k
+        if cost.dim() not in (2, 3) or tuple(cost.shape[-2:]) != (k, k):
+            raise ValueError(f"WilderMatchingQP(k={k}) expects costs [{k}, {k}] or [B, {k}, {k}], "
+                             f"got {tuple(cost.shape)}")
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        q = cost.reshape(*cost.shape[:-2], k * k).double().cpu() / gamma    # (c/gamma): same minimiser
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                                 # torch sparse-CSR notice
+            (x,) = self.layer(q, solver_args=self.solver_args)
+        if not torch.isfinite(x).all():
+            raise RuntimeError("Wilder et al.'s QP: the solver returned a non-finite solution")
+        return x.reshape(cost.shape).to(dtype=cost.dtype, device=cost.device)
 
 
 @dataclass
