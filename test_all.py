@@ -2351,7 +2351,7 @@ def test_mincut_decision_focused_training_improves_lp_value():
 def test_mincut_run_cora_end_to_end(tmp_path, monkeypatch):
     write_cora(tmp_path, n_nodes=64, n_words=12, n_edges=150, seed=3)
     cfg = CoraConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "out"), n_instances=5, instance_size=12,
-                     hidden=16, epochs=2, n_trials=2, test_frac=0.4)
+                     hidden=16, epochs=2, n_trials=2, test_frac=0.4, method="ours")
     tests, lp_value = [], mc.lp_value                   # record each trial's test instances
     monkeypatch.setattr(mc, "lp_value", lambda net, xl, xr, links, idx: tests.append(list(idx)) or
                         lp_value(net, xl, xr, links, idx))
