@@ -1905,20 +1905,27 @@ def format_metrics(m):
 # Data: the LINQS Cora release, two tab-separated text files in --data_dir:
 #   cora.content   one paper per line: <paper_id> <1433 binary word indicators> <class_label>
 #   cora.cites     one citation per line: <cited_paper_id> <citing_paper_id>
-# Pipeline (Wilder et al.'s setup and code, which Sec. 6.2 follows):
+# Pipeline (Wilder et al.'s setup and code, github.com/bwilder0/aaai_melding_code `matching.py`, which Sec. 6.2
+# follows):
 #   * the citation graph (undirected) is cut into 27 instances of 100 papers; each instance is split
 #     into two sides of 50 so that as many citations as possible cross the sides;
 #   * the task is to predict, from the two papers' word features only, whether a citation links them;
-#     the predicted weights are the (negated) costs of the matching LP, and the decision quality is the
-#     number of true citations that the matching selects;
-#   * decision-focused training: maximise sum_ij P_ij d_ij of the relaxed QP's solution d
-#     (here: MatchingQP with gamma = 0.1, Sec. 6.2), P the true 0/1 links;
-#   * evaluation: the exact LP (eq. 4, linprog) on the learned costs; metric = sum_ij P_ij d_ij averaged
-#     over test instances, mean +- std over random 80/20 train/test splits of the 27 instances.
-#     Paper: 7.01 +- 1.15 (Wilder et al.: 6.15 +- 0.38).
-# Deviation: Wilder et al. partition with METIS and ship the side split as a pickle (neither is in
-# numpy/scipy); we partition by greedy graph growing (METIS's own initial partitioning) and split
-# each block by a swap local search for the maximum crossing cut.
+#     the predicted weights w = sigmoid(MLP([x_u; x_v])) are the negated costs c = -w of the matching LP,
+#     and the decision quality is the number of true citations that the LP's matching selects;
+#   * run_cora trains the same MLP three ways on the same random 80/20 splits of the 27 instances
+#     (30 trials) and evaluates each with the exact LP (eq. 4, linprog) on its costs:
+#       ours       decision-focused through MatchingQP, the equality QP of eq. (7), gamma = 0.1 (Sec. 6.2);
+#       wilder_qp  decision-focused through Wilder et al.'s QP: the matching LP with x >= 0 and
+#                  (gamma/2)||x||^2, gamma 0.1 decayed by 0.8 per epoch (matching.py; WilderMatchingQP);
+#       two_stage  BCE on the 0/1 links, 2 epochs, Adam 1e-3, minibatches of 100 pairs (matching.py);
+#     beside them random weights and the optimum (the LP on the true links), as matching.py reports.
+#     Metric: sum_ij P_ij d_ij averaged over a split's test instances, mean +- std over splits.
+#     Paper: ours 7.01 +- 1.15 against 6.15 +- 0.38 reported by Wilder et al. for their QP.
+# Assumed where Wilder et al.'s data script is not public (matching.py loads ready-made tensors of
+# pair features and links): METIS (pymetis, default options) into 27 parts, each cut or filled up to
+# 100 papers (blocks_from_parts); the sides of 50 by a swap local search for the maximum crossing cut
+# (split_max_crossing); a pair's features are the concatenation of the two papers' 1433 word indicators.
+# --partitioner=greedy swaps METIS for greedy graph growing (grow_partition), another instance set.
 
 CORA_FILES = ("cora.content", "cora.cites")
 
