@@ -6606,7 +6606,7 @@ def _wilder_qp_scipy(cost, gamma):
 
 
 @pytest.mark.parametrize("gamma", [0.1, 0.1 * 0.8 ** 5])
-def test_mincut_wilder_qp_matches_scipy_direct_solve(gamma):
+def test_mincut_cora_wilder_qp_matches_scipy_direct_solve(gamma):
     pytest.importorskip("cvxpylayers", reason="cvxpylayers not installed (pip install cvxpylayers)")
     k, rng = 4, np.random.default_rng(1)
     cost = -rng.random((3, k, k))                              # c = -w, w in (0, 1): matching.py's costs
@@ -6625,7 +6625,7 @@ def test_mincut_wilder_qp_matches_scipy_direct_solve(gamma):
         mc.WilderMatchingQP(k)(torch.zeros(k, k), 0.0)
 
 
-def test_mincut_wilder_qp_gradient_matches_finite_differences():
+def test_mincut_cora_wilder_qp_gradient_matches_finite_differences():
     pytest.importorskip("cvxpylayers", reason="cvxpylayers not installed (pip install cvxpylayers)")
     k, gamma = 3, 0.1
     cost = (-0.06 * torch.from_numpy(np.random.default_rng(2).random((k, k)))).requires_grad_()   # x inside a face
@@ -6642,7 +6642,7 @@ def test_mincut_wilder_qp_gradient_matches_finite_differences():
     assert np.abs(fd).max() > 1                               # not trivially zero: x moves with c / gamma
 
 
-def test_mincut_wilder_qp_decision_focused_training_improves_lp_value():
+def test_mincut_cora_wilder_qp_decision_focused_training_improves_lp_value():
     pytest.importorskip("cvxpylayers", reason="cvxpylayers not installed (pip install cvxpylayers)")
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
@@ -6661,7 +6661,7 @@ def test_mincut_wilder_qp_decision_focused_training_improves_lp_value():
         mc.train_edge_net(net, xl, xr, links, idx, CoraConfig(), rng, method="two_stage")
 
 
-def test_mincut_two_stage_trains_bce_on_the_links():
+def test_mincut_cora_two_stage_trains_bce_on_the_links():
     # one instance, one minibatch of all k*k pairs, one epoch: the returned loss is the BCE of the initial
     # net's logits against the links (by hand), and the one Adam step moves each weight by -lr * g/(|g| + eps)
     # with g the gradient of that hand-written BCE
