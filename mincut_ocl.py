@@ -2198,7 +2198,8 @@ class WilderMatchingQP:
     (qpth's objective is (1/2) x^T Q x + p^T x, so Q = gamma I is (gamma/2) ||x||^2.) Solved and
     differentiated with cvxpylayers (diffcp's implicit differentiation of the cone program, Clarabel
     interior point with tolerances 1e-10) as min (c/gamma)^T x + (1/2) ||x||^2, which has the same
-    minimiser, so one compiled layer serves every gamma. Unlike MatchingQP (eq. 7) the constraints are
+    minimiser, so one compiled layer serves every gamma. (matching.py solves the forward pass with Gurobi
+    and differentiates qpth's KKT system at that solution.) Unlike MatchingQP (eq. 7) the constraints are
     inequalities with x >= 0: there is no closed form, each solve is an interior-point run.
 
     Args:
