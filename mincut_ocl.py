@@ -1911,20 +1911,27 @@ def format_metrics(m):
 # Data: the LINQS Cora release, two tab-separated text files in --data_dir:
 #   cora.content   one paper per line: <paper_id> <1433 binary word indicators> <class_label>
 #   cora.cites     one citation per line: <cited_paper_id> <citing_paper_id>
-# Pipeline (Wilder et al.'s setup and code, which Sec. 6.2 follows):
+# Pipeline (Wilder et al.'s setup and code, github.com/bwilder0/aaai_melding_code `matching.py`, which Sec. 6.2
+# follows):
 #   * the citation graph (undirected) is cut into 27 instances of 100 papers; each instance is split
 #     into two sides of 50 so that as many citations as possible cross the sides;
 #   * the task is to predict, from the two papers' word features only, whether a citation links them;
-#     the predicted weights are the (negated) costs of the matching LP, and the decision quality is the
-#     number of true citations that the matching selects;
-#   * decision-focused training: maximise sum_ij P_ij d_ij of the relaxed QP's solution d
-#     (here: MatchingQP with gamma = 0.1, Sec. 6.2), P the true 0/1 links;
-#   * evaluation: the exact LP (eq. 4, linprog) on the learned costs; metric = sum_ij P_ij d_ij averaged
-#     over test instances, mean +- std over random 80/20 train/test splits of the 27 instances.
-#     Paper: 7.01 +- 1.15 (Wilder et al.: 6.15 +- 0.38).
-# Deviation: Wilder et al. partition with METIS and ship the side split as a pickle (neither is in
-# numpy/scipy); we partition by greedy graph growing (METIS's own initial partitioning) and split
-# each block by a swap local search for the maximum crossing cut.
+#     the predicted weights w = sigmoid(MLP([x_u; x_v])) are the negated costs c = -w of the matching LP,
+#     and the decision quality is the number of true citations that the LP's matching selects;
+#   * run_cora trains the same MLP three ways on the same random 80/20 splits of the 27 instances
+#     (30 trials) and evaluates each with the exact LP (eq. 4, linprog) on its costs:
+#       ours       decision-focused through MatchingQP, the equality QP of eq. (7), gamma = 0.1 (Sec. 6.2);
+#       wilder_qp  decision-focused through Wilder et al.'s QP: the matching LP with x >= 0 and
+#                  (gamma/2)||x||^2, gamma 0.1 decayed by 0.8 per epoch (matching.py; WilderMatchingQP);
+#       two_stage  BCE on the 0/1 links, 2 epochs, Adam 1e-3, minibatches of 100 pairs (matching.py);
+#     beside them random weights and the optimum (the LP on the true links), as matching.py reports.
+#     Metric: sum_ij P_ij d_ij averaged over a split's test instances, mean +- std over splits.
+#     Paper: ours 7.01 +- 1.15 against 6.15 +- 0.38 reported by Wilder et al. for their QP.
+# Assumed where Wilder et al.'s data script is not public (matching.py loads ready-made tensors of
+# pair features and links): METIS (pymetis, default options) into 27 parts, each cut or filled up to
+# 100 papers (blocks_from_parts); the sides of 50 by a swap local search for the maximum crossing cut
+# (split_max_crossing); a pair's features are the concatenation of the two papers' 1433 word indicators.
+# --partitioner=greedy swaps METIS for greedy graph growing (grow_partition), another instance set.
 
 CORA_FILES = ("cora.content", "cora.cites")
 
@@ -2162,7 +2169,8 @@ class EdgeWeightNet(nn.Module):
 
     The first layer on the concatenation equals W_u x_u + W_v x_v + b, computed per node and broadcast
     over pairs, so no `[k*k, 2F]` edge-feature tensor is built.
-    Forward: x_left `[B, k, F]`, x_right `[B, k, F]` -> weights `[B, k, k]` in (0, 1).
+    Forward: x_left `[B, k, F]`, x_right `[B, k, F]` -> weights `[B, k, k]` in (0, 1) (sigmoid of logits()).
+    logits(x_left, x_right): the same before the sigmoid, `[B, k, k]` real (the two-stage model's BCE input).
     """
 
     def __init__(self, n_features, hidden=500, layers=2):
@@ -2175,9 +2183,89 @@ class EdgeWeightNet(nn.Module):
             rest += [nn.ReLU(), nn.Linear(hidden, hidden if i < layers - 2 else 1)]
         self.rest = nn.Sequential(*rest)
 
-    def forward(self, x_left, x_right):
+    def logits(self, x_left, x_right):
         h = self.first_u(x_left)[:, :, None] + self.first_v(x_right)[:, None]   # Linear([x_u; x_v]), [B,k,k,w]
-        return torch.sigmoid(self.rest(h)[..., 0])
+        return self.rest(h)[..., 0]
+
+    def forward(self, x_left, x_right):
+        return torch.sigmoid(self.logits(x_left, x_right))     # Wilder et al.'s weights: sigmoid(net(x))
+
+
+_WILDER_LAYERS = {}     # k -> (cvxpylayers layer, solver arguments): built once per size
+
+
+class WilderMatchingQP:
+    """Wilder et al.'s relaxed matching QP (their `matching.py`: qpth's QPFunction with Q = gamma I,
+    G = [A; -I], h = [1; 0], i.e. the matching LP with x >= 0 kept and a quadratic term added):
+
+        min_x  sum_ij c_ij x_ij + (gamma/2) sum_ij x_ij^2
+        s.t.   sum_j x_ij <= 1 (each left node i),  sum_i x_ij <= 1 (each right node j),  x >= 0.
+
+    (qpth's objective is (1/2) x^T Q x + p^T x, so Q = gamma I is (gamma/2) ||x||^2.) Solved and
+    differentiated with cvxpylayers (diffcp's implicit differentiation of the cone program, Clarabel
+    interior point with tolerances 1e-10) as min (c/gamma)^T x + (1/2) ||x||^2, which has the same
+    minimiser, so one compiled layer serves every gamma. (matching.py solves the forward pass with Gurobi
+    and differentiates qpth's KKT system at that solution.) Unlike MatchingQP (eq. 7) the constraints are
+    inequalities with x >= 0: there is no closed form, each solve is an interior-point run.
+
+    Args:
+        k: nodes per side (k * k edge variables).
+    Call:
+        qp(cost, gamma): cost `[k, k]` or `[B, k, k]` float32/float64 (CPU; the costs c, e.g. -sigmoid(net)),
+        gamma > 0 -> x of the same shape and dtype, differentiable in cost.
+    Raises:
+        ImportError (one line: pip install cvxpylayers) when cvxpylayers is not installed;
+        ValueError for a cost that is not `[..., k, k]` or gamma <= 0; RuntimeError when the solver
+        returns a non-finite solution.
+    """
+
+    def __init__(self, k):
+        self.k = int(k)
+        if self.k not in _WILDER_LAYERS:
+            import warnings
+            try:
+                import cvxpy as cp
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    from cvxpylayers.torch import CvxpyLayer
+            except ImportError:
+                raise ImportError("Wilder et al.'s QP (--method=wilder_qp) needs cvxpylayers: "
+                                  "pip install cvxpylayers") from None
+            k = self.k
+            rows = np.concatenate([np.repeat(np.arange(k), k), k + np.tile(np.arange(k), k)])
+            A = scipy.sparse.csr_matrix((np.ones(2 * k * k), (rows, np.tile(np.arange(k * k), 2))),
+                                        shape=(2 * k, k * k))       # row sums (left nodes), column sums (right)
+            x, q = cp.Variable(k * k), cp.Parameter(k * k)
+            problem = cp.Problem(cp.Minimize(q @ x + 0.5 * cp.sum_squares(x)), [A @ x <= 1, x >= 0])
+            args = {"solve_method": "Clarabel", "tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                         # torch sparse-CSR notice
+                _WILDER_LAYERS[k] = (CvxpyLayer(problem, parameters=[q], variables=[x]), args)
+        self.layer, self.solver_args = _WILDER_LAYERS[self.k]
+
+    def __call__(self, cost, gamma):
+        import warnings
+        k = self.k
+        if cost.dim() not in (2, 3) or tuple(cost.shape[-2:]) != (k, k):
+            raise ValueError(f"WilderMatchingQP(k={k}) expects costs [{k}, {k}] or [B, {k}, {k}], "
+                             f"got {tuple(cost.shape)}")
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        q = cost.reshape(*cost.shape[:-2], k * k).double().cpu() / gamma    # (c/gamma): same minimiser
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                                 # torch sparse-CSR notice
+            (x,) = self.layer(q, solver_args=self.solver_args)
+        if not torch.isfinite(x).all():
+            raise RuntimeError("Wilder et al.'s QP: the solver returned a non-finite solution")
+        return x.reshape(cost.shape).to(dtype=cost.dtype, device=cost.device)
+
+
+CORA_METHODS = ("ours", "wilder_qp", "two_stage", "random", "optimum")
+CORA_LABELS = {"ours": "ours: MatchingQP (eq. 7, gamma 0.1), Sec. 6.2",
+               "wilder_qp": "Wilder et al.'s QP (x >= 0, gamma 0.1 x 0.8/epoch)",
+               "two_stage": "two-stage: BCE on the links, then the LP",
+               "random": "random weights, then the LP",
+               "optimum": "optimum: the LP on the true links"}
 
 
 @dataclass
@@ -2187,25 +2275,34 @@ class CoraConfig:
     task: str = "cora"            # cora: this experiment (image, video: the flags of --task=image --help)
     data_dir: str = ""            # folder with cora.content and cora.cites (LINQS Cora release)
     out_dir: str = "out/mincut_cora"   # cora_results.json
+    method: str = "all"           # all | ours | wilder_qp | two_stage (random and optimum are always reported)
     n_instances: int = 27         # Wilder et al.: 27 METIS parts of the citation graph
     instance_size: int = 100      # papers per instance, 50 per side
     partitioner: str = "auto"     # metis (pymetis) | greedy (grow_partition) | auto: metis if installed, else greedy
-    hidden: int = 500             # Wilder et al.'s MLP width
-    layers: int = 2               # Wilder et al.'s default depth (--layers=2)
-    gamma: float = 0.1            # Sec. 6.2: regularised equality-constrained QP with gamma = 0.1
-    gamma_decay: float = 1.0      # per-epoch factor on gamma (Wilder et al.'s code: 0.8; the paper states 0.1)
-    lr: float = 1e-4              # Adam, Wilder et al.'s decision-focused setting
-    epochs: int = 12              # Wilder et al.: 12 epochs, one instance per step
-    test_frac: float = 0.2        # 80/20 split of the instances
-    n_trials: int = 30            # random splits; the paper reports mean +- std
+    hidden: int = 500             # Wilder et al.'s MLP width (matching.py: intermediate_size = 500)
+    layers: int = 2               # Wilder et al.'s default depth (matching.py: --layers=2)
+    gamma: float = 0.1            # Sec. 6.2: regularised equality-constrained QP with gamma = 0.1 (also Wilder's start)
+    gamma_decay: float = 1.0      # ours: per-epoch factor on gamma (the paper states a fixed 0.1)
+    wilder_gamma_decay: float = 0.8   # Wilder et al.'s QP: gamma *= 0.8 after every epoch (matching.py)
+    lr: float = 1e-4              # Adam for ours and Wilder's QP (matching.py's decision-focused setting)
+    epochs: int = 12              # ours and Wilder's QP: 12 epochs, one instance per step (matching.py)
+    wilder_trials: int = 0        # trials of wilder_qp (the first splits of the same list); 0: all n_trials
+    two_stage_lr: float = 1e-3    # two-stage: Adam 1e-3 (matching.py)
+    two_stage_epochs: int = 2     # two-stage: 2 epochs over the training instances (matching.py)
+    two_stage_batch: int = 100    # two-stage: minibatches of 100 pairs of an instance (matching.py: batch_size)
+    test_frac: float = 0.2        # 80/20 split of the instances (matching.py: int(0.2 * n) test instances)
+    n_trials: int = 30            # random splits; the paper reports mean +- std (matching.py: num_iters = 30)
     seed: int = 0                 # seed of the partition, the splits and the networks
     device: str = "cpu"           # cpu | cuda | auto (one small instance per step: the CPU is fast enough)
 
 
 def validate_cora_config(cfg):
     """CoraConfig's values, checked before the graph is read (one line naming the flag)."""
-    check_config(cfg, positive=("n_instances", "instance_size", "hidden", "layers", "gamma", "lr", "n_trials"),
-                 nonnegative=("epochs", "gamma_decay"), choices={"partitioner": ("auto", "metis", "greedy")})
+    check_config(cfg, positive=("n_instances", "instance_size", "hidden", "layers", "gamma", "lr", "n_trials",
+                                "two_stage_lr", "two_stage_batch"),
+                 nonnegative=("epochs", "gamma_decay", "wilder_gamma_decay", "wilder_trials", "two_stage_epochs"),
+                 choices={"partitioner": ("auto", "metis", "greedy"),
+                          "method": ("all", "ours", "wilder_qp", "two_stage")})
     if cfg.instance_size % 2:
         fail(f"--instance_size={cfg.instance_size} must be even: each instance is split into two equal sides",
              code=2)
@@ -2225,33 +2322,82 @@ def matching_value(links, cost):
     return float((np.asarray(torch.as_tensor(links).double()) * lp_matching(cost)).sum())
 
 
-def train_edge_net(net, x_left, x_right, links, train, cfg, rng):
-    """Decision-focused training of Sec. 6.2 (Wilder et al.'s loop with the QP of eq. (7)).
+def train_edge_net(net, x_left, x_right, links, train, cfg, rng, method="ours"):
+    """Decision-focused training of Sec. 6.2 (Wilder et al.'s loop, matching.py) through a relaxed QP.
 
     For cfg.epochs epochs, one Adam step (lr cfg.lr) per training instance in random order on
-    loss = -sum_ij P_ij d_ij, d = MatchingQP(k, gamma).solve(c).d for costs c = -w, w = net(...);
-    gamma starts at cfg.gamma and is multiplied by cfg.gamma_decay after every epoch.
+    loss = -sum_ij P_ij d_ij, d the relaxed QP's solution for costs c = -w, w = net(...) in (0, 1):
+        method "ours": MatchingQP(k, gamma).solve(c).d, the equality QP of eq. (7); gamma starts at
+            cfg.gamma and is multiplied by cfg.gamma_decay after every epoch (default 1: fixed, Sec. 6.2);
+        method "wilder_qp": WilderMatchingQP(k)(c, gamma), Wilder et al.'s inequality QP; gamma starts at
+            cfg.gamma and is multiplied by cfg.wilder_gamma_decay (0.8, matching.py) after every epoch.
 
     Args:
         net: EdgeWeightNet; x_left, x_right `[n, k, F]`; links `[n, k, k]` 0/1 (same device as net);
-        train: indices of the training instances; cfg: CoraConfig; rng: numpy Generator (order).
+        train: indices of the training instances; cfg: CoraConfig; rng: numpy Generator (order);
+        method: "ours" | "wilder_qp".
     Returns:
         the mean training loss of the last epoch (float).
+    Raises:
+        ValueError for another method; ImportError (wilder_qp) without cvxpylayers.
     """
+    if method not in ("ours", "wilder_qp"):
+        raise ValueError(f"train_edge_net: method must be ours|wilder_qp, got {method!r}")
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gamma, k = cfg.gamma, links.shape[-1]
+    decay = cfg.gamma_decay if method == "ours" else cfg.wilder_gamma_decay
+    wilder = WilderMatchingQP(k) if method == "wilder_qp" else None
+    losses = []
     for epoch in range(cfg.epochs):
         qp, losses = MatchingQP(k, gamma=gamma), []
         for i in rng.permutation(train):
             cost = -net(x_left[i:i + 1], x_right[i:i + 1])         # c = -w: the LP minimises (eq. 4)
-            d = qp.solve(cost).d                                   # relaxed QP of eq. (7), gamma = 0.1
+            if method == "ours":
+                d = qp.solve(cost).d                               # relaxed QP of eq. (7), gamma = 0.1
+            else:
+                d = wilder(cost.cpu(), gamma).to(cost.device)      # Wilder et al.'s QP (matching.py)
             loss = -(links[i:i + 1] * d).sum()                     # decision-focused: maximise sum P d
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        gamma *= cfg.gamma_decay
-    return float(np.mean(losses)) if len(train) else float("nan")
+        gamma *= decay
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def train_two_stage(net, x_left, x_right, links, train, cfg, rng):
+    """Two-stage model of Wilder et al.'s matching.py: fit the links, ignore the decision.
+
+    For cfg.two_stage_epochs epochs, over the training instances in random order: the k*k pairs of
+    the instance in random order, cut into floor(k*k / cfg.two_stage_batch) minibatches (at least one;
+    matching.py drops the remainder), one Adam step (lr cfg.two_stage_lr) per minibatch on the binary
+    cross-entropy of the pairs' logits against their 0/1 links (mean over the minibatch, as
+    nn.BCEWithLogitsLoss). The LP is then solved on c = -sigmoid(logits) (lp_value).
+
+    Args:
+        net: EdgeWeightNet; x_left, x_right `[n, k, F]`; links `[n, k, k]` 0/1 (same device as net);
+        train: indices of the training instances; cfg: CoraConfig; rng: numpy Generator (orders).
+    Returns:
+        the mean BCE of the last epoch's minibatches (float; nan when nothing was trained).
+    """
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.two_stage_lr)
+    pairs = links.shape[-1] * links.shape[-2]
+    n_batches = max(1, pairs // cfg.two_stage_batch)
+    losses = []
+    for epoch in range(cfg.two_stage_epochs):
+        losses = []
+        for i in rng.permutation(train):
+            order = torch.from_numpy(rng.permutation(pairs)).to(links.device)
+            target = links[i].reshape(-1)
+            for b in range(n_batches):
+                batch = order[b * cfg.two_stage_batch:(b + 1) * cfg.two_stage_batch]
+                logit = net.logits(x_left[i:i + 1], x_right[i:i + 1]).reshape(-1)[batch]
+                loss = F.binary_cross_entropy_with_logits(logit, target[batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
 
 
 @torch.no_grad()
@@ -2261,22 +2407,83 @@ def lp_value(net, x_left, x_right, links, idx):
     return float(np.mean([matching_value(links[i].cpu(), c) for i, c in zip(idx, costs)]))
 
 
-def run_cora(cfg):
-    """Sec. 6.2: train the edge model through MatchingQP (gamma = cfg.gamma), evaluate with the exact LP.
+def cora_splits(n, n_trials, test_frac, seed):
+    """The random train/test splits shared by every method: a list of n_trials (test, train) int64 index
+    arrays, round(test_frac * n) (at least 1) test instances each, from numpy default_rng(seed)."""
+    rng = np.random.default_rng(seed)
+    n_test = max(1, int(round(test_frac * n)))
+    splits = []
+    for _ in range(n_trials):
+        perm = rng.permutation(n)
+        splits.append((np.sort(perm[:n_test]), np.sort(perm[n_test:])))
+    return splits
 
-    For each of cfg.n_trials random train/test splits of the instances: a fresh EdgeWeightNet is trained
-    for cfg.epochs epochs (one instance per Adam step) on the loss -sum_ij P_ij d_ij, d the QP solution
-    of eq. (7) for costs c = -w (w the predicted weights); then on each test instance the LP of eq. (4)
-    is solved on the learned costs and the covered true links are counted.
+
+def cora_trial(method, trial, inst, split, cfg, device):
+    """One method on one split: the mean over the test instances of the true links matched by the LP.
+
+    The network (same initial weights for ours, wilder_qp and two_stage in a trial), the training order
+    and the random weights are seeded by (cfg.seed, trial) only, so a method run alone (--method) gives
+    the numbers of the full table.
+
+    Args:
+        method: one of CORA_METHODS; trial: index of the split; inst: make_cora_instances' dict on device;
+        split: (test, train) index arrays; cfg: CoraConfig; device: torch device.
+    Returns:
+        float, mean over test instances of sum_ij P_ij d_ij (d: the LP of eq. 4 on the method's costs).
+    """
+    test, train = split
+    xl, xr, links = inst["x_left"], inst["x_right"], inst["links"]
+    if method == "optimum":
+        return float(np.mean([matching_value(links[i].cpu(), -links[i].cpu()) for i in test]))
+    if method == "random":                                   # matching.py: c = -rand
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + trial)
+        k = links.shape[-1]
+        return float(np.mean([matching_value(links[i].cpu(), -torch.rand(k, k, generator=gen)) for i in test]))
+    seed_everything(cfg.seed * 100003 + trial)
+    rng = np.random.default_rng([cfg.seed, trial])
+    net = EdgeWeightNet(xl.shape[-1], cfg.hidden, cfg.layers).to(device)
+    if method == "two_stage":
+        train_two_stage(net, xl, xr, links, train, cfg, rng)
+    else:
+        train_edge_net(net, xl, xr, links, train, cfg, rng, method=method)
+    return lp_value(net, xl, xr, links, test)
+
+
+def _mean_std(values):
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n_trials": len(values),
+            "per_trial": [float(v) for v in values]}
+
+
+def run_cora(cfg):
+    """Sec. 6.2 as the paper compares it: on the same instances and the same random train/test splits,
+    the same edge MLP trained through (ours) MatchingQP (eq. 7, gamma = cfg.gamma), (wilder_qp) Wilder
+    et al.'s inequality QP, (two_stage) BCE on the links; beside them random weights and the optimum.
+    Every method is evaluated by the exact LP of eq. (4) on its costs; the metric is the number of true
+    links matched, averaged over the test instances of a split, then mean +- std over splits.
+
+    cfg.method picks one trained method ("all": the three); random and optimum are always computed.
+    Wilder's QP runs on the first cfg.wilder_trials splits (0: all).
 
     Args:
         cfg: CoraConfig.
     Returns:
-        dict: "qp_mean", "qp_std" (over trials of the per-trial test mean; the paper's 7.01 +- 1.15),
-        "per_trial" list, "optimum" (LP on the true links), "random" (LP on uniform random weights),
-        "n_instances". Also written to cfg.out_dir/cora_results.json.
-    Exits with a one-line error (common.fail) when the Cora files are missing or malformed.
+        dict (also written to cfg.out_dir/cora_results.json):
+        "methods": {name: {"mean", "std", "n_trials", "per_trial", "seconds", "label"}} for the methods run;
+        "paired": {"ours_minus_wilder_qp": {"mean", "std", "n_trials"}} on the splits both ran (when both did);
+        "partitioner", "n_instances", "instance_size", "true_links_per_instance" (mean number of citations
+        between the two sides of an instance), "optimum_all_instances" (mean LP optimum over all instances),
+        "splits" (each split's test instances), "config"; and, as before, "qp_mean", "qp_std", "per_trial"
+        (ours, when run), "optimum" and "random" (their means).
+    Exits with a one-line error (common.fail) when the Cora files are missing or malformed, or when a
+    method needs a package that is not installed.
     """
+    methods = [m for m in CORA_METHODS if cfg.method in ("all", m) or m in ("random", "optimum")]
+    if "wilder_qp" in methods:
+        try:
+            WilderMatchingQP(2)                                  # cvxpylayers present? fail before the data
+        except ImportError as e:
+            fail(f"--method={cfg.method} runs Wilder et al.'s QP: {e}")
     try:
         features, adj = load_cora(cfg.data_dir)
         inst = make_cora_instances(features, adj, cfg.n_instances, cfg.instance_size, cfg.seed, cfg.partitioner)
@@ -2284,33 +2491,59 @@ def run_cora(cfg):
         fail(str(e))
     print(f"cora: partitioner {'METIS (pymetis)' if inst['partitioner'] == 'metis' else 'greedy (grow_partition)'}, "
           f"{cfg.n_instances} instances of {cfg.instance_size} papers", flush=True)
-    seed_everything(cfg.seed)
     device = get_device(cfg.device)
-    xl, xr, links = (inst[key].to(device) for key in ("x_left", "x_right", "links"))
-    n, k = links.shape[:2]
-    n_test = max(1, int(round(cfg.test_frac * n)))
-    rng = np.random.default_rng(cfg.seed)
-    per_trial, optimum, random_value = [], [], []
-    for trial in range(cfg.n_trials):
-        perm = rng.permutation(n)
-        test, train = perm[:n_test], perm[n_test:]
-        net = EdgeWeightNet(features.shape[1], cfg.hidden, cfg.layers).to(device)
-        train_edge_net(net, xl, xr, links, train, cfg, rng)
-        per_trial.append(lp_value(net, xl, xr, links, test))
-        optimum.append(np.mean([matching_value(links[i].cpu(), -links[i].cpu()) for i in test]))
-        random_value.append(np.mean([matching_value(links[i].cpu(), -torch.rand(k, k))
-                                     for i in test]))
-        print(f"cora trial {trial + 1}/{cfg.n_trials}: test matched links {per_trial[-1]:.2f} "
-              f"(optimum {optimum[-1]:.2f}, random {random_value[-1]:.2f})", flush=True)
-    result = {"qp_mean": float(np.mean(per_trial)), "qp_std": float(np.std(per_trial)),
-              "per_trial": [float(v) for v in per_trial], "optimum": float(np.mean(optimum)),
-              "random": float(np.mean(random_value)), "n_instances": int(n), "config": asdict(cfg)}
+    inst = {key: inst[key].to(device) for key in ("x_left", "x_right", "links")} | {"partitioner": inst["partitioner"]}
+    links = inst["links"]
+    n = links.shape[0]
+    true_links = float(links.sum().item() / n)
+    optimum_all = float(np.mean([matching_value(l.cpu(), -l.cpu()) for l in links]))
+    print(f"cora: {true_links:.2f} true links per instance between its two sides; "
+          f"LP optimum {optimum_all:.2f} per instance", flush=True)
+    splits = cora_splits(n, cfg.n_trials, cfg.test_frac, cfg.seed)
+    result_methods = {}
+    for method in methods:
+        n_trials = min(cfg.wilder_trials or cfg.n_trials, cfg.n_trials) if method == "wilder_qp" else cfg.n_trials
+        start, values = time.time(), []
+        for trial in range(n_trials):
+            values.append(cora_trial(method, trial, inst, splits[trial], cfg, device))
+            if method not in ("random", "optimum"):
+                print(f"cora {method} trial {trial + 1}/{n_trials}: test matched links {values[-1]:.2f} "
+                      f"({time.time() - start:.0f} s)", flush=True)
+        result_methods[method] = _mean_std(values) | {"seconds": round(time.time() - start, 1),
+                                                      "label": CORA_LABELS[method]}
+    result = {"methods": result_methods, "partitioner": inst["partitioner"], "n_instances": int(n),
+              "instance_size": cfg.instance_size, "true_links_per_instance": true_links,
+              "optimum_all_instances": optimum_all, "splits": [s[0].tolist() for s in splits]}
+    if "ours" in result_methods and "wilder_qp" in result_methods:
+        m = result_methods["wilder_qp"]["n_trials"]
+        diff = np.subtract(result_methods["ours"]["per_trial"][:m], result_methods["wilder_qp"]["per_trial"])
+        result["paired"] = {"ours_minus_wilder_qp": {"mean": float(diff.mean()), "std": float(diff.std()),
+                                                     "n_trials": int(m)}}
+    if "ours" in result_methods:                                 # the keys of the single-method output
+        result |= {"qp_mean": result_methods["ours"]["mean"], "qp_std": result_methods["ours"]["std"],
+                   "per_trial": result_methods["ours"]["per_trial"]}
+    result |= {"optimum": result_methods["optimum"]["mean"], "random": result_methods["random"]["mean"],
+               "config": asdict(cfg)}
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "cora_results.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"cora: LP value on learned costs {result['qp_mean']:.2f} +- {result['qp_std']:.2f} "
-          f"(paper 7.01 +- 1.15; optimum {result['optimum']:.2f}, random {result['random']:.2f})")
+    print(format_cora_table(result))
     return result
+
+
+def format_cora_table(result):
+    """The Markdown table of run_cora's result: method, trials, test matched links mean +- std, seconds."""
+    lines = [f"cora ({result['partitioner']}, {result['n_instances']} instances of {result['instance_size']} papers, "
+             f"{result['true_links_per_instance']:.2f} true links per instance; paper: ours 7.01 +- 1.15, "
+             f"Wilder et al. 6.15 +- 0.38)",
+             "| method | trials | matched links (test) | seconds |", "|---|---|---|---|"]
+    for name, m in result["methods"].items():
+        lines.append(f"| {m['label']} | {m['n_trials']} | {m['mean']:.2f} +- {m['std']:.2f} | {m['seconds']:.0f} |")
+    if "paired" in result:
+        p = result["paired"]["ours_minus_wilder_qp"]
+        lines.append(f"paired difference ours - Wilder's QP on the same {p['n_trials']} splits: "
+                     f"{p['mean']:.2f} +- {p['std']:.2f}")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------

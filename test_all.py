@@ -2470,7 +2470,7 @@ def test_mincut_decision_focused_training_improves_lp_value():
 def test_mincut_run_cora_end_to_end(tmp_path, monkeypatch):
     write_cora(tmp_path, n_nodes=64, n_words=12, n_edges=150, seed=3)
     cfg = CoraConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "out"), n_instances=5, instance_size=12,
-                     hidden=16, epochs=2, n_trials=2, test_frac=0.4)
+                     hidden=16, epochs=2, n_trials=2, test_frac=0.4, method="ours")
     tests, lp_value = [], mc.lp_value                   # record each trial's test instances
     monkeypatch.setattr(mc, "lp_value", lambda net, xl, xr, links, idx: tests.append(list(idx)) or
                         lp_value(net, xl, xr, links, idx))
@@ -7325,3 +7325,176 @@ def test_mincut_slots_pool_the_masked_features_over_all_pixels():
         for k in range(3):
             np.testing.assert_allclose(slots[b, k], (m[b, k, :, None] * xn[b]).mean(axis=0), rtol=1e-5, atol=1e-6)
             assert not np.allclose(slots[b, k], np.average(xn[b], axis=0, weights=m[b, k]), rtol=1e-2)
+    old = {"config": {k: v for k, v in asdict(mc.Config()).items() if k != "slot_pool"}, "model": {}}
+    assert mc.upgrade_saved_config(old)["slot_pool"] == "mean"                          # saved before the flag
+
+
+# -----------------------------------------------------------------------------
+# Cora, Sec. 6.2 as compared: ours, Wilder et al.'s QP, the two-stage model, random, optimum
+
+def _wilder_qp_scipy(cost, gamma):
+    """Direct solve of Wilder et al.'s QP with scipy.optimize (SLSQP): min c.x + gamma/2 |x|^2,
+    row and column sums <= 1, x >= 0."""
+    from scipy.optimize import minimize
+    k = cost.shape[0]
+    c = cost.reshape(-1)
+    A = np.zeros((2 * k, k * k))
+    for i in range(k):
+        for j in range(k):
+            A[i, i * k + j] = A[k + j, i * k + j] = 1
+    res = minimize(lambda z: c @ z + 0.5 * gamma * z @ z, np.full(k * k, 1.0 / k), jac=lambda z: c + gamma * z,
+                   method="SLSQP", bounds=[(0, None)] * (k * k),
+                   constraints=[{"type": "ineq", "fun": lambda z: 1 - A @ z, "jac": lambda z: -A}],
+                   options={"ftol": 1e-15, "maxiter": 2000})
+    return res.x.reshape(k, k)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.1 * 0.8 ** 5])
+def test_mincut_cora_wilder_qp_matches_scipy_direct_solve(gamma):
+    pytest.importorskip("cvxpylayers", reason="cvxpylayers not installed (pip install cvxpylayers)")
+    k, rng = 4, np.random.default_rng(1)
+    cost = -rng.random((3, k, k))                              # c = -w, w in (0, 1): matching.py's costs
+    x = mc.WilderMatchingQP(k)(torch.from_numpy(cost), gamma)
+    assert x.dtype == torch.float64 and x.shape == (3, k, k)
+    for b in range(3):
+        np.testing.assert_allclose(x[b].numpy(), _wilder_qp_scipy(cost[b], gamma), atol=1e-5)
+    # the inequalities are what make it Wilder's QP, not eq. (7): x >= 0 and no sum above 1
+    assert x.min() >= -1e-7 and x.sum(-1).max() <= 1 + 1e-6 and x.sum(-2).max() <= 1 + 1e-6
+    # float32 in, float32 out; an unbatched [k, k] cost works; bad shapes and gamma are refused
+    x1 = mc.WilderMatchingQP(k)(torch.from_numpy(cost[0]).float(), gamma)
+    assert x1.dtype == torch.float32 and torch.allclose(x1.double(), x[0], atol=1e-5)
+    with pytest.raises(ValueError, match="WilderMatchingQP"):
+        mc.WilderMatchingQP(k)(torch.zeros(k, k + 1), gamma)
+    with pytest.raises(ValueError, match="gamma"):
+        mc.WilderMatchingQP(k)(torch.zeros(k, k), 0.0)
+
+
+def test_mincut_cora_wilder_qp_gradient_matches_finite_differences():
+    pytest.importorskip("cvxpylayers", reason="cvxpylayers not installed (pip install cvxpylayers)")
+    k, gamma = 3, 0.1
+    cost = (-0.06 * torch.from_numpy(np.random.default_rng(2).random((k, k)))).requires_grad_()   # x inside a face
+    P = torch.tensor([[1.0, 0, 0], [0, 0, 1], [1, 1, 0]], dtype=torch.float64)
+    qp = mc.WilderMatchingQP(k)
+    (-(P * qp(cost, gamma)).sum()).backward()                 # matching.py's loss: -sum P x
+    fd, eps = np.zeros((k, k)), 1e-4
+    for i, j in itertools.product(range(k), range(k)):
+        e = torch.zeros(k, k, dtype=torch.float64)
+        e[i, j] = eps
+        with torch.no_grad():
+            fd[i, j] = (-(P * qp(cost + e, gamma)).sum() + (P * qp(cost - e, gamma)).sum()).item() / (2 * eps)
+    np.testing.assert_allclose(cost.grad.numpy(), fd, atol=2e-3)
+    assert np.abs(fd).max() > 1                               # not trivially zero: x moves with c / gamma
+
+
+def test_mincut_cora_wilder_qp_decision_focused_training_improves_lp_value():
+    pytest.importorskip("cvxpylayers", reason="cvxpylayers not installed (pip install cvxpylayers)")
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    n, k, F_ = 6, 6, 24
+    xl = torch.from_numpy((rng.random((n, k, F_)) < 0.3).astype(np.float32))
+    xr = torch.from_numpy((rng.random((n, k, F_)) < 0.3).astype(np.float32))
+    links = torch.from_numpy((rng.random((n, k, k)) < 0.2).astype(np.float32))
+    net = EdgeWeightNet(F_, hidden=32, layers=2)
+    idx = np.arange(n)
+    before = lp_value(net, xl, xr, links, idx)
+    mc.train_edge_net(net, xl, xr, links, idx, CoraConfig(lr=3e-3, epochs=15), rng, method="wilder_qp")
+    after = lp_value(net, xl, xr, links, idx)
+    optimum = np.mean([matching_value(l, -l) for l in links])
+    assert after >= before + 1.0 and after <= optimum + 1e-9
+    with pytest.raises(ValueError, match="method"):
+        mc.train_edge_net(net, xl, xr, links, idx, CoraConfig(), rng, method="two_stage")
+
+
+def test_mincut_cora_two_stage_trains_bce_on_the_links():
+    # one instance, one minibatch of all k*k pairs, one epoch: the returned loss is the BCE of the initial
+    # net's logits against the links (by hand), and the one Adam step moves each weight by -lr * g/(|g| + eps)
+    # with g the gradient of that hand-written BCE
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    k, F_ = 5, 7
+    xl = torch.from_numpy((rng.random((1, k, F_)) < 0.5).astype(np.float32))
+    xr = torch.from_numpy((rng.random((1, k, F_)) < 0.5).astype(np.float32))
+    links = torch.from_numpy((rng.random((1, k, k)) < 0.3).astype(np.float32))
+    net = EdgeWeightNet(F_, hidden=6, layers=2)
+    ref = EdgeWeightNet(F_, hidden=6, layers=2)
+    ref.load_state_dict(net.state_dict())
+    z = ref.logits(xl, xr)[0]
+    y = links[0]
+    p = 1 / (1 + torch.exp(-z))
+    bce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    bce.backward()
+    lr = 1e-3
+    cfg = CoraConfig(two_stage_lr=lr, two_stage_epochs=1, two_stage_batch=k * k)
+    loss = mc.train_two_stage(net, xl, xr, links, np.array([0]), cfg, rng)
+    assert loss == pytest.approx(bce.item(), rel=1e-5)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        step = -lr * b.grad / (b.grad.abs() + 1e-8)
+        torch.testing.assert_close(a.detach() - b.detach(), step, atol=1e-6, rtol=1e-3)
+    # minibatches: floor(k*k / batch) Adam steps per instance and epoch (matching.py drops the remainder)
+    steps = []
+    net2 = EdgeWeightNet(F_, hidden=6, layers=2)
+    orig = torch.optim.Adam.step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adam, "step", lambda self, *a, **kw: steps.append(1) or orig(self, *a, **kw))
+        mc.train_two_stage(net2, xl.expand(2, -1, -1), xr.expand(2, -1, -1), links.expand(2, -1, -1),
+                           np.array([0, 1]), CoraConfig(two_stage_epochs=2, two_stage_batch=7), rng)
+    assert len(steps) == 2 * 2 * (k * k // 7)
+
+
+def test_mincut_cora_table_same_splits_every_method(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("cvxpylayers", reason="cvxpylayers not installed (pip install cvxpylayers)")
+    write_cora(tmp_path, n_nodes=64, n_words=12, n_edges=150, seed=3)
+    cfg = CoraConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "out"), n_instances=5, instance_size=12,
+                     hidden=16, epochs=2, n_trials=3, wilder_trials=2, test_frac=0.4, two_stage_batch=10,
+                     partitioner="greedy")
+    seen, lp = [], mc.lp_value                                 # (test instances) of each trained model's evaluation
+    monkeypatch.setattr(mc, "lp_value", lambda net, xl, xr, links, idx: seen.append(sorted(idx)) or
+                        lp(net, xl, xr, links, idx))
+    res = mc.run_cora(cfg)
+    out = capsys.readouterr().out
+    assert list(res["methods"]) == list(mc.CORA_METHODS)
+    for name, m in res["methods"].items():
+        assert set(m) == {"mean", "std", "n_trials", "per_trial", "seconds", "label"}
+        assert m["n_trials"] == (2 if name == "wilder_qp" else 3) and len(m["per_trial"]) == m["n_trials"]
+        assert m["mean"] == pytest.approx(np.mean(m["per_trial"])) and m["std"] == pytest.approx(np.std(m["per_trial"]))
+        assert f"| {m['label']} | {m['n_trials']} | {m['mean']:.2f} +- {m['std']:.2f} |" in out
+        assert 0 <= m["mean"] <= res["methods"]["optimum"]["mean"] + 1e-9
+    # the three trained methods saw the same test instances, split by split (ours 3, wilder 2, two-stage 3)
+    splits = [sorted(t) for t in res["splits"]]
+    assert seen == splits + splits[:2] + splits
+    ours, wilder = res["methods"]["ours"]["per_trial"], res["methods"]["wilder_qp"]["per_trial"]
+    assert res["paired"]["ours_minus_wilder_qp"]["mean"] == pytest.approx(np.mean(np.subtract(ours[:2], wilder)))
+    # instance statistics: mean citations between the two sides, and the LP optimum over all instances
+    inst = make_cora_instances(*load_cora(tmp_path), n_instances=5, instance_size=12, seed=0, partitioner="greedy")
+    assert res["true_links_per_instance"] == pytest.approx(inst["links"].sum().item() / 5)
+    assert res["optimum_all_instances"] == pytest.approx(np.mean([matching_value(l, -l) for l in inst["links"]]))
+    saved = json.load(open(tmp_path / "out" / "cora_results.json"))
+    assert saved["methods"]["two_stage"]["per_trial"] == pytest.approx(res["methods"]["two_stage"]["per_trial"])
+    assert saved["config"]["wilder_gamma_decay"] == 0.8 and saved["config"]["method"] == "all"
+    # --method runs one trained method (with random and optimum) and reproduces its numbers in the table
+    alone = mc.main(["--task=cora", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o2'}", "--n_instances=5",
+                     "--instance_size=12", "--hidden=16", "--epochs=2", "--n_trials=3", "--test_frac=0.4",
+                     "--two_stage_batch=10", "--partitioner=greedy", "--method=two_stage"])
+    assert list(alone["methods"]) == ["two_stage", "random", "optimum"] and "paired" not in alone
+    assert alone["methods"]["two_stage"]["per_trial"] == pytest.approx(res["methods"]["two_stage"]["per_trial"])
+    assert alone["methods"]["random"]["per_trial"] == pytest.approx(res["methods"]["random"]["per_trial"])
+
+
+def test_mincut_cora_bad_method_and_missing_cvxpylayers_are_one_line(tmp_path, capsys, monkeypatch):
+    exits(["--task=cora", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}", "--method=qpth"])
+    one_error_line(capsys, "--method")
+    exits(["--task=cora", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}", "--wilder_trials=-1"])
+    one_error_line(capsys, "--wilder_trials")
+    monkeypatch.setattr(mc, "_WILDER_LAYERS", {})
+    monkeypatch.setitem(sys.modules, "cvxpylayers.torch", None)              # import -> ImportError
+    exits(["--task=cora", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}", "--method=wilder_qp"])
+    one_error_line(capsys, "--method=wilder_qp", "pip install cvxpylayers")
+
+
+@pytest.mark.skipif(not os.environ.get("CORA_DIR"), reason="set CORA_DIR to the LINQS Cora folder to run")
+def test_mincut_cora_real_release_instances():
+    x, adj = load_cora(os.environ["CORA_DIR"])
+    assert x.shape == (2708, 1433) and adj.nnz == 2 * 5278            # 5429 citations, 5278 undirected pairs
+    pytest.importorskip("pymetis", reason="pymetis not installed (pip install pymetis)")
+    inst = make_cora_instances(x, adj, partitioner="metis")
+    assert inst["links"].shape == (27, 50, 50) and inst["x_left"].shape == (27, 50, 1433)
