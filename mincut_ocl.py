@@ -2272,9 +2272,10 @@ CORA_LABELS = {"ours": "ours: MatchingQP (eq. 7, gamma 0.1), Sec. 6.2",
 class CoraConfig:
     """Sec. 6.2 Cora matching experiment. Defaults: Wilder et al.'s setup with the paper's gamma.
     `python mincut_ocl.py --task=cora --key=value ...` sets these fields."""
-    task: str = "cora"            # cora: this experiment (image, video: the flags of --task=image --help)
+    task: str = "cora"            # cora: this experiment, the citation matching of Sec. 6.2 (image, video: the
+                                  # flags of --task=image --help)
     data_dir: str = ""            # folder with cora.content and cora.cites (LINQS Cora release)
-    out_dir: str = "out/mincut_cora"   # cora_results.json
+    out_dir: str = "out/mincut_cora"   # folder of cora_results.json, every number of the run
     method: str = "all"           # all | ours | wilder_qp | two_stage (random and optimum are always reported)
     n_instances: int = 27         # Wilder et al.: 27 METIS parts of the citation graph
     instance_size: int = 100      # papers per instance, 50 per side
@@ -2287,13 +2288,14 @@ class CoraConfig:
     lr: float = 1e-4              # Adam for ours and Wilder's QP (matching.py's decision-focused setting)
     epochs: int = 12              # ours and Wilder's QP: 12 epochs, one instance per step (matching.py)
     wilder_trials: int = 0        # trials of wilder_qp (the first splits of the same list); 0: all n_trials
-    two_stage_lr: float = 1e-3    # two-stage: Adam 1e-3 (matching.py)
+    two_stage_lr: float = 1e-3    # learning rate of the two-stage model's Adam (matching.py: 1e-3)
     two_stage_epochs: int = 2     # two-stage: 2 epochs over the training instances (matching.py)
     two_stage_batch: int = 100    # two-stage: minibatches of 100 pairs of an instance (matching.py: batch_size)
     test_frac: float = 0.2        # 80/20 split of the instances (matching.py: int(0.2 * n) test instances)
     n_trials: int = 30            # random splits; the paper reports mean +- std (matching.py: num_iters = 30)
     seed: int = 0                 # seed of the partition, the splits and the networks
-    device: str = "cpu"           # cpu | cuda | auto (one small instance per step: the CPU is fast enough)
+    device: str = "cpu"           # where the edge net trains: cpu | cuda | auto (one small instance per step: the
+                                  # CPU is fast enough)
 
 
 def validate_cora_config(cfg):

@@ -5661,7 +5661,7 @@ def test_common_boqsa_help_has_every_field_its_comment_and_default():
     assert all(helps.get(f.name) for f in dataclasses.fields(boqsa.Config))          # every flag explained
 
 
-@pytest.mark.parametrize("cls", [boqsa.Config, mc.Config, ast_seg.Config])
+@pytest.mark.parametrize("cls", [boqsa.Config, mc.Config, mc.CoraConfig, ast_seg.Config])
 def test_common_every_flag_says_what_it_means(cls):
     """Every flag's help says what the setting is in words, not only its source (a bare "Tab. 12: 4" or "K"
     fails): at least two words of three letters or more outside parentheses and citations."""
@@ -7498,3 +7498,23 @@ def test_mincut_cora_real_release_instances():
     pytest.importorskip("pymetis", reason="pymetis not installed (pip install pymetis)")
     inst = make_cora_instances(x, adj, partitioner="metis")
     assert inst["links"].shape == (27, 50, 50) and inst["x_left"].shape == (27, 50, 1433)
+
+
+def test_mincut_cora_lp_value_of_fixed_weights_equals_the_hungarian_matching():
+    """lp_value: the mean over the chosen instances of the true links covered by the best matching on the net's
+    predicted weights, pinned against scipy's linear_sum_assignment (the weights are in (0, 1), so the LP's
+    optimum is a perfect matching of maximum total weight), not only 0 <= value <= optimum."""
+    torch.manual_seed(0)
+    net = EdgeWeightNet(6, hidden=8, layers=2)
+    g = torch.Generator().manual_seed(1)
+    x_left, x_right = torch.rand(3, 5, 6, generator=g), torch.rand(3, 5, 6, generator=g)
+    links = (torch.rand(3, 5, 5, generator=g) < 0.4).float()
+    idx = np.array([0, 2])
+    with torch.no_grad():
+        weights = net(x_left, x_right).numpy()
+    expect = []
+    for i in idx:
+        rows, cols = linear_sum_assignment(weights[i], maximize=True)
+        expect.append(links[i].numpy()[rows, cols].sum())
+    assert lp_value(net, x_left, x_right, links, idx) == pytest.approx(np.mean(expect), abs=1e-6)
+    assert np.mean(expect) != pytest.approx(links[idx].sum((1, 2)).mean().item() / 5)   # not a trivial average
