@@ -7325,8 +7325,6 @@ def test_mincut_slots_pool_the_masked_features_over_all_pixels():
         for k in range(3):
             np.testing.assert_allclose(slots[b, k], (m[b, k, :, None] * xn[b]).mean(axis=0), rtol=1e-5, atol=1e-6)
             assert not np.allclose(slots[b, k], np.average(xn[b], axis=0, weights=m[b, k]), rtol=1e-2)
-    old = {"config": {k: v for k, v in asdict(mc.Config()).items() if k != "slot_pool"}, "model": {}}
-    assert mc.upgrade_saved_config(old)["slot_pool"] == "mean"                          # saved before the flag
 
 
 # -----------------------------------------------------------------------------
