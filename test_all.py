@@ -2449,16 +2449,20 @@ def test_mincut_edge_weight_net_equals_linear_on_concatenation():
     assert torch.allclose(net(xl, xr), ref, atol=1e-6)
 
 
-def test_mincut_decision_focused_training_improves_lp_value():
-    # in-sample: training through MatchingQP must move the exact-LP decisions towards the true links
+def toy_matching_instances(n=6, k=6, F=24):
+    """6 random k x k matching instances for the decision-focused training tests: (rng, x_left, x_right, links,
+    a fresh EdgeWeightNet, the instance indices), seeded."""
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    n, k, F = 6, 6, 24
     xl = torch.from_numpy((rng.random((n, k, F)) < 0.3).astype(np.float32))
     xr = torch.from_numpy((rng.random((n, k, F)) < 0.3).astype(np.float32))
     links = torch.from_numpy((rng.random((n, k, k)) < 0.2).astype(np.float32))
-    net = EdgeWeightNet(F, hidden=32, layers=2)
-    idx = np.arange(n)
+    return rng, xl, xr, links, EdgeWeightNet(F, hidden=32, layers=2), np.arange(n)
+
+
+def test_mincut_decision_focused_training_improves_lp_value():
+    # in-sample: training through MatchingQP must move the exact-LP decisions towards the true links
+    rng, xl, xr, links, net, idx = toy_matching_instances()
     before = lp_value(net, xl, xr, links, idx)
     train_edge_net(net, xl, xr, links, idx, CoraConfig(lr=3e-3, epochs=30), rng)
     after = lp_value(net, xl, xr, links, idx)
@@ -7386,14 +7390,7 @@ def test_mincut_cora_wilder_qp_gradient_matches_finite_differences():
 
 def test_mincut_cora_wilder_qp_decision_focused_training_improves_lp_value():
     pytest.importorskip("cvxpylayers", reason="cvxpylayers not installed (pip install cvxpylayers)")
-    rng = np.random.default_rng(0)
-    torch.manual_seed(0)
-    n, k, F_ = 6, 6, 24
-    xl = torch.from_numpy((rng.random((n, k, F_)) < 0.3).astype(np.float32))
-    xr = torch.from_numpy((rng.random((n, k, F_)) < 0.3).astype(np.float32))
-    links = torch.from_numpy((rng.random((n, k, k)) < 0.2).astype(np.float32))
-    net = EdgeWeightNet(F_, hidden=32, layers=2)
-    idx = np.arange(n)
+    rng, xl, xr, links, net, idx = toy_matching_instances()
     before = lp_value(net, xl, xr, links, idx)
     mc.train_edge_net(net, xl, xr, links, idx, CoraConfig(lr=3e-3, epochs=15), rng, method="wilder_qp")
     after = lp_value(net, xl, xr, links, idx)
