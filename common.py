@@ -41,6 +41,7 @@ other labels need not be contiguous (e.g. {0, 3, 7}).
 from __future__ import annotations
 
 import argparse
+import atexit
 import colorsys
 import contextlib
 import dataclasses
@@ -50,6 +51,7 @@ import inspect
 import io
 import json
 import math
+import multiprocessing.util  # registers multiprocessing's exit handler now
 import os
 import random
 import re
@@ -1424,6 +1426,26 @@ def worker_ignores_stop_signals(worker_id: int) -> None:
     their loop when it sets their done event, or when their watchdog sees it gone)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_loader_workers_at_exit() -> None:
+    """At interpreter exit, before multiprocessing's own exit handler: end the daemonic children still alive
+    (DataLoader workers whose loader was not shut down, e.g. held by an exception's traceback). multiprocessing
+    sends them SIGTERM and then joins them; DataLoader workers ignore SIGTERM (`worker_ignores_stop_signals`)
+    and their watchdog waits for the parent to go, so that join never returned. Here they get SIGTERM as
+    there, and SIGKILL if still alive after 0.5 s."""
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + 0.5
+    for p in children:
+        p.join(timeout=max(deadline - time.monotonic(), 0))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+atexit.register(_kill_loader_workers_at_exit)  # after multiprocessing.util registered its handler: runs before it
 
 
 def stop_on_signal(stop: "StopSignals | None", ddp: "DDPInfo", step: int, ckpt_path, save) -> None:

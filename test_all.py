@@ -6816,6 +6816,33 @@ def test_common_resume_refuses_another_seed_or_dataset(tmp_path, capsys, script)
     assert "resuming from" in capsys.readouterr().out
 
 
+_LIVE_WORKER_AT_EXIT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, common
+def train():
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(64.0)), batch_size=4,
+                                         num_workers=2, persistent_workers=True,
+                                         worker_init_fn=common.worker_ignores_stop_signals)
+    it = iter(loader)
+    next(it)
+    print("in the loop", flush=True)
+    raise RuntimeError("a crash mid-training")    # its traceback keeps the loader and its workers alive at exit
+train()
+"""
+
+
+def test_common_a_run_that_crashes_with_live_loader_workers_exits(tmp_path):
+    """A script that dies with its DataLoader's workers alive (held by the exception's traceback) exits with
+    the traceback and status 1: multiprocessing's exit handler joins its children after SIGTERM, which these
+    workers ignore (worker_ignores_stop_signals), and without common's exit handler it waited forever."""
+    (tmp_path / "crash.py").write_text(_LIVE_WORKER_AT_EXIT)
+    r = subprocess.run([sys.executable, str(tmp_path / "crash.py"), HERE], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 1 and "in the loop" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert "RuntimeError: a crash mid-training" in r.stderr
+
+
 def test_common_a_second_run_in_the_same_out_dir_stops_at_start_and_a_dead_one_blocks_nothing(tmp_path, capsys):
     """Another live process holding <out_dir>/train.lock (common.training_run): one line naming it; once it is
     killed (SIGKILL: no clean-up runs), the OS has released the lock and training starts."""
