@@ -1433,7 +1433,10 @@ def _kill_loader_workers_at_exit() -> None:
     (DataLoader workers whose loader was not shut down, e.g. held by an exception's traceback). multiprocessing
     sends them SIGTERM and then joins them; DataLoader workers ignore SIGTERM (`worker_ignores_stop_signals`)
     and their watchdog waits for the parent to go, so that join never returned. Here they get SIGTERM as
-    there, and SIGKILL if still alive after 0.5 s."""
+    there, and SIGKILL if still alive after 0.5 s. torch's SIGCHLD handler goes first: it raises when a
+    worker dies, which would end this handler after the first worker."""
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     children = [p for p in multiprocessing.active_children() if p.daemon]
     for p in children:
         p.terminate()

@@ -6822,7 +6822,7 @@ sys.path.insert(0, sys.argv[1])
 import torch, common
 def train():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(64.0)), batch_size=4,
-                                         num_workers=2, persistent_workers=True,
+                                         num_workers=4, persistent_workers=True,
                                          worker_init_fn=common.worker_ignores_stop_signals)
     it = iter(loader)
     next(it)
