@@ -1001,10 +1001,7 @@ def train(cfg, stop=None):
         n_eval = len(load_dataset(cfg, cfg.eval_split))
         n_eval = min(cfg.eval_items, n_eval) if cfg.eval_items else n_eval
         print(phase_plan(cfg))
-        if cfg.dtype == "auto":
-            dtype = resolve_dtype(device, cfg.dtype)
-            print(f"--dtype=auto: the foreground trains in {dtype} "
-                  f"({'native' if dtype == 'bfloat16' else 'no native'} bf16 on {device.type})")
+        resolve_dtype(device, cfg.dtype, announce="the foreground trains")
     end = min(total, cfg.stop_at) if cfg.stop_at else total
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl")) if ddp.is_main else None
     if log is not None:
@@ -1037,6 +1034,7 @@ def train(cfg, stop=None):
         # DDP wraps what this phase trains, so its forward (and the gradient all-reduce) is used: the
         # background phase calls only the AE-NE; the frozen parts hold no trainable parameters for DDP
         trained = model.background if phase == "background" else model
+        trained = torch.compile(trained) if cfg.compile else trained
         net = nn.parallel.DistributedDataParallel(trained) if ddp.enabled else trained
         batch = cfg.bg_batch_size if phase == "background" else cfg.batch_size
         data_iter = iter(train_loader(cfg, ddp, batch, step - first, cfg.seed + index))

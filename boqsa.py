@@ -112,7 +112,6 @@ class Config(common.RunConfig):
     # run
     out_dir: str = "out/boqsa"      # checkpoints, metrics.jsonl, sample images and eval results
     concept_maps: bool = False      # with --eval_only: save each query's attention map (Sec. 5.4, Fig. 4)
-    compile: bool = False           # torch.compile the model
     dtype: str = "auto"             # float32 | bfloat16 (autocast of the training forward) | auto: bfloat16 where
                                     # the CPU/GPU runs it natively, else float32; the paper presets: float32
 
@@ -934,10 +933,7 @@ def train(cfg, stop=None):
     if cfg.batch_size % ddp.world_size:
         fail(f"--batch_size={cfg.batch_size} must be divisible by the number of processes {ddp.world_size}")
 
-    dtype = resolve_dtype(device, cfg.dtype)
-    if cfg.dtype == "auto" and ddp.is_main:
-        print(f"--dtype=auto: training in {dtype} ({'native' if dtype == 'bfloat16' else 'no native'} bf16 "
-              f"on {device.type})")
+    dtype = resolve_dtype(device, cfg.dtype, announce="training" if ddp.is_main else "")
     if ddp.is_main:
         check_out_dir(cfg.out_dir)
     model = BOQSA(cfg).to(device)

@@ -499,6 +499,7 @@ class RunConfig:
     device: str = "auto"            # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "float32"          # precision of the training forward: float32 | bfloat16 (autocast) | auto:
                                     # bfloat16 where the CPU/GPU runs it natively, else float32; evaluation: float32
+    compile: bool = False           # torch.compile the trained model (the first steps compile it; README, Speed)
     log_interval: int = 10          # print and log the training loss every N steps
     eval_interval: int = 500        # evaluate, save sample images and a checkpoint every N steps
     eval_items: int = 256           # images (videos) of the periodic evaluations, on --eval_split (0 = whole split)
@@ -940,13 +941,18 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_dtype(device: torch.device, dtype: str) -> str:
-    """--dtype for this device: "auto" -> "bfloat16" where `native_bf16(device)`, else "float32".
+def resolve_dtype(device: torch.device, dtype: str, announce: str = "") -> str:
+    """--dtype for this device: "auto" -> "bfloat16" where `native_bf16(device)`, else "float32". With
+    `announce` (e.g. "training") an "auto" prints one line saying what it chose and why.
     Raises ValueError for a value not in DTYPES."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "auto":
-        return "bfloat16" if native_bf16(device) else "float32"
+    if dtype != "auto":
+        return dtype
+    dtype = "bfloat16" if native_bf16(device) else "float32"
+    if announce:
+        print(f"--dtype=auto: {announce} in {dtype} ({'native' if dtype == 'bfloat16' else 'no native'} bf16 "
+              f"on {device.type})")
     return dtype
 
 

@@ -57,8 +57,8 @@ from scipy.optimize import linear_sum_assignment, linprog
 from common import (DTYPES, CheckpointError, MetricsLog, ResumableSampler, all_reduce_mean, ari, check_config,
                     check_finite_step, check_out_dir, clip_gradients, ddp_cleanup, ddp_setup, error_line, fail,
                     get_device, get_rng_state, labels_to_rgb, load_checkpoint, load_resume_checkpoint, mse, nanmean,
-                    parse_args, progress, save_checkpoint, save_image_grid, save_slot_grid, seed_everything,
-                    segmentation_metrics, set_rng_state, train_autocast)
+                    parse_args, progress, resolve_dtype, save_checkpoint, save_image_grid, save_slot_grid,
+                    seed_everything, segmentation_metrics, set_rng_state, train_autocast)
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -111,9 +111,9 @@ class Config(common.RunConfig):
     grad_clip: float = 0.0          # clip the gradient norm to this value (0 = off, as the official code)
     # run
     out_dir: str = "out/mincut_ocl" # checkpoints, metrics.jsonl, sample images and eval results
-    dtype: str = "float32"          # precision of the training forward's CNNs: float32 (the official code) |
-                                    # bfloat16 (autocast) | auto (bfloat16 where native); the cut and matching QPs
-                                    # always solve in float32
+    dtype: str = "auto"             # precision of the training forward's CNNs: float32 (the official code) |
+                                    # bfloat16 (autocast) | auto: bfloat16 where native, else float32; the cut and
+                                    # matching QPs always solve in float32; the paper presets: float32
 
 
 # Paper settings (Sec. 6.1, App. D; official slot_cut/): 128x128 input, first layer stride 2 -> 64x64 QP grid,
@@ -796,6 +796,7 @@ class STCutQP(nn.Module):
         self.height, self.width, self.gamma, self.solver = height, width, float(gamma), solver
         self.edges = edges
 
+    @torch.compiler.disable                 # --compile: the solver runs eagerly (its own autograd Function)
     def forward(self, w):
         if w.dim() != 4 or tuple(w.shape[1:]) != (6, self.height, self.width):
             raise ValueError(f"STCutQP: expected w of shape [B, 6, {self.height}, {self.width}], got {tuple(w.shape)}")
@@ -943,6 +944,7 @@ class MatchingQP(nn.Module):
             raise ValueError(f"gamma and temperature must be > 0, got {gamma}, {temperature}")
         self.k, self.gamma, self.temperature = k, float(gamma), float(temperature)
 
+    @torch.compiler.disable                 # --compile: the solver runs eagerly (its own autograd Function)
     def solve(self, cost):
         """QP of eq. (7) without the softmax: cost `[..., k, k]` -> MatchingSolution with
         d `[..., k, k]`, p and s `[..., 2k]` (p, s of the first set's nodes, then the second's)."""
@@ -1484,6 +1486,7 @@ def train(cfg, stop=None):
              f"{ddp.world_size}")
     seed_everything(cfg.seed + ddp.rank)
     torch.set_flush_denormal(True)      # denormal floats make CPU steps several times slower
+    dtype = resolve_dtype(device, cfg.dtype, announce="the CNNs train" if ddp.is_main else "")
     raw_model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr)      # App. D: Adam, lr 4e-4
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -1503,7 +1506,8 @@ def train(cfg, stop=None):
         load_weights(raw_model, cfg.init_from)                       # weights only: fresh optimiser
         if ddp.is_main:
             print(f"starting from the weights of {cfg.init_from}")
-    model = nn.parallel.DistributedDataParallel(raw_model) if ddp.enabled else raw_model
+    model = torch.compile(raw_model) if cfg.compile else raw_model      # the QPs stay eager (compiler.disable)
+    model = nn.parallel.DistributedDataParallel(model) if ddp.enabled else model
     data_iter = iter(train_loader(cfg, ddp, step))  # the sampler skips the batches seen
     if ddp.is_main:
         load_dataset(cfg, cfg.eval_split)                 # the periodic evaluations' split: its errors before any step
@@ -1537,7 +1541,7 @@ def train(cfg, stop=None):
             batch = next(data_iter)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg)                # exponential decay (App. D)
-            with train_autocast(device, cfg.dtype):                        # --dtype
+            with train_autocast(device, dtype):                            # --dtype (the QPs: float32)
                 loss = batch_loss(model, batch, device, cfg.task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -4613,8 +4613,9 @@ def test_mincut_dtype_bfloat16_trains_with_float32_qp(tmp_path):
     import mincut_ocl as mc
     cfg = mc.build_config(["--image_size=16", "--dec_strides=2,1,1", "--num_slots=3", "--enc_channels=8",
                            "--dec_channels=8", "--slot_dim=16", "--mlp_dim=16", "--dtype=bfloat16"])
-    assert cfg.dtype == "bfloat16" and mc.build_config([]).dtype == "float32"
-    assert mc.build_config(["--dataset=clevrtex"]).dtype == "float32"
+    assert cfg.dtype == "bfloat16" and mc.build_config([]).dtype == "auto"      # the built-in data: auto
+    for name in ("clevrtex", "clevr", "clevr6"):                                   # the paper presets: float32
+        assert mc.build_config([f"--dataset={name}"]).dtype == "float32", name
     torch.manual_seed(0)
     model = mc.MinCutOCL(cfg)
     x = torch.rand(2, 3, 16, 16)
@@ -6866,6 +6867,51 @@ def test_common_a_second_run_in_the_same_out_dir_stops_at_start_and_a_dead_one_b
         holder.wait()
     boqsa.main([*TINY, "--max_steps=1", f"--out_dir={out}"])
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+_COMPILE_MODELS = {   # script -> (the model its training loop runs, the forward's extra arguments)
+    "boqsa": (lambda cfg: boqsa.BOQSA(cfg), dict(sigma=0.5)),
+    "mincut_ocl": (lambda cfg: mc.build_model(cfg), {}),
+    "ast_seg": (lambda cfg: ast_seg.ASTSeg(cfg), dict(pixel_weight=0.5)),
+}
+
+
+@pytest.mark.parametrize("script, backend", [("boqsa", "aot_eager"), ("mincut_ocl", "aot_eager"),
+                                             ("ast_seg", "aot_eager"), ("mincut_ocl", "inductor")])
+def test_common_compile_step_equals_eager_and_main_compiles_the_trained_model(script, backend, tmp_path,
+                                                                              monkeypatch):
+    """--compile: torch.compile of each script's model gives the eager loss and gradients of a training step
+    (float32, 1e-4). aot_eager traces the graphs (dynamo) and their backward (AOTAutograd) as --compile does,
+    without inductor's code generation (a minute per model on 2 cores): inductor itself for min-cut OCL, whose
+    QP stays eager inside the compiled model (compiler.disable). main() with --compile hands the model it trains
+    to torch.compile and trains from it."""
+    module, argv = SCRIPTS_TINY[script]
+    make, kwargs = _COMPILE_MODELS[script]
+    cfg = module.build_config(argv)
+    torch.manual_seed(0)
+    model = make(cfg).train()
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+
+    def step(net):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        loss = net(x, **kwargs)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step(model)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)    # eager's random numbers in the graph
+    c_loss, c_grads = step(torch.compile(model, backend=backend))
+    torch.testing.assert_close(c_loss, loss, rtol=1e-4, atol=1e-6)
+    assert c_grads.keys() == grads.keys()
+    for n in grads:
+        torch.testing.assert_close(c_grads[n], grads[n], rtol=1e-3, atol=1e-5, msg=n)
+    torch._dynamo.reset()
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    module.main([*argv, "--compile", f"--out_dir={tmp_path}"])
+    assert compiled and all(isinstance(m, torch.nn.Module) for m in compiled), compiled
 
 
 def _signal_at_call(monkeypatch, module, n, signum):
