@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import get_device, parse_args
 
@@ -56,6 +57,31 @@ def adam_step(model, opt, x, grad_clip=0.0, bf16=False, **forward_kwargs):
     opt.step()
 
 
+# The variants of each script's default setting (its bare command: built-in data, its own batch size):
+# float32, bf16 autocast, and float32 + --compile (the first, untimed step compiles).
+VARIANTS = ("float32", "bfloat16", "float32 compile")
+
+
+def variant_flags(name):
+    """Config flags of a variant name: its dtype (--compile and channels_last are applied by `variant`)."""
+    return [f"--dtype={name.split()[0]}", *(["--compile"] if "compile" in name.split() else [])]
+
+
+def variant(model, cfg, channels_last=False):
+    """The model as the variant trains it: torch.compile'd with --compile; channels_last memory format when
+    asked (inputs then follow it in `images`)."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg.compile else model
+
+
+def images(bc, cfg, device, own_batch, channels_last=False):
+    """A random batch [B, 3, S, S] in [0, 1): B = the config's own batch size for a default setting, else
+    --batch_size (the papers' batches of 64-128 do not fit a CPU step)."""
+    x = torch.rand(cfg.batch_size if own_batch else bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def boqsa_settings():
     """BO-QSA at the paper's settings (Tab. 9-13), float32 and --dtype=bfloat16: list of (name, make_step).
 
@@ -63,18 +89,18 @@ def boqsa_settings():
     forward + backward + optimiser step; `info` gives the table's image size and slot count."""
     import boqsa
 
-    def maker(cfg):
+    def maker(cfg, own_batch=False):
         def make_step(bc, device):
-            model = boqsa.BOQSA(cfg).to(device)
+            model = variant(boqsa.BOQSA(cfg).to(device), cfg)
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
-
+            x = images(bc, cfg, device, own_batch)
             step = functools.partial(adam_step, model, opt, x, cfg.grad_clip, cfg.dtype == "bfloat16", sigma=0.5)
-            return step, dict(image=cfg.image_size, slots=cfg.num_slots)
+            return step, dict(image=cfg.image_size, slots=cfg.num_slots, batch=len(x))
         return make_step
 
-    return [(f"boqsa {ds} {dt}", maker(boqsa.build_config([f"--dataset={ds}", f"--dtype={dt}"])))
-            for ds in ("shapestacks", "objectsroom") for dt in ("float32", "bfloat16")]
+    return ([(f"boqsa default {v}", maker(boqsa.build_config(variant_flags(v)), own_batch=True)) for v in VARIANTS]
+            + [(f"boqsa {ds} {dt}", maker(boqsa.build_config([f"--dataset={ds}", f"--dtype={dt}"])))
+               for ds in ("shapestacks", "objectsroom") for dt in ("float32", "bfloat16")])
 
 
 def mincut_settings():
@@ -82,18 +108,20 @@ def mincut_settings():
     12 slots), with the dct QP solver and with the paper's sparse solver (factor built in the warmup step)."""
     import mincut_ocl
 
-    def maker(cfg):
+    def maker(cfg, own_batch=False, channels_last=False):
         def make_step(bc, device):
-            model = mincut_ocl.MinCutOCL(cfg).to(device)
+            model = variant(mincut_ocl.MinCutOCL(cfg).to(device), cfg, channels_last)
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
-
-            step = functools.partial(adam_step, model, opt, x)
-            return step, dict(image=cfg.image_size, slots=cfg.num_slots)
+            x = images(bc, cfg, device, own_batch, channels_last)
+            step = functools.partial(adam_step, model, opt, x, bf16=cfg.dtype == "bfloat16")   # the QP: float32
+            return step, dict(image=cfg.image_size, slots=cfg.num_slots, batch=len(x))
         return make_step
 
-    return [(f"mincut clevrtex {solver}", maker(mincut_ocl.build_config(["--dataset=clevrtex", f"--qp_solver={solver}"])))
-            for solver in ("dct", "sparse")]
+    return ([(f"mincut default {v}", maker(mincut_ocl.build_config(variant_flags(v)), True, "channels_last" in v))
+             for v in (*VARIANTS, "float32 channels_last", "bfloat16 channels_last")]
+            + [(f"mincut clevrtex {solver}", maker(mincut_ocl.build_config(["--dataset=clevrtex",
+                                                                             f"--qp_solver={solver}"])))
+               for solver in ("dct", "sparse")])
 
 
 def ast_settings():
@@ -101,17 +129,18 @@ def ast_settings():
     a joint-phase step (phase 3 of the curriculum: foreground and AE-NE background trained together)."""
     import ast_seg
 
-    def maker(cfg):
+    def maker(cfg, own_batch=False):
         def make_step(bc, device):
             model = ast_seg.ASTSeg(cfg).to(device)
             opt = ast_seg.make_optimizer(ast_seg.set_trainable(model, "joint"), cfg, "joint")
-            x = torch.rand(bc.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
-
-            step = functools.partial(adam_step, model, opt, x)
-            return step, dict(image=cfg.image_size, slots=cfg.num_slots)
+            model = variant(model, cfg)
+            x = images(bc, cfg, device, own_batch)
+            step = functools.partial(adam_step, model, opt, x, bf16=cfg.dtype == "bfloat16")
+            return step, dict(image=cfg.image_size, slots=cfg.num_slots, batch=len(x))
         return make_step
 
-    return [("ast clevrtex b3", maker(ast_seg.build_config(["--dataset=clevrtex"])))]
+    return ([(f"ast default {v}", maker(ast_seg.build_config(variant_flags(v)), own_batch=True)) for v in VARIANTS]
+            + [("ast clevrtex b3", maker(ast_seg.build_config(["--dataset=clevrtex"])))])
 
 
 # One entry per model script; each function returns [(setting name, make_step)]. Add new scripts here.
@@ -269,8 +298,33 @@ def run_one(name, bc):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # KiB -> MiB (Linux)
     t_step = statistics.median(times)
-    return dict(name=name, device=str(device), batch=bc.batch_size, image=info["image"], slots=info["slots"],
-                step_s=t_step, img_per_s=bc.batch_size / t_step, peak_mib=peak)
+    flops = None
+    if "compile" not in name.split():              # inductor's kernels bypass the counter: main() takes the eager twin's
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+    return dict(name=name, device=str(device), batch=info["batch"], image=info["image"], slots=info["slots"],
+                step_s=t_step, img_per_s=info["batch"] / t_step, peak_mib=peak, flops=flops)
+
+
+def matmul_peak(device, dtype, bc):
+    """The device's peak FLOP/s in `dtype` as this process reaches it: the best of 5 square matmuls (n = 2048 on a
+    CPU, 8192 on a GPU), 2 n^3 FLOPs each. That is the ceiling the models' convolutions and matmuls can reach
+    (a vendor's nominal peak is higher: clock boost and the tensor cores' sparsity are not in it)."""
+    if bc.threads:
+        torch.set_num_threads(bc.threads)
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(6):                             # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
 
 
 def main():
@@ -279,30 +333,49 @@ def main():
         _, solver, side, rhs, *edges = bc.only.split()              # qp SOLVER SIDE RHS [EDGES]
         print(json.dumps(run_qp(solver, int(side), int(rhs), bc, *edges)))
         return
+    if bc.only.startswith("peak "):
+        print(json.dumps(matmul_peak(get_device(bc.device), getattr(torch, bc.only.split()[1]), bc)))
+        return
     if bc.only:
         print(json.dumps(run_one(bc.only, bc)))
         return
     if bc.suite == "qp":
         return qp_main(bc)
     names = [n for n, _ in all_settings() if not bc.group or n.split()[0] == bc.group]
-    rows = []
-    for name in names:
-        args = [sys.executable, os.path.abspath(__file__), f"--only={name}", f"--batch_size={bc.batch_size}",
+
+    def run(only):
+        args = [sys.executable, os.path.abspath(__file__), f"--only={only}", f"--batch_size={bc.batch_size}",
                 f"--steps={bc.steps}", f"--warmup={bc.warmup}", f"--device={bc.device}", f"--threads={bc.threads}"]
         r = subprocess.run(args, capture_output=True, text=True)
         if r.returncode != 0:
-            print(f"{name}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        print(f"done: {name}", file=sys.stderr)
-    base = rows[0]["step_s"] if rows else 1.0
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {bc.batch_size}, "
-          f"median of {bc.steps} steps (forward + backward + Adam)\n")
-    print("| setting | device | image | slots | step (s) | images/s | peak memory (MiB) | time vs first |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['device']} | {r['image']} | {r['slots']} | {r['step_s']:.3f} | "
-              f"{r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {r['step_s'] / base:.2f}x |")
+            print(f"{only}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
+            return None
+        print(f"done: {only}", file=sys.stderr)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    peaks = {dt: run(f"peak {dt}") for dt in ("float32", "bfloat16")}
+    rows = {name: row for name in names if (row := run(name)) is not None}
+    print(f"\ntorch {torch.__version__}, {bc.threads or torch.get_num_threads()} threads, median of {bc.steps} steps "
+          f"(forward + backward + Adam); default = the bare command's setting at its own batch, else batch "
+          f"{bc.batch_size}; FLOPs counted by torch.utils.flop_counter (matmuls and convolutions, forward + "
+          f"backward); peak = the best square matmul in that dtype on this device: float32 "
+          f"{(peaks['float32'] or 0) / 1e9:.0f} GFLOP/s, bfloat16 {(peaks['bfloat16'] or 0) / 1e9:.0f} GFLOP/s\n")
+    print("| setting | device | batch | image | slots | step (s) | images/s | speed-up | GFLOP/step | GFLOP/s | "
+          "of peak | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        words = name.split()
+        base = rows.get(" ".join(words[:2] + ["float32"]) if words[1] == "default" else next(
+            n for n in rows if n.split()[:2] == words[:2]))          # default: its float32; preset: its first row
+        eager = rows.get(name.replace(" compile", ""), {})
+        flops = r["flops"] if r["flops"] is not None else eager.get("flops")
+        peak = peaks["bfloat16" if "bfloat16" in words else "float32"]
+        achieved = flops / r["step_s"] if flops else None
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)     # noqa: E731
+        print(f"| {name} | {r['device']} | {r['batch']} | {r['image']} | {r['slots']} | {r['step_s']:.3f} | "
+              f"{r['img_per_s']:.1f} | {f(base and base['step_s'] / r['step_s'], '.2f')}x | "
+              f"{f(flops and flops / 1e9, '.1f')} | {f(achieved and achieved / 1e9, '.1f')} | "
+              f"{f(achieved and peak and 100 * achieved / peak, '.0f')}% | {r['peak_mib']:.0f} |")
 
 
 if __name__ == "__main__":
