@@ -504,7 +504,7 @@ def write_data_bench_files(root, n, seed=0):
                      f"224x224 -> crop 196 -> {px}", size(files) / len(files) * 2))
     # MOVi-A: plain TFRecord shard (TFDS), 24 frames 128x128 as PNGs (+ 16-bit depth PNGs), a panning camera
     movi = j(root, "movi_a")
-    os.makedirs(movi)
+    os.makedirs(movi, exist_ok=True)
     recs = []
     for _ in range(max(1, n // 4)):
         img, own = render_scene(rng, 128, 128 + 2 * 24, int(rng.integers(3, 11)))

@@ -690,6 +690,59 @@ def test_data_clevr6_filter(tmp_path):
     assert list(SmallClevr6("test", root=p, crop=None, test_size=6, val_size=0, max_items=2).records) == [0, 2]
 
 
+def test_data_deepmind_reader_matches_the_straightforward_decode(tmp_path, monkeypatch):
+    """The DeepMind TFRecord reader (one-copy inflater, strided views into the record, labels by a per-channel
+    argmax of the crop only) gives, bit for bit, the straightforward decode of the same files: gzip.decompress,
+    np.argmax over the channels of the full masks (the previous code), crop, PIL resize. Overlapping masks with
+    ties, uncovered pixels, a two-member GZIP stream, zlib pieces cut at odd places, items read in any order."""
+    monkeypatch.setattr(data._Inflater, "CHUNK", 777)
+    rng = np.random.default_rng(12)
+    scenes = [(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8),
+               rng.integers(0, 4, (11, 24, 32), dtype=np.uint8) * 85) for _ in range(5)]   # ties: 0/85/170/255
+    scenes[0][1][:, :5] = 0                                                                 # uncovered pixels
+    recs = [bench.deepmind_example(img, m) for img, m in scenes]
+    p = tmp_path / "c.tfrecords"
+    for part in (recs[:2], recs[2:]):                           # two gzip members, one after the other
+        _data_write_tfrecord(str(tmp_path / "part"), part, compression="GZIP")
+        with open(p, "ab") as f:
+            f.write((tmp_path / "part").read_bytes())
+    stream = gzip.decompress(p.read_bytes())
+    inf = data._Inflater(str(p), 31)
+    pos = 0
+    for n in [0, 1, 12, 5000, 777, 3 * 777 + 5, 10 ** 6]:   # reads across zlib pieces, to the end
+        assert inf.read(n) == stream[pos:pos + n]
+        pos = min(pos + n, len(stream))
+    assert inf.read(5) == b"" and inf.out_pos == len(stream)
+
+    class SmallClevr(data.Clevr):
+        native = (24, 32)
+    for crop, size in ((0.8, (12, 12)), (None, (24, 32)), (0.5, (16, 16))):
+        ds = SmallClevr("test", root=str(p), crop=crop, image_size=size, test_size=5, val_size=0)
+        for i in [3, 0, 4, 1, 2]:
+            img, masks = scenes[i]
+            k = masks.argmax(0)                                 # the previous _labels_from_channels
+            lab = np.where(k >= 1, k, 0)
+            lab[masks.max(0) == 0] = 0
+            if crop:
+                c = int(crop * 24)
+                y0, x0 = (24 - c) // 2, (32 - c) // 2
+                img, lab = img[y0:y0 + c, x0:x0 + c], lab[y0:y0 + c, x0:x0 + c]
+            if img.shape[:2] != size:
+                img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size[::-1], Image.BILINEAR))
+                lab = _data_nearest(lab, size)
+            it = ds[i]
+            assert torch.equal(it["image"], torch.from_numpy(img.transpose(2, 0, 1).copy()).float().div_(255.0))
+            assert torch.equal(it["mask"], torch.from_numpy(lab.astype(np.int64)))
+    # ObjectsRoom: channels 0-3 are background
+    class SmallRoom(data.ObjectsRoom):
+        native = (24, 32)
+    ds = SmallRoom("test", root=str(p), image_size=(24, 32), test_size=5, val_size=0)
+    k = scenes[2][1].argmax(0)
+    lab = np.where(k >= 4, k - 3, 0)
+    lab[scenes[2][1].max(0) == 0] = 0
+    assert np.array_equal(ds[2]["mask"].numpy(), lab)
+
+
 # -----------------------------------------------------------------------------
 # MOVi-A
 
