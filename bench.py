@@ -382,6 +382,17 @@ def movi_example(rgb, seg, **extra):
                          "metadata/num_frames": len(rgb), **extra})
 
 
+def save_kubric_video(video_dir, rgb, seg):
+    """A Kubric PNG sequence (MOVi): rgb uint8 [T,H,W,3] -> video_dir/rgba_NNNNN.png (RGBA, alpha 255) and
+    seg uint8 [T,H,W] -> segmentation_NNNNN.png (palette PNG of ids: black, red, green, blue, then black)."""
+    for t in range(len(rgb)):
+        rgba = np.concatenate([rgb[t], np.full(rgb.shape[1:3] + (1,), 255, np.uint8)], -1)
+        save_png(os.path.join(video_dir, f"rgba_{t:05d}.png"), rgba, "RGBA")
+        p = Image.fromarray(seg[t], "P")
+        p.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+        p.save(os.path.join(video_dir, f"segmentation_{t:05d}.png"))
+
+
 def save_shapestacks_view(scenario_dir, cam, image, label=None):
     """ShapeStacks camera `cam` of a scenario folder: rgb-...-cam_N-mono-0.png (uint8 [H,W,3]) and, if
     label (int [H,W], 0..8) is given, the iseg .map as matplotlib imsave(vmin=0, vmax=8, cmap='gray')
@@ -456,6 +467,7 @@ def write_data_bench_files(root, n, seed=0):
     rng = np.random.default_rng(seed)
     rows = []
     j = os.path.join
+    os.makedirs(root, exist_ok=True)
 
     def size(paths):
         return sum(os.path.getsize(p) for p in paths)
@@ -471,6 +483,12 @@ def write_data_bench_files(root, n, seed=0):
     opts = dict(root=p, test_size=n, val_size=0)
     rows.append(("clevr (GZIP TFRecord)", "clevr", opts, "240x320 -> crop 192 -> 128", size([p]) / n))
     rows.append(("clevr6 (GZIP TFRecord)", "clevr6", opts, "240x320 -> crop 192 -> 128", size([p]) / n))
+    with warnings.catch_warnings():   # the PNG export of `python data.py convert clevr` (train = 80%)
+        warnings.simplefilter("ignore")
+        data.convert("clevr", p, j(root, "clevr_png"), splits=("test",))
+    files = [j(root, "clevr_png", f) for f in os.listdir(j(root, "clevr_png"))]
+    rows.append(("clevr (PNG export: image + 11 masks)", "clevr", dict(root=j(root, "clevr_png")),
+                 "240x320 -> crop 192 -> 128", size(files) / n))
     # ObjectsRoom: GZIP TFRecord, 64x64, 7 masks (sky, floor, 2 walls, 3 objects)
     recs = []
     for _ in range(n):
@@ -481,6 +499,12 @@ def write_data_bench_files(root, n, seed=0):
     write_tfrecord(p, recs, "GZIP")
     rows.append(("objectsroom (GZIP TFRecord)", "objectsroom", dict(root=p, test_size=n, val_size=0), "64x64",
                  size([p]) / n))
+    with warnings.catch_warnings():   # BO-QSA's PNG layout, by `python data.py convert objectsroom`
+        warnings.simplefilter("ignore")
+        data.convert("objectsroom", p, j(root, "objectsroom_png"), splits=("train",))
+    files = [j(d, f) for d, _, fs in os.walk(j(root, "objectsroom_png")) for f in fs]
+    rows.append(("objectsroom (PNG export)", "objectsroom", dict(root=j(root, "objectsroom_png")), "64x64",
+                 size(files) / n))
     # ClevrTex: RGBA PNG 240x320 (textured: more noise) + palette PNG of ids; train = 80% of the scenes
     ctx = j(root, "clevrtex")
     m = n * 5 // 4
@@ -516,6 +540,14 @@ def write_data_bench_files(root, n, seed=0):
     write_tfrecord(p, recs)
     rows.append(("movi_a (TFRecord of PNGs), 24 frames", "movi_a", dict(root=movi, crop=0.8),
                  "24 x 128x128 -> crop 102 -> 128", size([p]) / len(recs)))
+    for v in range(max(1, n // 4)):   # the same kind of videos as Kubric PNG sequences
+        img, own = render_scene(rng, 128, 128 + 2 * 24, int(rng.integers(3, 11)))
+        save_kubric_video(j(root, "movi_png", "train", f"video_{v:05d}"),
+                          np.stack([img[:, 2 * t:2 * t + 128] for t in range(24)]),
+                          np.stack([own[:, 2 * t:2 * t + 128] for t in range(24)]).astype(np.uint8))
+    files = [j(d, f) for d, _, fs in os.walk(j(root, "movi_png")) for f in fs]
+    rows.append(("movi_a (Kubric PNG sequences), 24 frames", "movi_a", dict(root=j(root, "movi_png"), crop=0.8),
+                 "24 x 128x128 -> crop 102 -> 128", size(files) / max(1, n // 4)))
     # Birds (CUB-200-2011): JPEG ~500x375, soft PNG segmentation, bounding-box crop
     cub = j(root, "birds")
     scenes = []
@@ -634,7 +666,6 @@ def data_main(bc):
     if bc.data_ref:
         mods.append(("ref", load_data_module(bc.data_ref)))
     root = bc.data_dir or tempfile.mkdtemp(prefix="bench_data_")
-    os.makedirs(root, exist_ok=True)
     try:
         t = time.perf_counter()
         rows = write_data_bench_files(root, bc.data_items)

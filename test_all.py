@@ -743,6 +743,25 @@ def test_data_deepmind_reader_matches_the_straightforward_decode(tmp_path, monke
     assert np.array_equal(ds[2]["mask"].numpy(), lab)
 
 
+def test_data_bench_suite_writes_every_format_and_prints_the_table(tmp_path, capsys):
+    """`python bench.py --suite=data` on 4 items per format: every file it writes loads with its data.py
+    loader, and with --data_ref the other module's items are compared (here data.py itself: identical)."""
+    bc = bench.BenchConfig(suite="data", data_items=4, data_repeats=1, data_dir=str(tmp_path),
+                           data_ref=data.__file__, data_only="objectsroom (GZIP")
+    bench.data_main(bc)
+    out = capsys.readouterr().out
+    assert "| objectsroom (GZIP TFRecord) | 64x64 |" in out and "| yes |" in out and "| read | inflate |" in out
+    rows = bench.write_data_bench_files(str(tmp_path / "again"), 4)
+    assert len(rows) == 12
+    for label, name, opts, native, nbytes in rows:   # each format reads back at its paper resolution
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = build_dataset(name, "test" if "test_size" in opts else "train", **opts)
+        it = ds[len(ds) - 1]
+        side = int(native.split()[-1].split("x")[-1])
+        assert it["mask"].shape[-2:] == (side, side) and nbytes > 1000, label
+
+
 # -----------------------------------------------------------------------------
 # MOVi-A
 
@@ -791,12 +810,7 @@ def test_data_movi_png_sequence(tmp_path):
     for v in ("vid_b", "vid_a"):
         rgb, seg = _data_movi_video(rng, t=3)
         truth[v] = (rgb, seg)
-        for t in range(3):
-            rgba = np.concatenate([rgb[t], np.full((32, 32, 1), 255, np.uint8)], -1)
-            _data_save_png(str(tmp_path / "validation" / v / f"rgba_{t:05d}.png"), rgba, "RGBA")
-            p = Image.fromarray(seg[t], "P")
-            p.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
-            p.save(str(tmp_path / "validation" / v / f"segmentation_{t:05d}.png"))
+        bench.save_kubric_video(str(tmp_path / "validation" / v), rgb, seg)
     ds = build_dataset("movi_a", "val", root=str(tmp_path), image_size=32)
     assert len(ds) == 2
     it = ds[0]                                                       # sorted: vid_a first
