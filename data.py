@@ -957,9 +957,12 @@ def _labels_from_channels(masks, n_background):
     if len(masks) == 0:
         masks.argmax(0)   # numpy's ValueError, as before
     # argmax over channels one channel at a time: K contiguous passes, 5x faster than argmax(0)'s strided one
+    masks = np.ascontiguousarray(masks)   # (a strided view of a record: one copy beats K strided passes)
     best, k = masks[0].copy(), np.zeros(masks.shape[1:], np.int64)
+    gt = np.empty(masks.shape[1:], bool)
     for c in range(1, len(masks)):
-        k[masks[c] > best] = c   # strictly larger: ties keep the earlier channel, as argmax
+        np.greater(masks[c], best, out=gt)   # strictly larger: ties keep the earlier channel, as argmax
+        np.copyto(k, c, where=gt)
         np.maximum(best, masks[c], out=best)
     lab = np.where(k >= n_background, k - n_background + 1, 0)
     lab[best == 0] = 0
