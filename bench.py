@@ -575,6 +575,9 @@ def write_data_bench_files(root, n, seed=0):
     return rows
 
 
+# read: file reads; inflate: zlib (GZIP TFRecords); crc: CRC-32C; parse: tf.train.Example; decode: PNG / JPEG by
+# PIL and the array out of it; labels: masks -> label map and the loader's own numpy work; resize: crop and
+# PIL resize; tensor: numpy -> torch float / int64; other: the rest (Python glue)
 STAGES = ("read", "inflate", "crc", "parse", "decode", "labels", "resize", "tensor", "other")
 # data.py functions -> the stage they stand for; the builtins and PIL/numpy/torch functions they call inherit it
 _DATA_STAGE = {"read": "read", "ensure": "read", "_inflater_at": "read", "_record_index": "read",
@@ -597,6 +600,8 @@ def _own_stage(func, data_files):
         return "inflate"
     if "crc32c" in name or "crc32c" in file:
         return "crc"
+    if "torch" in name or "torch" in file:
+        return "tensor"
     if file == "~" and any(s in name for s in ("'read' of '_io", "io.open", "'seek' of '_io", "posix.stat",
                                                "posix.listdir", "posix.scandir")):
         return "read"
