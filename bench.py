@@ -581,7 +581,6 @@ def write_data_bench_files(root, n, seed=0):
 STAGES = ("read", "inflate", "crc", "parse", "decode", "labels", "resize", "tensor", "other")
 # data.py functions -> the stage they stand for; the builtins and PIL/numpy/torch functions they call inherit it
 _DATA_STAGE = {"read": "read", "ensure": "read", "_inflater_at": "read", "_record_index": "read",
-               "_Inflater": "inflate", "_feed": "inflate", "skip": "inflate",
                "crc32c": "crc", "_masked_crc": "crc",
                "parse_example": "parse", "_fields": "parse", "_varint": "parse", "_decode_varints": "parse",
                "_decode_bytes_list": "parse", "_decode_float_list": "parse", "_decode_int64_list": "parse",
@@ -593,8 +592,9 @@ _DATA_STAGE = {"read": "read", "ensure": "read", "_inflater_at": "read", "_recor
                "_item": "tensor"}
 
 
-def _own_stage(func, data_files):
-    """The stage of a profiled function by itself, or None (it inherits its caller's)."""
+def _own_stage(func, data_files, inflater):
+    """The stage of a profiled function (file, line, name) by itself, or None (it inherits its caller's).
+    data_files: the data.py file names; inflater: the keys of its _Inflater's methods (the GZIP stream)."""
     file, _, name = func
     if "decompress" in name or "zlib" in name:
         return "inflate"
@@ -605,9 +605,9 @@ def _own_stage(func, data_files):
     if file == "~" and any(s in name for s in ("'read' of '_io", "io.open", "'seek' of '_io", "posix.stat",
                                                "posix.listdir", "posix.scandir")):
         return "read"
+    if func in inflater:
+        return "inflate"
     if file in data_files:
-        if name in ("read", "skip") and func[1] < 300:   # _Inflater.read / skip (the stream), not _RecordIndex.read
-            return "inflate"
         return _DATA_STAGE.get(name, "other")
     if "PIL" in file and name == "resize":
         return "resize"
@@ -616,9 +616,13 @@ def _own_stage(func, data_files):
     return None
 
 
-def profile_stages(fn, data_files):
-    """Run fn() under cProfile -> {stage: fraction of the profiled time} (STAGES). Each function's own time
-    goes to its stage (_own_stage), else to its callers' stages in proportion to the time it spent for each."""
+def profile_stages(fn, data_module):
+    """Run fn() under cProfile -> {stage: fraction of the profiled time} (STAGES), for the loaders of
+    data_module. Each function's own time goes to its stage (_own_stage), else to its callers' stages in
+    proportion to the time it spent for each."""
+    data_files = {data_module.__file__}
+    inflater = {(f.__code__.co_filename, f.__code__.co_firstlineno, f.__name__)
+                for f in vars(data_module._Inflater).values() if hasattr(f, "__code__")}
     prof = cProfile.Profile()
     prof.runcall(fn)
     stats = pstats.Stats(prof).stats
@@ -626,7 +630,7 @@ def profile_stages(fn, data_files):
 
     def stage(f, depth=0):
         if f not in memo:
-            s = _own_stage(f, data_files)
+            s = _own_stage(f, data_files, inflater)
             if s is None:
                 callers = stats.get(f, (0, 0, 0, 0, {}))[4]
                 top = max(callers, key=lambda c: callers[c][3], default=None)   # the caller with most time in f
@@ -635,7 +639,7 @@ def profile_stages(fn, data_files):
         return memo[f]
     out = dict.fromkeys(STAGES, 0.0)
     for f, (cc, nc, tt, ct, callers) in stats.items():
-        s = _own_stage(f, data_files)
+        s = _own_stage(f, data_files, inflater)
         if s is not None or not callers:
             out[s or "other"] += tt
             continue
@@ -703,7 +707,7 @@ def data_main(bc):
                     if "TFRecord" in label and "GZIP" in label:
                         r[tag + "_shuf"] = min(r[tag + "_shuf"], _time_pass(dss[tag], shuffled))
             for tag, mod in mods:
-                r[tag + "_stages"] = profile_stages(lambda: [dss[tag][i] for i in order], {mod.__file__})
+                r[tag + "_stages"] = profile_stages(lambda: [dss[tag][i] for i in order], mod)
             results.append(r)
             print(f"done: {label}: {n / r['new']:.1f} items/s", file=sys.stderr)
     finally:
@@ -731,7 +735,6 @@ def data_main(bc):
         print("|---|" + "---|" * len(STAGES))
         for r in results:
             print(f"| {r['label']} | " + " | ".join(f"{100 * r[tag + '_stages'][s]:.0f}%" for s in STAGES) + " |")
-
 
 
 def all_settings():
