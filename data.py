@@ -162,7 +162,9 @@ class _Inflater:
     every `every` decompressed bytes past the last known snapshot, so that a later reader can
     resume near any position instead of decompressing from the start.
     """
-    CHUNK = 1 << 16
+    # compressed bytes per zlib call: DeepMind records (one-byte strings) inflate ~16x, and outputs of
+    # ~256 KiB stay in cache (the ~1 MiB outputs of 64 KiB calls inflated up to 1.7x slower)
+    CHUNK = 1 << 14
 
     def __init__(self, path, wbits, comp_pos=0, state=None, out_pos=0, snapshots=None, every=0):
         self.path, self.wbits = path, wbits
@@ -170,18 +172,19 @@ class _Inflater:
         self.f.seek(comp_pos)
         self.comp_pos = comp_pos
         self.d = state.copy() if state is not None else zlib.decompressobj(wbits)
-        self.buf, self.pos = bytearray(), 0
+        self.buf, self.pos = b"", 0   # the last zlib output; self.buf[self.pos:] is not consumed yet
         self.out_pos = out_pos        # stream offset of self.buf[self.pos]
         self.total_out = out_pos      # stream offset of the next byte the decompressor emits
         self.snapshots, self.every = snapshots, every
 
-    def _feed(self):
+    def _inflate(self):
+        """The next piece of decompressed bytes (may be empty), or None at the end of the file."""
         s = self.snapshots
         if s is not None and self.total_out >= s[-1][2] + self.every:
             s.append((self.comp_pos, self.d.copy(), self.total_out))
         chunk = self.f.read(self.CHUNK)
         if not chunk:
-            return False
+            return None
         self.comp_pos += len(chunk)
         try:
             out = self.d.decompress(chunk)
@@ -191,20 +194,26 @@ class _Inflater:
                 out += self.d.decompress(rest)
         except zlib.error as e:
             raise DatasetError(f"{self.path}: corrupt compressed data near byte {self.comp_pos} ({e})") from None
-        if self.pos > (1 << 22):   # drop consumed bytes now and then
-            del self.buf[:self.pos]
-            self.pos = 0
-        self.buf += out
         self.total_out += len(out)
-        return True
+        return out
 
     def read(self, n):
-        while len(self.buf) - self.pos < n and self._feed():
-            pass
-        out = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += len(out)
-        self.out_pos += len(out)
-        return out
+        """The next n bytes (fewer at the end of the stream), copied once from zlib's outputs."""
+        parts, got = [], 0
+        while True:
+            k = min(len(self.buf) - self.pos, n - got)
+            if k:
+                parts.append(memoryview(self.buf)[self.pos:self.pos + k])
+                self.pos += k
+                got += k
+            if got == n:
+                break
+            out = self._inflate()
+            if out is None:
+                break
+            self.buf, self.pos = out, 0
+        self.out_pos += got
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
 
     def skip(self, n):
         """Advance n bytes; returns how many were skipped (less at end of stream)."""
@@ -212,9 +221,10 @@ class _Inflater:
         while done < n:
             avail = len(self.buf) - self.pos
             if avail == 0:
-                self.buf, self.pos = bytearray(), 0
-                if not self._feed():
+                out = self._inflate()
+                if out is None:
                     break
+                self.buf, self.pos = out, 0
                 continue
             k = min(avail, n - done)
             self.pos += k
@@ -476,14 +486,15 @@ def _decode_varints(a):
     return np.bitwise_or.reduceat(vals, starts).view(np.int64)
 
 
-def _decode_bytes_list(buf, arr, s, e, one_byte_as_array):
+def _decode_bytes_list(buf, arr, s, e, one_byte_as_array, copy=True):
     n = e - s
     if one_byte_as_array and n and n % 3 == 0:
         # DeepMind layout: every entry is one byte, encoded 0a 01 XX; check and read by strided views
         m = n // 3
         tags = np.ndarray((m,), dtype="<u2", buffer=arr, offset=s, strides=(3,))
         if (tags == 0x010A).all():
-            return np.ndarray((m,), dtype=np.uint8, buffer=arr, offset=s + 2, strides=(3,)).copy()
+            v = np.ndarray((m,), dtype=np.uint8, buffer=arr, offset=s + 2, strides=(3,))
+            return v.copy() if copy else v
     vals = []
     for num, wt, val in _fields(buf, s, e):
         if num == 1 and wt == 2:
@@ -513,14 +524,16 @@ def _decode_int64_list(buf, arr, s, e):
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def parse_example(record, one_byte_as_array=True):
+def parse_example(record, one_byte_as_array=True, copy=True):
     """Decode a serialized tf.train.Example -> {feature name: value}.
 
     bytes_list -> list[bytes]; float_list -> np.float32 array; int64_list -> np.int64 array
     (packed and unpacked encodings). A bytes_list whose entries are ALL one byte long (the
     DeepMind multi-object layout: an image as H*W*3 one-byte strings) comes back as one uint8
     np.ndarray instead, decoded with a strided view (a 3 MB CLEVR mask in a few ms); pass
-    one_byte_as_array=False to always get list[bytes]. A feature with no kind set -> [].
+    one_byte_as_array=False to always get list[bytes]. copy=False returns those uint8 arrays as
+    read-only strided views into the record instead (no copy; they keep the record alive).
+    A feature with no kind set -> [].
     Raises DatasetError on malformed input.
     """
     buf = bytes(record)
@@ -542,7 +555,7 @@ def parse_example(record, one_byte_as_array=True):
                             if kwt != 2:
                                 continue
                             if knum == 1:
-                                value = _decode_bytes_list(buf, arr, kv[0], kv[1], one_byte_as_array)
+                                value = _decode_bytes_list(buf, arr, kv[0], kv[1], one_byte_as_array, copy)
                             elif knum == 2:
                                 value = _decode_float_list(buf, arr, kv[0], kv[1])
                             elif knum == 3:
@@ -938,11 +951,21 @@ class ShapeStacks(_Base):
 # DeepMind multi-object datasets (ObjectsRoom, CLEVR with masks)
 
 def _labels_from_channels(masks, n_background):
-    """[K,H,W] 0/255 entity masks -> label map: channel c >= n_background -> c - n_background + 1,
-    background channels and uncovered pixels -> 0. The masks partition the image, so argmax is exact."""
-    k = masks.argmax(0)
+    """[K,H,W] 0/255 entity masks -> int64 label map [H,W]: channel c >= n_background -> c - n_background
+    + 1, background channels and uncovered pixels -> 0. The masks partition the image, so argmax is
+    exact; with overlaps the first channel of the largest value wins (np.argmax's rule)."""
+    if len(masks) == 0:
+        masks.argmax(0)   # numpy's ValueError, as before
+    # argmax over channels one channel at a time: K contiguous passes, 5x faster than argmax(0)'s strided one
+    masks = np.ascontiguousarray(masks)   # (a strided view of a record: one copy beats K strided passes)
+    best, k = masks[0].copy(), np.zeros(masks.shape[1:], np.int64)
+    gt = np.empty(masks.shape[1:], bool)
+    for c in range(1, len(masks)):
+        np.greater(masks[c], best, out=gt)   # strictly larger: ties keep the earlier channel, as argmax
+        np.copyto(k, c, where=gt)
+        np.maximum(best, masks[c], out=best)
     lab = np.where(k >= n_background, k - n_background + 1, 0)
-    lab[masks.max(0) == 0] = 0
+    lab[best == 0] = 0
     return lab.astype(np.int64)
 
 
@@ -991,8 +1014,9 @@ class _DeepMindTFRecord(_Base):
         self.records = _FILTER_CACHE[key]
 
     def _decode(self, i, check_crc=None):
-        """Record i -> (uint8 image [H,W,3], uint8 masks [K,H,W])."""
-        ex = parse_example(self.index.read(i, check_crc))
+        """Record i -> (uint8 image [H,W,3], uint8 masks [K,H,W]), read-only strided views into the
+        record: the callers crop before they copy."""
+        ex = parse_example(self.index.read(i, check_crc), copy=False)
         h, w = self.native
         img, msk = ex.get("image"), ex.get("mask")
         if not isinstance(img, np.ndarray) or not isinstance(msk, np.ndarray) or img.size != h * w * 3 \
@@ -1006,7 +1030,11 @@ class _DeepMindTFRecord(_Base):
 
     def __getitem__(self, index):
         image, masks = self._decode(self.records[index])
-        return self._finish(image, _labels_from_channels(masks, self.n_background))
+        box = _centre_box(image.shape[1], image.shape[0], self.crop) if self.crop else None
+        if box is not None:   # labels of the crop only: they are per pixel, so the same as cropping them after
+            masks = masks[:, box[1]:box[3], box[0]:box[2]]
+        label = _labels_from_channels(masks, self.n_background)
+        return _item(_resize_rgb(_crop(image, box), self.image_size), _resize_labels(label, self.image_size))
 
     def _finish(self, image, label):
         box = _centre_box(image.shape[1], image.shape[0], self.crop) if self.crop else None

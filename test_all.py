@@ -37,6 +37,9 @@ from sklearn.metrics import adjusted_rand_score
 
 import data
 from data import DatasetError, build_dataset, parse_example, read_tfrecord
+import bench   # the on-disk format writers (its data suite writes the same files)
+from bench import (make_example as _data_make_example, pb_example as _data_pb_example, pb_ld as _data_pb_ld,
+                   pb_varint as _data_pb_varint, save_png as _data_save_png, write_tfrecord as _data_write_tfrecord)
 import common
 from common import (CheckpointError, MetricsLog, ari, fg_iou_dice, miou, msc, mse,
                     nanmean, parse_args, segmentation_metrics)
@@ -105,38 +108,6 @@ def _data_need_real(sub):
 # -----------------------------------------------------------------------------
 # helpers
 
-def _data_pb_varint(v):
-    v &= (1 << 64) - 1
-    out = b""
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out += bytes([b | (0x80 if v else 0)])
-        if not v:
-            return out
-
-
-def _data_pb_ld(num, payload):   # length-delimited field
-    return _data_pb_varint(num << 3 | 2) + _data_pb_varint(len(payload)) + payload
-
-
-def _data_pb_example(feats):
-    """feats: {name: (kind 1/2/3, list body bytes)} -> Example bytes, built by hand."""
-    body = b"".join(_data_pb_ld(1, _data_pb_ld(1, k.encode()) + _data_pb_ld(2, _data_pb_ld(kind, lst))) for k, (kind, lst) in feats.items())
-    return _data_pb_ld(1, body)
-
-
-def _data_save_png(path, arr, mode=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(path)
-
-
-def _data_png_bytes(arr, mode=None):
-    import io
-    b = io.BytesIO()
-    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(b, format="PNG")
-    return b.getvalue()
-
-
 def _data_nearest(label, size_hw):
     return np.asarray(Image.fromarray(label.astype(np.uint8)).resize((size_hw[1], size_hw[0]), Image.NEAREST))
 
@@ -167,63 +138,6 @@ def _data_crc32c_ref(buf):
         for _ in range(8):
             c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
     return c ^ 0xFFFFFFFF
-
-
-def _data_write_tfrecord(path, records, compression=None):
-    """Write bytes records as a TFRecord file, framed as TensorFlow's writer does: uint64 length,
-    masked CRC-32C of the length, data, masked CRC-32C of the data (little-endian). compression:
-    None (plain), "GZIP" or "ZLIB" (a zlib stream with header). Returns the number written."""
-    import zlib
-
-    def masked(b):   # TensorFlow's crc32c::Mask, written out here (the reader has its own)
-        c = data.crc32c(b)
-        return struct.pack("<I", (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-    frames = []
-    for rec in records:
-        rec = bytes(rec)
-        head = struct.pack("<Q", len(rec))
-        frames += [head, masked(head), rec, masked(rec)]
-    raw = b"".join(frames)
-    out = {None: lambda b: b, "GZIP": lambda b: gzip.compress(b, 6), "ZLIB": lambda b: zlib.compress(b, 6)}[compression](raw)
-    with open(path, "wb") as f:
-        f.write(out)
-    return len(frames) // 4
-
-
-def _data_feature(value):
-    """One tf.train.Feature value -> (kind: 1 bytes_list, 2 float_list, 3 int64_list; list body).
-    bytes / str / lists of them -> bytes_list; ints -> packed int64_list; floats -> packed
-    float_list; a np.uint8 array -> bytes_list of one-byte strings (the DeepMind image/mask layout)."""
-    if isinstance(value, (bytes, bytearray, str)):
-        value = [value]
-    elif isinstance(value, (bool, int, float, np.generic)):
-        value = np.asarray([value])
-    if isinstance(value, np.ndarray):
-        v = value.ravel()
-        if v.dtype == np.uint8:                     # each value as a one-byte string: 0a 01 XX
-            body = np.empty((v.size, 3), np.uint8)
-            body[:, 0], body[:, 1], body[:, 2] = 0x0A, 0x01, v
-            return 1, body.tobytes()
-        if v.dtype.kind == "f":
-            raw = v.astype("<f4").tobytes()
-            return 2, _data_pb_ld(1, raw) if raw else b""
-        if v.dtype.kind in "iub":
-            raw = b"".join(_data_pb_varint(int(x)) for x in v)
-            return 3, _data_pb_ld(1, raw) if raw else b""
-        value = list(v)
-    if isinstance(value, (list, tuple)):
-        if all(isinstance(x, (bytes, bytearray, str)) for x in value):
-            return 1, b"".join(_data_pb_ld(1, x.encode() if isinstance(x, str) else bytes(x)) for x in value)
-        if all(isinstance(x, (bool, int, np.integer)) for x in value):
-            return _data_feature(np.asarray(value, dtype=np.int64))
-        if all(isinstance(x, (bool, int, float, np.integer, np.floating)) for x in value):
-            return _data_feature(np.asarray(value, dtype=np.float32))
-    raise TypeError(f"cannot encode a feature value of type {type(value).__name__}")
-
-
-def _data_make_example(features):
-    """{name: value} -> serialized tf.train.Example (see _data_feature for the value kinds)."""
-    return _data_pb_example({k: _data_feature(v) for k, v in features.items()})
 
 
 # -----------------------------------------------------------------------------
@@ -478,24 +392,15 @@ def _data_write_shapestacks(root, scenarios, with_maps=True, splits=True):
         d = os.path.join(root, "recordings", sc)
         for cam in (1, 2):
             img = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
-            _data_save_png(os.path.join(d, f"rgb-w=0-f=0-l=0-c=original-cam_{cam}-mono-0.png"), img)
             lab = np.zeros((224, 224), np.uint8)
             lab[40:120, 50:150] = 1
             lab[120:200, 60:140] = 2 + cam
             lab[10:30, 10:30] = 7      # unassigned -> background
             lab[0:14, 100:120] = 5     # outside the 196 crop
-            if with_maps:   # as matplotlib imsave(vmin=0, vmax=8, cmap='gray') writes it
-                v = (32 * lab.astype(int)).clip(0, 255).astype(np.uint8)
-                rgba = np.stack([v, v, v, np.full_like(v, 255)], -1)
-                Image.fromarray(rgba, "RGBA").save(os.path.join(d, f"iseg-w=0-f=0-l=0-c=original-cam_{cam}-mono-0.map"),
-                                                   format="PNG")
+            bench.save_shapestacks_view(d, cam, img, lab if with_maps else None)
             labels[(sc, cam)] = (img, lab)
     if splits:
-        sp = os.path.join(root, "splits", "default")
-        os.makedirs(sp)
-        for name, scs in (("train", scenarios[:2]), ("eval", scenarios[2:3]), ("test", scenarios[3:])):
-            with open(os.path.join(sp, name + ".txt"), "w") as f:
-                f.write("".join(s + "\n" for s in scs))
+        bench.write_shapestacks_splits(root, {"train": scenarios[:2], "eval": scenarios[2:3], "test": scenarios[3:]})
     return labels
 
 
@@ -598,17 +503,13 @@ def _data_write_clevrtex(root, variant, n, h=240, w=320):
     rng = np.random.default_rng(2)
     out = {}
     for i in range(n):
-        d = os.path.join(root, f"clevrtex_{variant}", str(i // 1000))
         rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
         ids = np.zeros((h, w), np.uint8)
         for k in range(1, 1 + i % 5 + 1):
             s = min(50, h // 3)
             y, x = rng.integers(0, h - s), rng.integers(0, w - s)
             ids[y:y + s, x:x + s] = k
-        _data_save_png(os.path.join(d, f"CLEVRTEX_{variant}_{i:06d}.png"), rgba, "RGBA")
-        p = Image.fromarray(ids, "P")
-        p.putpalette(list(rng.integers(0, 256, 768)))
-        p.save(os.path.join(d, f"CLEVRTEX_{variant}_{i:06d}_flat.png"))
+        bench.save_clevrtex_scene(root, variant, i, rgba, ids, rng.integers(0, 256, 768))
         out[i] = (rgba, ids)
     return out
 
@@ -655,7 +556,7 @@ def _data_objectsroom_records(n, rng):
     for _ in range(n):
         img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
         masks, owner = _data_partition_masks(rng, 7, 64, 64)
-        recs.append(_data_make_example({"image": img, "mask": masks[..., None]}))
+        recs.append(bench.deepmind_example(img, masks))
         truth.append((img, np.where(owner >= 4, owner - 3, 0)))
     return recs, truth
 
@@ -746,7 +647,7 @@ def test_data_clevr_real_png():
 
 def test_data_clevr_real_tfrecord(tmp_path):
     img, masks = _data_real_clevr()
-    rec = _data_make_example({"image": img, "mask": masks[..., None], "visibility": np.ones(11, np.float32)})
+    rec = bench.deepmind_example(img, masks, visibility=np.ones(11, np.float32))
     assert len(rec) > 3 * (240 * 320 * 3 + 11 * 240 * 320)          # one-byte strings: 3 bytes per value
     p = tmp_path / "clevr_with_masks_train.tfrecords"
     _data_write_tfrecord(str(p), [rec], compression="GZIP")
@@ -789,6 +690,78 @@ def test_data_clevr6_filter(tmp_path):
     assert list(SmallClevr6("test", root=p, crop=None, test_size=6, val_size=0, max_items=2).records) == [0, 2]
 
 
+def test_data_deepmind_reader_matches_the_straightforward_decode(tmp_path, monkeypatch):
+    """The DeepMind TFRecord reader (one-copy inflater, strided views into the record, labels by a per-channel
+    argmax of the crop only) gives, bit for bit, the straightforward decode of the same files: gzip.decompress,
+    np.argmax over the channels of the full masks (the previous code), crop, PIL resize. Overlapping masks with
+    ties, uncovered pixels, a two-member GZIP stream, zlib pieces cut at odd places, items read in any order."""
+    monkeypatch.setattr(data._Inflater, "CHUNK", 777)
+    rng = np.random.default_rng(12)
+    scenes = [(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8),
+               rng.integers(0, 4, (11, 24, 32), dtype=np.uint8) * 85) for _ in range(5)]   # ties: 0/85/170/255
+    scenes[0][1][:, :5] = 0                                                                 # uncovered pixels
+    recs = [bench.deepmind_example(img, m) for img, m in scenes]
+    p = tmp_path / "c.tfrecords"
+    for part in (recs[:2], recs[2:]):                           # two gzip members, one after the other
+        _data_write_tfrecord(str(tmp_path / "part"), part, compression="GZIP")
+        with open(p, "ab") as f:
+            f.write((tmp_path / "part").read_bytes())
+    stream = gzip.decompress(p.read_bytes())
+    inf = data._Inflater(str(p), 31)
+    pos = 0
+    for n in [0, 1, 12, 5000, 777, 3 * 777 + 5, 10 ** 6]:   # reads across zlib pieces, to the end
+        assert inf.read(n) == stream[pos:pos + n]
+        pos = min(pos + n, len(stream))
+    assert inf.read(5) == b"" and inf.out_pos == len(stream)
+
+    class SmallClevr(data.Clevr):
+        native = (24, 32)
+    for crop, size in ((0.8, (12, 12)), (None, (24, 32)), (0.5, (16, 16))):
+        ds = SmallClevr("test", root=str(p), crop=crop, image_size=size, test_size=5, val_size=0)
+        for i in [3, 0, 4, 1, 2]:
+            img, masks = scenes[i]
+            k = masks.argmax(0)                                 # the previous _labels_from_channels
+            lab = np.where(k >= 1, k, 0)
+            lab[masks.max(0) == 0] = 0
+            if crop:
+                c = int(crop * 24)
+                y0, x0 = (24 - c) // 2, (32 - c) // 2
+                img, lab = img[y0:y0 + c, x0:x0 + c], lab[y0:y0 + c, x0:x0 + c]
+            if img.shape[:2] != size:
+                img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size[::-1], Image.BILINEAR))
+                lab = _data_nearest(lab, size)
+            it = ds[i]
+            assert torch.equal(it["image"], torch.from_numpy(img.transpose(2, 0, 1).copy()).float().div_(255.0))
+            assert torch.equal(it["mask"], torch.from_numpy(lab.astype(np.int64)))
+    # ObjectsRoom: channels 0-3 are background
+    class SmallRoom(data.ObjectsRoom):
+        native = (24, 32)
+    ds = SmallRoom("test", root=str(p), image_size=(24, 32), test_size=5, val_size=0)
+    k = scenes[2][1].argmax(0)
+    lab = np.where(k >= 4, k - 3, 0)
+    lab[scenes[2][1].max(0) == 0] = 0
+    assert np.array_equal(ds[2]["mask"].numpy(), lab)
+
+
+def test_data_bench_suite_writes_every_format_and_prints_the_table(tmp_path, capsys):
+    """`python bench.py --suite=data` on 4 items per format: every file it writes loads with its data.py
+    loader, and with --data_ref the other module's items are compared (here data.py itself: identical)."""
+    bc = bench.BenchConfig(suite="data", data_items=4, data_repeats=1, data_dir=str(tmp_path),
+                           data_ref=data.__file__, data_only="objectsroom (GZIP")
+    bench.data_main(bc)
+    out = capsys.readouterr().out
+    assert "| objectsroom (GZIP TFRecord) | 64x64 |" in out and "| yes |" in out and "| read | inflate |" in out
+    rows = bench.write_data_bench_files(str(tmp_path / "again"), 4)
+    assert len(rows) == 12
+    for label, name, opts, native, nbytes in rows:   # each format reads back at its paper resolution
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = build_dataset(name, "test" if "test_size" in opts else "train", **opts)
+        it = ds[len(ds) - 1]
+        side = int(native.split()[-1].split("x")[-1])
+        assert it["mask"].shape[-2:] == (side, side) and nbytes > 1000, label
+
+
 # -----------------------------------------------------------------------------
 # MOVi-A
 
@@ -810,9 +783,7 @@ def test_data_movi_tfrecord(tmp_path):
             for r in range(n):
                 rgb, seg = _data_movi_video(rng)
                 vids[(split, s, r)] = (rgb, seg)
-                recs.append(_data_make_example({"video": [_data_png_bytes(f) for f in rgb],
-                                          "segmentations": [_data_png_bytes(f, "L") for f in seg],
-                                          "metadata/num_frames": 4}))
+                recs.append(bench.movi_example(rgb, seg))
             _data_write_tfrecord(str(tmp_path / f"movi_a-{split}.tfrecord-{s:05d}-of-{len(shards):05d}"), recs)
     ds = build_dataset("movi_a", "train", root=str(tmp_path), image_size=32)
     assert len(ds) == 3 and ds.video and ds.has_masks
@@ -839,12 +810,7 @@ def test_data_movi_png_sequence(tmp_path):
     for v in ("vid_b", "vid_a"):
         rgb, seg = _data_movi_video(rng, t=3)
         truth[v] = (rgb, seg)
-        for t in range(3):
-            rgba = np.concatenate([rgb[t], np.full((32, 32, 1), 255, np.uint8)], -1)
-            _data_save_png(str(tmp_path / "validation" / v / f"rgba_{t:05d}.png"), rgba, "RGBA")
-            p = Image.fromarray(seg[t], "P")
-            p.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
-            p.save(str(tmp_path / "validation" / v / f"segmentation_{t:05d}.png"))
+        bench.save_kubric_video(str(tmp_path / "validation" / v), rgb, seg)
     ds = build_dataset("movi_a", "val", root=str(tmp_path), image_size=32)
     assert len(ds) == 2
     it = ds[0]                                                       # sorted: vid_a first
@@ -863,22 +829,15 @@ def test_data_movi_png_sequence(tmp_path):
 
 def test_data_birds_cub_layout(tmp_path):
     rng = np.random.default_rng(9)
-    lines, boxes, split, truth = [], [], [], {}
+    scenes, truth = [], {}
     for i in range(1, 5):
-        name = f"001.Bird/bird_{i}.jpg"
         img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
         seg = np.zeros((60, 80), np.uint8)
         seg[20:40, 30:60] = 255
         seg[20:40, 30:32] = 100                      # soft edge below 128: background
-        _data_save_png(str(tmp_path / "images" / name), img)  # saved by extension: JPEG
-        _data_save_png(str(tmp_path / "segmentations" / name.replace(".jpg", ".png")), seg)
-        lines.append(f"{i} {name}\n")
-        boxes.append(f"{i} 30.0 20.0 30.0 20.0\n")
-        split.append(f"{i} {[0, 0, 1, 2][i - 1]}\n")
+        scenes.append((f"001.Bird/bird_{i}.jpg", img, seg, (30, 20, 30, 20), [0, 0, 1, 2][i - 1]))   # image as JPEG
         truth[i] = seg
-    (tmp_path / "images.txt").write_text("".join(lines))
-    (tmp_path / "bounding_boxes.txt").write_text("".join(boxes))
-    (tmp_path / "train_val_test_split.txt").write_text("".join(split))
+    bench.write_cub(str(tmp_path), scenes)
     assert [len(build_dataset("birds", s, root=str(tmp_path))) for s in ("train", "val", "test")] == [2, 1, 1]
     it = build_dataset("birds", "test", root=str(tmp_path), image_size=44)[0]
     _data_check_item(it, 44, 44)
@@ -5176,14 +5135,11 @@ def test_mincut_out_dir_is_a_file_or_not_writable(tmp_path, capsys):
 
 def write_clevrtex(root, n=10, size=16):
     """A ClevrTex-layout folder (data.ClevrTex): n RGB images and their palette masks."""
-    d = root / "clevrtex_full" / "0"
-    d.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"CLEVRTEX_full_{i:06d}.png")
-        Image.fromarray(rng.integers(0, 3, (size, size), dtype=np.uint8), mode="L").convert("P").save(
-            d / f"CLEVRTEX_full_{i:06d}_flat.png")
-    return d
+        bench.save_clevrtex_scene(str(root), "full", i, rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                                  rng.integers(0, 3, (size, size), dtype=np.uint8), np.arange(768) // 3)
+    return root / "clevrtex_full" / "0"
 
 
 def test_mincut_corrupt_image_in_a_worker_is_one_line_naming_it(tmp_path, capsys):
