@@ -4566,6 +4566,32 @@ def test_ast_official_isotropic_checkpoint_renders_as_official(tmp_path, capsys)
     torch.testing.assert_close(other.eval()(x)["recon"], aniso(x)["recon"], rtol=0, atol=0)
 
 
+def test_mincut_dtype_auto_trains_the_cnns_in_bf16_where_native_and_the_qp_in_float32(tmp_path, monkeypatch, capsys):
+    """--dtype=auto, the default on the built-in data: where the device runs bf16 natively (faked here) the
+    training forward's encoder runs in bf16 and the cut QP in float32; elsewhere both in float32; one line says
+    which. Evaluation (after training) is float32 either way."""
+    seen = []
+    build = mc.build_model
+
+    def build_with_hooks(cfg):
+        model = build(cfg)
+        model.encoder.register_forward_hook(lambda m, i, o: seen.append(("encoder", o.dtype)))
+        model.partition.qp.register_forward_hook(lambda m, i, o: seen.append(("qp", i[0].dtype, o.p.dtype)))
+        return model
+    monkeypatch.setattr(mc, "build_model", build_with_hooks)
+    f32, bf16 = torch.float32, torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(common, "native_bf16", lambda device: native)
+        seen.clear()
+        capsys.readouterr()
+        mc.main([*MC_TINY, "--max_steps=1", "--eval_interval=100", f"--out_dir={tmp_path / str(native)}"])
+        want = "bfloat16" if native else "float32"
+        assert f"--dtype=auto: the CNNs train in {want} ({'native' if native else 'no native'} bf16 on cpu)" \
+            in capsys.readouterr().out
+        assert seen[:2] == [("encoder", bf16 if native else f32), ("qp", f32, f32)], seen[:2]   # the training step
+        assert set(seen[2:]) == {("encoder", f32), ("qp", f32, f32)}                           # the evaluation
+
+
 def test_mincut_dtype_bfloat16_trains_with_float32_qp(tmp_path):
     """--dtype=bfloat16 autocasts the CNNs of the training forward; the cut QP and the loss stay float32, and
     the loss is close to the float32 one at the same weights."""
