@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 
-from common import get_device, parse_args
+from common import get_device, native_bf16, parse_args
 
 
 @dataclass
@@ -66,6 +66,7 @@ class BenchConfig:
     threads: int = 0             # torch CPU threads (0 = torch's default)
     only: str = ""               # run a single setting by name (used for the subprocesses)
     group: str = ""              # only the settings of one script: boqsa | mincut | ast (empty = all)
+    emulated_bf16: bool = False  # train: also run the bfloat16 settings on a device without native bf16 (slow)
     suite: str = "train"         # train: model steps (SETTINGS) | qp: mincut_ocl's STCutQP, dct vs sparse | data: loaders
     qp_rhs: int = 768            # qp: right-hand sides of the main comparison (64 images x 12 cuts)
     qp_side: int = 64            # qp: grid side of the main comparison (the paper's 64x64)
@@ -805,23 +806,30 @@ def run_one(name, bc):
 
 
 def matmul_peak(device, dtype, bc):
-    """The device's peak FLOP/s in `dtype` as this process reaches it: the best of 5 square matmuls (n = 2048 on a
-    CPU, 8192 on a GPU), 2 n^3 FLOPs each. That is the ceiling the models' convolutions and matmuls can reach
-    (a vendor's nominal peak is higher: clock boost and the tensor cores' sparsity are not in it)."""
+    """The device's peak FLOP/s in `dtype` as this process reaches it: the best of 5 square matmuls, 2 n^3 FLOPs
+    each, n doubled from 256 while one takes under 0.2 s (up to 8192: large enough for a GPU; a CPU that only
+    emulates bf16 stops early). That is the ceiling the models' convolutions and matmuls can reach (a vendor's
+    nominal peak is higher: clock boost and the tensor cores' sparsity are not in it)."""
     if bc.threads:
         torch.set_num_threads(bc.threads)
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(6):                             # the first is a warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+
+    def best_of(n, runs):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        best = float("inf")
+        for _ in range(runs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    n = 256
+    while n < 8192 and best_of(n, 2) < 0.2:
+        n *= 2
+    return 2 * n ** 3 / best_of(n, 5)
 
 
 def main():
@@ -841,6 +849,10 @@ def main():
     if bc.suite == "data":
         return data_main(bc)
     names = [n for n, _ in all_settings() if not bc.group or n.split()[0] == bc.group]
+    if not bc.emulated_bf16 and not native_bf16(get_device(bc.device)):
+        print("no native bf16 on this device: the bfloat16 settings are skipped (--emulated_bf16 runs them)",
+              file=sys.stderr)
+        names = [n for n in names if "bfloat16" not in n.split()]
 
     def run(only):
         args = [sys.executable, os.path.abspath(__file__), f"--only={only}", f"--batch_size={bc.batch_size}",

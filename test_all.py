@@ -7,6 +7,7 @@ functional re-statement of the official BO-QSA forward, finite differences and g
 import builtins
 import dataclasses
 import dis
+import functools
 import inspect
 import types
 import gzip
@@ -741,6 +742,30 @@ def test_data_deepmind_reader_matches_the_straightforward_decode(tmp_path, monke
     lab = np.where(k >= 4, k - 3, 0)
     lab[scenes[2][1].max(0) == 0] = 0
     assert np.array_equal(ds[2]["mask"].numpy(), lab)
+
+
+def test_common_bench_step_counts_forward_and_backward_flops(monkeypatch):
+    """bench.run_one: a Linear(I, O) step on B rows counts 2BIO FLOPs forward and 2BIO for the weight's gradient
+    (the input needs none): 4BIO; a --compile variant leaves the count to its eager twin (None); the matmul peak
+    is a positive FLOP/s."""
+    B, I, O = 8, 32, 16
+
+    class Toy(torch.nn.Linear):
+        def forward(self, x):
+            return dict(loss=super().forward(x).sum())
+
+    def make_step(bc, device):
+        model = Toy(I, O)
+        opt = torch.optim.Adam(model.parameters())
+        x = torch.rand(B, I)
+        return functools.partial(bench.adam_step, model, opt, x), dict(image=1, slots=0, batch=B)
+    monkeypatch.setattr(bench, "SETTINGS", {"toy": lambda: [("toy default float32", make_step),
+                                                             ("toy default float32 compile", make_step)]})
+    bc = bench.BenchConfig(steps=1, warmup=0)
+    row = bench.run_one("toy default float32", bc)
+    assert row["flops"] == 4 * B * I * O and row["batch"] == B and row["step_s"] > 0
+    assert bench.run_one("toy default float32 compile", bc)["flops"] is None
+    assert bench.matmul_peak(torch.device("cpu"), torch.float32, bc) > 0
 
 
 def test_data_bench_suite_writes_every_format_and_prints_the_table(tmp_path, capsys):
