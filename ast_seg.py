@@ -1078,6 +1078,7 @@ def train(cfg, stop=None):
     bar.close()
     if stop is not None:
         stop.restore()                                    # a signal now acts as usual
+    net = None                                            # DDP's reducer goes while its process group lives
     ddp_cleanup()
     if ddp.is_main and total and step == total:         # the end of the schedule: the final evaluation, on test
         common.finish_training(cfg, model, device, evaluate, format_metrics, load_dataset, script="ast_seg.py",

@@ -1012,6 +1012,7 @@ def train(cfg, stop=None):
     bar.close()
     if stop is not None:
         stop.restore()                                    # a signal now acts as usual
+    del model                                             # DDP's reducer goes while its process group lives
     ddp_cleanup()
     if ddp.is_main and step and step == cfg.max_steps:   # the final evaluation, on the test split
         common.finish_training(cfg, raw_model, device, evaluate, format_metrics, load_dataset, script="boqsa.py",

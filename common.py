@@ -1066,10 +1066,12 @@ def ddp_setup(backend: str | None = None, device: str = "auto") -> DDPInfo:
 
 
 def ddp_cleanup() -> None:
-    """Destroy the process group if one was initialised (safe to call always)."""
+    """Destroy the process group if one was initialised, after a barrier (safe to call always). Free the DDP
+    model first: a DDP reducer freed after this destroys the gloo group itself, and that could wait forever."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()               # every rank is here: no collective of a rank that already left is pending
         dist.destroy_process_group()
 
 

@@ -1565,6 +1565,7 @@ def train(cfg, stop=None):
         bar.close()                                       # an error line (divergence, data) then has its own line
     if stop is not None:
         stop.restore()                                    # a signal now acts as usual
+    del model                                             # DDP's reducer goes while its process group lives
     ddp_cleanup()
     if ddp.is_main and step and step == cfg.max_steps:   # the final evaluation, on the test split
         common.finish_training(cfg, raw_model, device, evaluate_video if cfg.task == "video" else evaluate,
