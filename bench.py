@@ -878,13 +878,15 @@ def main():
         print(f"done: {only}", file=sys.stderr)
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    peaks = {dt: run(f"peak {dt}") for dt in ("float32", "bfloat16")}
+    dtypes = ("float32", *(["bfloat16"] if any("bfloat16" in n.split() for n in names) else []))
+    peaks = {dt: None for dt in ("float32", "bfloat16")} | {dt: run(f"peak {dt}") for dt in dtypes}
     rows = {name: row for name in names if (row := run(name)) is not None}
+    gflops = lambda p: "not measured" if p is None else f"{p / 1e9:.0f} GFLOP/s"     # noqa: E731
     print(f"\ntorch {torch.__version__}, {bc.threads or torch.get_num_threads()} threads, median of {bc.steps} steps "
           f"(forward + backward + Adam); default = the bare command's setting at its own batch, else batch "
           f"{bc.batch_size}; FLOPs counted by torch.utils.flop_counter (matmuls and convolutions, forward + "
           f"backward); peak = the best square matmul in that dtype on this device: float32 "
-          f"{(peaks['float32'] or 0) / 1e9:.0f} GFLOP/s, bfloat16 {(peaks['bfloat16'] or 0) / 1e9:.0f} GFLOP/s\n")
+          f"{gflops(peaks['float32'])}, bfloat16 {gflops(peaks['bfloat16'])}\n")
     print("| setting | device | batch | image | slots | step (s) | images/s | speed-up | GFLOP/step | GFLOP/s | "
           "of peak | peak memory (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
