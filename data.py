@@ -20,6 +20,7 @@ Also here, with no TensorFlow or protobuf dependency:
     read_tfrecord    the records of a TFRecord file (none/GZIP/ZLIB), masked CRC-32C checked
     parse_example    tf.train.Example wire format, decoded by hand
     crc32c           CRC-32C (Castagnoli), by the google-crc32c package
+    GZIP / ZLIB      inflated by the zlib-ng package where installed (~3x faster), else by zlib
 
 Conventions: images are float32 in [0,1]; masks are int64 label maps, 0 = background, ids need
 not be contiguous; masks are resized with PIL NEAREST, images with PIL BILINEAR (which, like
@@ -43,13 +44,17 @@ import struct
 import sys
 import time
 import warnings
-import zlib
 from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
+
+try:   # zlib-ng: the same API and the same bytes as zlib, and it inflates DeepMind's GZIP TFRecords ~3x faster
+    from zlib_ng import zlib_ng as zlib
+except ImportError:
+    import zlib
 
 SPLITS = ("train", "val", "test")
 

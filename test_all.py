@@ -584,8 +584,12 @@ def test_data_objectsroom_tfrecord(tmp_path, comp):
                                  compression=kw["compression"])) == 5
 
 
-def test_data_gzip_random_access_snapshots(tmp_path, monkeypatch):
-    # small snapshot spacing so that reads resume from zlib snapshots in the middle of the stream
+@pytest.mark.parametrize("inflate", ["zlib", "zlib_ng"])
+def test_data_gzip_random_access_snapshots(tmp_path, monkeypatch, inflate):
+    """Random reads of a GZIP TFRecord resume from zlib snapshots in the middle of the stream and give the records
+    written, with zlib-ng (data.py's choice where installed) and with the standard zlib (its fallback)."""
+    import zlib
+    monkeypatch.setattr(data, "zlib", zlib if inflate == "zlib" else pytest.importorskip("zlib_ng.zlib_ng"))
     monkeypatch.setattr(data._RecordIndex, "SNAPSHOT_EVERY", 20_000)
     monkeypatch.setattr(data._Inflater, "CHUNK", 4096)
     rng = np.random.default_rng(4)
@@ -594,6 +598,7 @@ def test_data_gzip_random_access_snapshots(tmp_path, monkeypatch):
     _data_write_tfrecord(p, recs, compression="GZIP")
     idx = data._RecordIndex(p, "auto")
     assert len(idx) == 40 and len(idx._snapshots) > 5
+    assert {type(s[1]).__module__ for s in idx._snapshots} == {inflate}       # the snapshots are that module's
     for i in rng.permutation(40):
         assert idx.read(int(i)) == recs[i]
     import pickle   # a new process keeps the offsets and rebuilds snapshots as it reads
