@@ -316,6 +316,7 @@ class _RecordIndex:
         self.offsets, self.lengths = array("q"), array("q")
         self.next_head = 0     # stream offset of the next header to scan
         self.done = False
+        self._hinted = False   # the long-scan hint was printed
         self.file_size = os.path.getsize(path)
         self._reset()
 
@@ -361,7 +362,11 @@ class _RecordIndex:
             i = len(self.offsets)
             if i % 1024 == 0 and time.time() - t_last > 10:   # long scans (GZIP) say what they do
                 t_last = time.time()
-                print(f"indexing {self.path}: {i} records in {t_last - t0:.0f} s ...", file=sys.stderr)
+                hint = "" if self.compression is None or self._hinted else (
+                    " (each process indexes a GZIP file once; `python data.py convert objectsroom|clevr` makes a "
+                    "PNG copy that needs no index)")
+                self._hinted = True
+                print(f"indexing {self.path}: {i} records in {t_last - t0:.0f} s ...{hint}", file=sys.stderr)
             if self.compression is None:
                 if self._file is None:
                     self._file = open(self.path, "rb")

@@ -606,6 +606,24 @@ def test_data_gzip_random_access_snapshots(tmp_path, monkeypatch, inflate):
     assert idx2.read(33) == recs[33] and idx2.read(2) == recs[2]
 
 
+def test_data_a_long_gzip_scan_says_what_it_does_and_how_to_skip_it(tmp_path, monkeypatch, capsys):
+    """Indexing a GZIP TFRecord prints progress (every 1024 records once 10 s have passed), its first line with
+    the PNG export that needs no index; a plain TFRecord (indexed by seeks) prints no hint. A clock 11 s ahead at
+    every call stands in for a long scan."""
+    clock = iter(range(0, 10 ** 6, 11))
+    monkeypatch.setattr(data.time, "time", lambda: next(clock))
+    recs = [bytes([i % 256]) * 3 for i in range(2049)]
+    for comp in ("GZIP", None):
+        p = str(tmp_path / f"{comp}.tfrecords")
+        _data_write_tfrecord(p, recs, compression=comp)
+        idx = data._RecordIndex(p, "auto")
+        assert idx.ensure(None) == 2049 and idx.read(2048) == recs[2048]
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("indexing")]
+        assert [ln.split(":")[1].split(" records")[0].strip() for ln in lines] == ["0", "1024", "2048"]
+        hints = ["python data.py convert objectsroom|clevr" in ln for ln in lines]
+        assert hints == ([True, False, False] if comp else [False, False, False])
+
+
 def test_data_objectsroom_png_export(tmp_path):
     recs, truth = _data_objectsroom_records(4, np.random.default_rng(5))
     src = tmp_path / "src"
