@@ -878,8 +878,8 @@ def main():
         print(f"done: {only}", file=sys.stderr)
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    dtypes = ("float32", *(["bfloat16"] if any("bfloat16" in n.split() for n in names) else []))
-    peaks = {dt: None for dt in ("float32", "bfloat16")} | {dt: run(f"peak {dt}") for dt in dtypes}
+    bf16_rows = any("bfloat16" in n.split() for n in names)
+    peaks = {"float32": run("peak float32"), "bfloat16": run("peak bfloat16") if bf16_rows else None}
     rows = {name: row for name in names if (row := run(name)) is not None}
     gflops = lambda p: "not measured" if p is None else f"{p / 1e9:.0f} GFLOP/s"     # noqa: E731
     print(f"\ntorch {torch.__version__}, {bc.threads or torch.get_num_threads()} threads, median of {bc.steps} steps "
