@@ -6931,8 +6931,10 @@ def test_common_compile_step_equals_eager_and_main_compiles_the_trained_model(sc
 
     loss, grads = step(model)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)    # eager's random numbers in the graph
-    c_loss, c_grads = step(torch.compile(model, backend=backend))
+    # eager's random numbers in the graph; inductor's own patch (pytest >= 9.2's monkeypatch would delete the
+    # config entry on undo: it is not in the config module's __dict__)
+    with torch._inductor.config.patch(fallback_random=True):
+        c_loss, c_grads = step(torch.compile(model, backend=backend))
     torch.testing.assert_close(c_loss, loss, rtol=1e-4, atol=1e-6)
     assert c_grads.keys() == grads.keys()
     for n in grads:
